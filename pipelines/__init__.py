@@ -1,0 +1,1 @@
+"""Exporting distilled students as stock diffusers pipelines."""

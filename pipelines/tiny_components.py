@@ -1,0 +1,166 @@
+"""Small diffusers pipelines of the real architectures, built from configs with tokenizers made in code.
+
+Nothing here downloads. These build the embedded default's teachers (trained on real digits by the demo) and the
+tests' tiny models; the training scripts never see this module: they load whatever ``save_pretrained`` folder
+they are given, exactly as they would load stabilityai/stable-diffusion-xl-base-1.0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+BOS_ID, EOS_ID = 512, 513
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable-character map (the base alphabet of byte-level BPE)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + list(
+        range(ord("\xae"), ord("\xff") + 1))
+    chars = printable[:]
+    n = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + n)
+            n += 1
+    return dict(zip(printable, map(chr, chars)))
+
+
+def byte_clip_tokenizer(model_max_length: int = 77, pad_token: str = "<|endoftext|>"):
+    """A CLIP BPE tokenizer whose vocabulary is the 512 byte-level base symbols plus BOS/EOS: it encodes any
+    string without merges (one token per byte)."""
+    from transformers import CLIPTokenizer
+
+    symbols = list(_bytes_to_unicode().values())
+    vocab = {s: i for i, s in enumerate(symbols)}
+    vocab.update({s + "</w>": i + 256 for i, s in enumerate(symbols)})
+    vocab.update({"<|startoftext|>": BOS_ID, "<|endoftext|>": EOS_ID})
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=model_max_length, pad_token=pad_token,
+                         bos_token="<|startoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>")
+
+
+def clip_text_config(hidden_size: int, projection_dim: int, num_layers: int = 1, max_positions: int = 77):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=514, hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
+        num_attention_heads=2, max_position_embeddings=max_positions, projection_dim=projection_dim,
+        bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=EOS_ID, hidden_act="gelu",
+    )
+
+
+def sdxl_components(
+    sample_size: int = 16,
+    block_out_channels=(32, 64),
+    latent_channels: int = 4,
+    text_hidden: int = 32,
+    text_layers: int = 1,
+    vae_block_out_channels=(32, 64),
+    layers_per_block: int = 1,
+    max_text_length: int = 32,
+    seed: int = 0,
+):
+    """Components of a ``StableDiffusionXLPipeline`` (UNet with text_time conditioning, two CLIP encoders, VAE,
+    epsilon DDPM scheduler with SDXL's betas). ``sample_size`` is the latent size; pixels are
+    ``sample_size * 2 ** (len(vae_block_out_channels) - 1)``."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    projection_dim = text_hidden
+    unet = UNet2DConditionModel(
+        sample_size=sample_size, in_channels=latent_channels, out_channels=latent_channels,
+        block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(block_out_channels) - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (len(block_out_channels) - 1) + ("UpBlock2D",),
+        attention_head_dim=tuple(max(2, c // 16) for c in block_out_channels), use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=8,
+        transformer_layers_per_block=tuple([1] * len(block_out_channels)),
+        projection_class_embeddings_input_dim=6 * 8 + projection_dim,
+        cross_attention_dim=2 * text_hidden, norm_num_groups=min(32, block_out_channels[0]),
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=latent_channels,
+        block_out_channels=tuple(vae_block_out_channels),
+        down_block_types=("DownEncoderBlock2D",) * len(vae_block_out_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(vae_block_out_channels),
+        layers_per_block=1, norm_num_groups=min(32, vae_block_out_channels[0]),
+        sample_size=sample_size * 2 ** (len(vae_block_out_channels) - 1),
+    )
+    text_encoder = CLIPTextModel(clip_text_config(text_hidden, projection_dim, text_layers, max_text_length))
+    text_encoder_2 = CLIPTextModelWithProjection(
+        clip_text_config(text_hidden, projection_dim, text_layers, max_text_length))
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        prediction_type="epsilon", timestep_spacing="leading", steps_offset=1,
+    )
+    return {
+        "unet": unet, "vae": vae, "scheduler": scheduler,
+        "text_encoder": text_encoder, "tokenizer": byte_clip_tokenizer(max_text_length),
+        "text_encoder_2": text_encoder_2, "tokenizer_2": byte_clip_tokenizer(max_text_length, pad_token="!"),
+        "image_encoder": None, "feature_extractor": None,
+    }
+
+
+def t5_tokenizer(model_max_length: int = 32):
+    """A T5 tokenizer with a byte-ish vocabulary: one piece per printable ASCII character (with and without the
+    word-start marker), built in code."""
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    chars = [chr(c) for c in range(33, 127)]
+    pieces += [("\u2581" + c, -1.0) for c in chars] + [(c, -2.0) for c in chars] + [("\u2581", -3.0)]
+    return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=model_max_length,
+                           pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def sd3_components(
+    sample_size: int = 16,
+    num_layers: int = 2,
+    attention_head_dim: int = 8,
+    num_attention_heads: int = 4,
+    latent_channels: int = 16,
+    text_hidden: int = 32,
+    vae_block_out_channels=(32, 64),
+    qk_norm: str | None = None,
+    max_text_length: int = 32,
+    shift: float = 3.0,
+    with_t5: bool = True,
+    seed: int = 0,
+):
+    """Components of a ``StableDiffusion3Pipeline`` (MMDiT, two CLIP encoders, optional T5, 16-channel VAE,
+    flow-matching scheduler with the teacher's ``shift``). ``qk_norm="rms_norm"`` gives the SD3.5 variant."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    kwargs = {"qk_norm": qk_norm} if qk_norm else {}
+    transformer = SD3Transformer2DModel(
+        sample_size=sample_size, patch_size=1, in_channels=latent_channels, out_channels=latent_channels,
+        num_layers=num_layers, attention_head_dim=attention_head_dim, num_attention_heads=num_attention_heads,
+        caption_projection_dim=attention_head_dim * num_attention_heads, joint_attention_dim=text_hidden,
+        pooled_projection_dim=2 * text_hidden, pos_embed_max_size=max(32, sample_size), **kwargs,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=latent_channels,
+        block_out_channels=tuple(vae_block_out_channels),
+        down_block_types=("DownEncoderBlock2D",) * len(vae_block_out_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(vae_block_out_channels),
+        layers_per_block=1, norm_num_groups=min(32, vae_block_out_channels[0]),
+        sample_size=sample_size * 2 ** (len(vae_block_out_channels) - 1),
+        shift_factor=0.0, scaling_factor=1.0, use_quant_conv=False, use_post_quant_conv=False,
+    )
+    text_encoder = CLIPTextModelWithProjection(clip_text_config(text_hidden, text_hidden, 1, max_text_length))
+    text_encoder_2 = CLIPTextModelWithProjection(clip_text_config(text_hidden, text_hidden, 1, max_text_length))
+    components = {
+        "transformer": transformer, "vae": vae,
+        "scheduler": FlowMatchEulerDiscreteScheduler(shift=shift),
+        "text_encoder": text_encoder, "tokenizer": byte_clip_tokenizer(max_text_length),
+        "text_encoder_2": text_encoder_2, "tokenizer_2": byte_clip_tokenizer(max_text_length),
+        "text_encoder_3": None, "tokenizer_3": None, "image_encoder": None, "feature_extractor": None,
+    }
+    if with_t5:
+        t5 = T5EncoderModel(T5Config(vocab_size=3 + 2 * 94 + 1, d_model=text_hidden, d_kv=8, d_ff=2 * text_hidden,
+                                     num_layers=1, num_heads=2, dropout_rate=0.0, relative_attention_num_buckets=8))
+        components.update(text_encoder_3=t5.eval(), tokenizer_3=t5_tokenizer(max_text_length))
+    return components
