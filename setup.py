@@ -21,8 +21,8 @@ setup(
     package_data={"dmdx.model_cards": ["*.md"], "dmdx.pipelines": ["assets/*"]},
     install_requires=[
         "torch>=2.4",
-        "diffusers>=0.35",
-        "transformers>=4.45",
+        "diffusers>=0.42",
+        "transformers>=5.0",
         "accelerate>=1.0",
         "peft>=0.13",
         "datasets>=3.0",
