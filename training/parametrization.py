@@ -151,15 +151,26 @@ class NoiseSchedule:
         return self.add_noise(x0_hat, noise_hat, s)
 
 
-def schedule_from_scheduler_config(config: Mapping[str, Any]) -> NoiseSchedule:
-    """Read the noise schedule of a diffusers scheduler config (never re-derived by hand).
+def schedule_from_scheduler_config(config: Mapping[str, Any] | Any) -> NoiseSchedule:
+    """Read the noise schedule of a diffusers scheduler (never re-derived by hand).
 
-    The DDPM family's ``alphas_cumprod`` comes from diffusers' own ``DDPMScheduler`` built from the config's beta
-    settings. A DPM-Solver/UniPC config with ``use_flow_sigmas`` describes a flow model, as the DMDX one-step
-    student's scheduler does.
+    ``config`` is a scheduler object, or its config as a mapping: ``SchedulerClass.load_config(...)`` (which names
+    the class in ``_class_name``) or ``scheduler.config`` (which does not; then the class is read from the keys
+    only diffusers' flow-match and CogVideoX schedulers have, and otherwise taken to be ``DDPMScheduler``).
+    The DDPM family's ``alphas_cumprod`` comes from diffusers' own scheduler of that class, built from the config.
+    A DPM-Solver/UniPC config with ``use_flow_sigmas`` describes a flow model, as the DMDX one-step student's
+    scheduler does.
     """
-    config = dict(config)
-    class_name = config.get("_class_name", "")
+    if not isinstance(config, Mapping) and hasattr(config, "config"):  # a scheduler object
+        class_name = type(config).__name__
+        config = dict(config.config)
+    else:
+        config = dict(config)
+        class_name = config.get("_class_name", "")
+        if not class_name and "shift" in config and "beta_schedule" not in config:
+            class_name = "FlowMatchEulerDiscreteScheduler"
+        elif not class_name and "snr_shift_scale" in config:
+            class_name = "CogVideoXDDIMScheduler"
     T = int(config.get("num_train_timesteps", 1000))
     if class_name in _FLOW_SCHEDULERS or config.get("use_flow_sigmas", False):
         prediction_type = config.get("prediction_type", "flow_prediction")
@@ -169,13 +180,16 @@ def schedule_from_scheduler_config(config: Mapping[str, Any]) -> NoiseSchedule:
         return NoiseSchedule("flow", T, prediction_type, shift=shift)
     if class_name and class_name not in _VP_SCHEDULERS:
         raise ValueError(f"Unsupported scheduler class {class_name!r}: cannot read its noise schedule.")
-    from diffusers import DDPMScheduler
+    import diffusers
 
-    ddpm_keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
-                 "rescale_betas_zero_snr")
-    ddpm = DDPMScheduler(**{k: config[k] for k in ddpm_keys if k in config and config[k] is not None})
+    # Build the named class itself from the config and take its alphas_cumprod: classes differ in how they turn the
+    # beta settings into it (CogVideoX's schedulers apply an SNR shift, ``snr_shift_scale``, and rescale to zero
+    # terminal SNR on alphas_cumprod rather than on betas), so a DDPMScheduler rebuilt from the betas can be wrong.
+    scheduler_cls = getattr(diffusers, class_name) if class_name else diffusers.DDPMScheduler
+    scheduler = scheduler_cls.from_config(config)
     return NoiseSchedule(
-        "vp", T, config.get("prediction_type", "epsilon"), alphas_cumprod=ddpm.alphas_cumprod.to(torch.float64)
+        "vp", T, config.get("prediction_type", "epsilon"),
+        alphas_cumprod=torch.as_tensor(scheduler.alphas_cumprod).to(torch.float64),
     )
 
 
