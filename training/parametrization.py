@@ -117,9 +117,11 @@ class NoiseSchedule:
             norm = alpha**2 + sigma**2
             x0 = (alpha * x_t - sigma * model_output) / norm
             noise = (sigma * x_t + alpha * model_output) / norm
-        elif p == "flow":  # v = noise - x0 and x_t = (1 - s) x0 + s noise  =>  x0 = x_t - s v
+        elif p == "flow":  # v = noise - x0 and x_t = a x0 + s noise  =>  x0 = (x_t - s v) / (a + s)
             x0 = x_t - sigma * model_output
             noise = x_t + alpha * model_output
+            if self.kind != "flow":  # a + s == 1 on a flow schedule; a flow-prediction model on a vp schedule
+                x0, noise = x0 / (alpha + sigma), noise / (alpha + sigma)
         else:  # sample
             x0 = model_output
             noise = (x_t - alpha * x0) / sigma
