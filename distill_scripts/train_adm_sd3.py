@@ -1,0 +1,784 @@
+#!/usr/bin/env python
+"""Four-step ADM distillation of SD3-Medium / SD3.5-Large (MMDiT, rectified flow) into a stock
+``StableDiffusion3Pipeline`` whose ``FlowMatchEulerDiscreteScheduler`` already encodes the student's schedule.
+
+    accelerate launch distill_scripts/train_adm_sd3.py \
+        --pretrained_model_name_or_path stabilityai/stable-diffusion-3-medium-diffusers \
+        --train_prompts_file prompts.txt --output_dir sd3-medium-adm --lora_rank 64 --max_train_steps 4000
+
+The method (paper_spec §2, §5, §12), one iteration:
+  0. the student's input at one of its own K timesteps, by backward simulation of its earlier steps (DMD2 style);
+     x0 = G(x_k, t_k)
+  1. fake score f: denoising loss on sg(x0), ``--fake_score_update_ratio`` times
+  2. generator: x_t = add_noise(x0, eps, t) (with grad); one PF-ODE (Euler) step t -> s = t - dt from the same x_t
+     with the teacher (CFG) and with f (parameters frozen, gradient through its input): x_real, x_fake;
+     loss = -D(x_fake, s)  (``--distribution_loss dmd``: DMD2's loss on the two x0 predictions instead)
+  3. discriminator D = the frozen teacher (the same object as the real score) + small heads on the hidden states
+     of chosen transformer blocks: hinge loss on the detached x_real / x_fake of step 2.
+
+Choices where the paper is silent are marked "Choice:" below and in docs/sd3.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+logger = logging.getLogger("train_adm_sd3")
+
+SD3_PIPELINE = "StableDiffusion3Pipeline"
+SD3_TRANSFORMER = "SD3Transformer2DModel"
+# Attention projections of the MMDiT joint blocks that LoRA adapts (as diffusers' SD3 LoRA example does).
+LORA_TARGET_MODULES = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+                       "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
+TRAINING_CONFIG_NAME = "dmdx_training_config.json"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Arguments
+# ------------------------------------------------------------------------------------------------------------------
+def parse_args(input_args=None):
+    p = argparse.ArgumentParser(description="ADM (or DMD2) distillation of SD3 / SD3.5 into a few-step student.")
+    # model and data
+    p.add_argument("--pretrained_model_name_or_path", type=str, required=True,
+                   help="An SD3 / SD3.5 diffusers checkpoint (Hub id or local folder): the teacher.")
+    p.add_argument("--revision", type=str, default=None)
+    p.add_argument("--variant", type=str, default=None, help="e.g. 'fp16' weights of the teacher.")
+    p.add_argument("--train_prompts_file", type=str, default=None,
+                   help="Training prompts: a .txt file (one per line) or a .json/.jsonl file with --caption_column.")
+    p.add_argument("--dataset_name", type=str, default=None,
+                   help="Alternatively a datasets name or folder whose --caption_column holds the prompts.")
+    p.add_argument("--caption_column", type=str, default="text")
+    p.add_argument("--max_train_prompts", type=int, default=None, help="Use only the first N prompts.")
+    p.add_argument("--output_dir", type=str, default="sd3-adm")
+    p.add_argument("--cache_dir", type=str, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resolution", type=int, default=1024)
+    p.add_argument("--train_batch_size", type=int, default=1, help="Per device.")
+    p.add_argument("--max_sequence_length", type=int, default=256, help="T5 tokens (the SD3 pipeline's default).")
+    p.add_argument("--drop_t5", action="store_true",
+                   help="Train and ship without the T5 encoder (text_encoder_3=None; its embeddings are zeros).")
+    p.add_argument("--precompute_text_embeddings", action="store_true",
+                   help="Encode all prompts once, then free the text encoders for the rest of training.")
+    # the student
+    p.add_argument("--num_student_steps", type=int, default=4)
+    p.add_argument("--shift_terminal", type=float, default=0.25,
+                   help="FlowMatchEulerDiscreteScheduler shift_terminal of the shipped scheduler (0 = stock). "
+                        "With the stock shift 3.0 a 4-step schedule's last sigma is 0.009, a near no-op step.")
+    p.add_argument("--lora_rank", type=int, default=64, help="Generator LoRA rank; 0 = full fine-tuning.")
+    p.add_argument("--lora_alpha", type=float, default=None, help="Defaults to the rank.")
+    p.add_argument("--fake_score_lora_rank", type=int, default=None,
+                   help="Fake-score LoRA rank; 0 = full. Default: the same as --lora_rank.")
+    # the method
+    p.add_argument("--distribution_loss", type=str, default="adm", choices=["adm", "dmd"])
+    p.add_argument("--guidance_scale", type=float, default=7.0,
+                   help="Teacher CFG for the real score (SD3-Medium's pipeline default 7.0; SD3.5-Large: 3.5).")
+    p.add_argument("--ode_step_dt", type=float, default=1 / 64, help="ADM's PF-ODE step, a fraction of T (sigma).")
+    p.add_argument("--min_timestep_percent", type=float, default=0.02)
+    p.add_argument("--max_timestep_percent", type=float, default=0.98)
+    p.add_argument("--timestep_sampling", type=str, default="uniform", choices=["uniform", "shifted"],
+                   help="ADM noise level: uniform in sigma, or uniform then mapped through the teacher's shift.")
+    p.add_argument("--fake_score_update_ratio", type=int, default=None,
+                   help="Fake-score updates per generator update (default 1 for adm, 5 for dmd).")
+    p.add_argument("--discriminator_update_ratio", type=int, default=1,
+                   help="Discriminator updates per generator update (on the same detached predictions).")
+    p.add_argument("--discriminator_warmup_steps", type=int, default=0,
+                   help="Steps in which only the fake score and the discriminator train (the generator waits).")
+    p.add_argument("--discriminator_blocks", type=str, default=None,
+                   help="Comma-separated transformer_blocks indices feeding D heads (default: 4 evenly spaced).")
+    p.add_argument("--discriminator_hidden_channels", type=int, default=256)
+    # optimisation
+    p.add_argument("--generator_lr", type=float, default=1e-5)
+    p.add_argument("--fake_score_lr", type=float, default=None, help="Default: --generator_lr.")
+    p.add_argument("--discriminator_lr", type=float, default=2e-5)
+    p.add_argument("--adam_beta1", type=float, default=0.9)
+    p.add_argument("--adam_beta2", type=float, default=0.999)
+    p.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    p.add_argument("--adam_epsilon", type=float, default=1e-8)
+    p.add_argument("--max_grad_norm", type=float, default=10.0)
+    p.add_argument("--use_8bit_adam", action="store_true")
+    p.add_argument("--lr_scheduler", type=str, default="constant",
+                   choices=["constant", "constant_with_warmup", "linear", "cosine"])
+    p.add_argument("--lr_warmup_steps", type=int, default=0)
+    p.add_argument("--max_train_steps", type=int, default=4000)
+    p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"])
+    p.add_argument("--allow_tf32", action="store_true")
+    p.add_argument("--enable_xformers_memory_efficient_attention", action="store_true")
+    # checkpoints, logging, validation, export
+    p.add_argument("--checkpointing_steps", type=int, default=500)
+    p.add_argument("--checkpoints_total_limit", type=int, default=None)
+    p.add_argument("--resume_from_checkpoint", type=str, default=None, help="A checkpoint folder or 'latest'.")
+    p.add_argument("--report_to", type=str, default="tensorboard",
+                   choices=["tensorboard", "wandb", "comet_ml", "all", "none"])
+    p.add_argument("--logging_dir", type=str, default="logs")
+    p.add_argument("--validation_prompts", type=str, nargs="*", default=None)
+    p.add_argument("--validation_steps", type=int, default=500)
+    p.add_argument("--push_to_hub", action="store_true")
+    p.add_argument("--hub_model_id", type=str, default=None)
+    p.add_argument("--hub_token", type=str, default=None)
+    args = p.parse_args(input_args)
+
+    if args.fake_score_lora_rank is None:
+        args.fake_score_lora_rank = args.lora_rank
+    if args.fake_score_update_ratio is None:
+        args.fake_score_update_ratio = 5 if args.distribution_loss == "dmd" else 1
+    if args.fake_score_lr is None:
+        args.fake_score_lr = args.generator_lr
+    if args.lora_alpha is None:
+        args.lora_alpha = float(args.lora_rank)
+    if args.train_prompts_file is None and args.dataset_name is None:
+        p.error("Give the training prompts with --train_prompts_file or --dataset_name.")
+    if not 0 < args.ode_step_dt < 1:
+        p.error(f"--ode_step_dt must be in (0, 1) (a fraction of T), got {args.ode_step_dt}.")
+    if not 0 <= args.min_timestep_percent < args.max_timestep_percent <= 1:
+        p.error("Need 0 <= --min_timestep_percent < --max_timestep_percent <= 1.")
+    if args.min_timestep_percent < args.ode_step_dt and args.distribution_loss == "adm":
+        p.error(f"--min_timestep_percent ({args.min_timestep_percent}) must be >= --ode_step_dt "
+                f"({args.ode_step_dt}) so that s = t - dt stays >= 0.")
+    for name in ("num_student_steps", "fake_score_update_ratio", "discriminator_update_ratio", "max_train_steps",
+                 "train_batch_size", "checkpointing_steps", "validation_steps"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1.")
+    if args.lora_rank < 0 or args.fake_score_lora_rank < 0:
+        p.error("LoRA ranks must be >= 0 (0 = full fine-tuning).")
+    if args.push_to_hub and not args.hub_model_id:
+        p.error("--push_to_hub needs --hub_model_id.")
+    return args
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Checks before any heavy work
+# ------------------------------------------------------------------------------------------------------------------
+def inspect_teacher(args) -> dict:
+    """Read the teacher's configs (not its weights) and reject anything that is not SD3 / SD3.5, or a resolution
+    the VAE and patching cannot take. Returns what the rest of the script needs to know."""
+    from diffusers import AutoencoderKL, DiffusionPipeline, SD3Transformer2DModel
+
+    kw = {"revision": args.revision, "cache_dir": args.cache_dir}
+    path = args.pretrained_model_name_or_path
+    try:
+        index = DiffusionPipeline.load_config(path, **kw)
+    except Exception as e:  # a missing folder or a model repo without model_index.json
+        raise ValueError(f"{path!r} is not a diffusers pipeline folder (no readable model_index.json): {e}") from e
+    if index.get("_class_name") != SD3_PIPELINE or "transformer" not in index:
+        raise ValueError(f"{path!r} is a {index.get('_class_name')!r} checkpoint; this script distills "
+                         f"{SD3_PIPELINE} teachers (SD3-Medium, SD3.5-Large). For SDXL use train_adm_sdxl.py.")
+    transformer_config = SD3Transformer2DModel.load_config(path, subfolder="transformer", **kw)
+    if transformer_config.get("_class_name") != SD3_TRANSFORMER:
+        raise ValueError(f"{path!r}'s transformer is a {transformer_config.get('_class_name')!r}, "
+                         f"not an {SD3_TRANSFORMER}.")
+    vae_config = AutoencoderKL.load_config(path, subfolder="vae", **kw)
+    vae_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    patch = transformer_config["patch_size"]
+    multiple = vae_factor * patch
+    if args.resolution % multiple != 0:
+        raise ValueError(f"--resolution {args.resolution} is not divisible by {multiple} (VAE factor {vae_factor} "
+                         f"x patch size {patch}); try {max(multiple, args.resolution // multiple * multiple)}.")
+    grid = args.resolution // multiple
+    if grid > transformer_config["pos_embed_max_size"]:
+        raise ValueError(f"--resolution {args.resolution} gives a {grid}x{grid} patch grid, larger than the "
+                         f"transformer's pos_embed_max_size {transformer_config['pos_embed_max_size']}.")
+    num_layers = transformer_config["num_layers"]
+    if args.discriminator_blocks:
+        blocks = sorted({int(b) for b in args.discriminator_blocks.split(",")})
+    else:  # Choice: 4 evenly spaced blocks, including the last (paper_spec §2.6 "several blocks")
+        blocks = sorted({round(i * (num_layers - 1) / 3) for i in range(4)})
+    bad = [b for b in blocks if not 0 <= b < num_layers]
+    if bad:
+        raise ValueError(f"--discriminator_blocks {bad} out of range: the transformer has {num_layers} blocks.")
+    return {"index": index, "transformer_config": transformer_config, "vae_factor": vae_factor, "patch_size": patch,
+            "latent_size": args.resolution // vae_factor, "grid": grid, "discriminator_blocks": blocks,
+            "has_t5": index.get("text_encoder_3", [None])[0] is not None}
+
+
+def load_prompts(args) -> list[str]:
+    if args.train_prompts_file:
+        path = Path(args.train_prompts_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"--train_prompts_file {path} does not exist.")
+        if path.suffix == ".txt":
+            prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        elif path.suffix in (".json", ".jsonl"):
+            rows = ([json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+                    if path.suffix == ".jsonl" else json.loads(path.read_text()))
+            if any(args.caption_column not in r for r in rows):
+                raise ValueError(f"{path}: every row needs the column {args.caption_column!r}.")
+            prompts = [str(r[args.caption_column]) for r in rows]
+        else:
+            raise ValueError(f"--train_prompts_file must be .txt, .json or .jsonl, got {path.suffix!r}.")
+    else:
+        from datasets import load_dataset
+
+        ds = load_dataset(args.dataset_name, split="train", cache_dir=args.cache_dir)
+        if args.caption_column not in ds.column_names:
+            raise ValueError(f"--caption_column {args.caption_column!r} not in the dataset's columns "
+                             f"{ds.column_names}.")
+        prompts = [str(c) for c in ds[args.caption_column]]
+    if args.max_train_prompts:
+        prompts = prompts[: args.max_train_prompts]
+    if not prompts:
+        raise ValueError("No training prompts found.")
+    return prompts
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Models
+# ------------------------------------------------------------------------------------------------------------------
+def add_lora(transformer, rank: int, alpha: float, seed: int):
+    from peft import LoraConfig
+
+    torch.manual_seed(seed)  # the same LoRA initialisation on every rank and on resume
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                                       target_modules=LORA_TARGET_MODULES))
+
+
+def build_models(args, accelerator, teacher_info: dict, weight_dtype=torch.float32):
+    """Teacher (frozen; real score AND discriminator backbone, one object), generator and fake score (copies of
+    the teacher, LoRA or full), discriminator heads, text encoding, the student scheduler and its timesteps."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers.training_utils import cast_training_params
+
+    from dmdx.training import BackboneFeatures, DiscriminatorHeads, schedule_from_scheduler_config, student_timesteps
+    from dmdx.training import renoise_mode as get_renoise_mode
+
+    path, device = args.pretrained_model_name_or_path, accelerator.device
+    kw = {"revision": args.revision, "variant": args.variant, "cache_dir": args.cache_dir}
+
+    # The student's scheduler is the teacher's with shift_terminal: it is what ships, and its timesteps are the
+    # training timesteps (DESIGN §4.5). Euler on a flow model is a deterministic ODE step ("ode" re-noising).
+    teacher_scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler",
+                                                                        revision=args.revision)
+    student_scheduler = FlowMatchEulerDiscreteScheduler.from_config(
+        teacher_scheduler.config, shift_terminal=args.shift_terminal or None)
+    timesteps = student_timesteps(student_scheduler, args.num_student_steps)
+    sigmas = student_scheduler.sigmas.detach().float().cpu()
+    schedule = schedule_from_scheduler_config(student_scheduler.config)
+
+    teacher = SD3Transformer2DModel.from_pretrained(path, subfolder="transformer", **kw)
+    teacher.requires_grad_(False).eval()
+
+    def trainable_copy(rank: int, alpha: float, seed_offset: int):
+        model = copy.deepcopy(teacher)
+        if rank > 0:
+            add_lora(model, rank, alpha, args.seed + seed_offset)
+        else:
+            model.requires_grad_(True)
+        model.train()
+        if args.gradient_checkpointing:
+            model.enable_gradient_checkpointing()
+        return model
+
+    generator = trainable_copy(args.lora_rank, args.lora_alpha, 0)
+    fake_score = trainable_copy(args.fake_score_lora_rank, float(args.fake_score_lora_rank), 1)
+    teacher.to(device, dtype=weight_dtype)
+    # Frozen base weights in the mixed-precision dtype; trainable ones (LoRA or full) in fp32 master weights.
+    for model, rank in ((generator, args.lora_rank), (fake_score, args.fake_score_lora_rank)):
+        model.to(device, dtype=weight_dtype if rank > 0 else torch.float32)
+        if rank > 0:
+            cast_training_params(model, dtype=torch.float32)
+    if args.enable_xformers_memory_efficient_attention:
+        for model in (teacher, generator, fake_score):
+            model.enable_xformers_memory_efficient_attention()
+
+    # Discriminator: heads on hidden states of chosen teacher blocks. JointTransformerBlock returns
+    # (encoder_hidden_states, hidden_states): the image tokens are the second item.
+    block_names = [f"transformer_blocks.{i}" for i in teacher_info["discriminator_blocks"]]
+    features = BackboneFeatures(teacher, block_names, select=lambda out: out[1])
+    inner_dim = teacher.config.num_attention_heads * teacher.config.attention_head_dim
+    grid = teacher_info["grid"]
+    heads = DiscriminatorHeads([(inner_dim, grid, grid)] * len(block_names),
+                               hidden_channels=args.discriminator_hidden_channels).to(device)
+    heads.train()
+
+    # Text encoding with the stock pipeline's encode_prompt (no transformer weights needed beyond the teacher's
+    # config for the T5-less zeros).
+    text_kw = {"text_encoder_3": None, "tokenizer_3": None} if args.drop_t5 else {}
+    text_pipe = StableDiffusion3Pipeline.from_pretrained(path, transformer=teacher, vae=None, torch_dtype=weight_dtype,
+                                                         **text_kw, **kw)
+    text_pipe.set_progress_bar_config(disable=True)
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        module = getattr(text_pipe, name, None)
+        if module is not None:
+            module.requires_grad_(False).eval().to(device)
+
+    return SimpleNamespace(
+        teacher=teacher, generator=generator, fake_score=fake_score, heads=heads, features=features,
+        text_pipe=text_pipe, student_scheduler=student_scheduler, timesteps=timesteps, sigmas=sigmas,
+        schedule=schedule, renoise_mode=get_renoise_mode(student_scheduler), teacher_shift=teacher_scheduler.config
+        .shift, latent_channels=teacher.config.in_channels, latent_size=teacher_info["latent_size"], grid=grid,
+        weight_dtype=weight_dtype,
+    )
+
+
+@torch.no_grad()
+def encode_prompts(text_pipe, prompts: list[str], args, device, batch_size: int = 16) -> dict:
+    """Prompt embeddings (and the empty prompt's, for CFG), in the stock pipeline's format."""
+    embeds, pooled = [], []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i: i + batch_size]
+        e, _, p, _ = text_pipe.encode_prompt(chunk, None, None, device=device, do_classifier_free_guidance=False,
+                                             max_sequence_length=args.max_sequence_length)
+        embeds.append(e)
+        pooled.append(p)
+    ue, _, up, _ = text_pipe.encode_prompt([""], None, None, device=device, do_classifier_free_guidance=False,
+                                           max_sequence_length=args.max_sequence_length)
+    return {"prompt_embeds": torch.cat(embeds), "pooled_prompt_embeds": torch.cat(pooled),
+            "negative_prompt_embeds": ue, "negative_pooled_prompt_embeds": up}
+
+
+def free_text_encoders(models):
+    from diffusers.training_utils import free_memory
+
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        if getattr(models.text_pipe, name, None) is not None:
+            setattr(models.text_pipe, name, None)
+    models.text_pipe = None
+    free_memory()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# One iteration
+# ------------------------------------------------------------------------------------------------------------------
+def _call(model, x, t, text, dtype):
+    """A transformer's raw output (velocity) at (x, t), computed in ``dtype`` and returned in fp32."""
+    out = model(hidden_states=x.to(dtype), timestep=t.to(dtype), encoder_hidden_states=text[0].to(dtype),
+                pooled_projections=text[1].to(dtype), return_dict=False)[0]
+    return out.float()
+
+
+def sample_batch(models, args, step: int, rank: int, prompt_source, device) -> dict:
+    """Everything random in one iteration, drawn from a generator seeded by (seed, step, rank): an interrupted
+    and resumed run draws exactly what the uninterrupted run would."""
+    gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 7919 + rank)
+    n, b = prompt_source["count"], args.train_batch_size
+    idx = torch.randint(0, n, (b,), generator=gen)
+    c, h = models.latent_channels, models.latent_size
+    lo, hi = args.min_timestep_percent, args.max_timestep_percent
+    sigma_t = lo + (hi - lo) * torch.rand(args.fake_score_update_ratio + 1, b, generator=gen)
+    if args.timestep_sampling == "shifted":  # the teacher's shift, as its own training/sampling used
+        shift = models.teacher_shift
+        sigma_t = shift * sigma_t / (1 + (shift - 1) * sigma_t)
+    T = models.schedule.T
+    t = sigma_t * T
+    # Choice: dt applies in sigma after any shift, so the ODE step is always dt of the flow's time.
+    s = (t - args.ode_step_dt * T).clamp_min(0)
+    return {
+        "prompt_idx": idx,
+        "step_index": int(torch.randint(0, args.num_student_steps, (1,), generator=gen)),
+        "z": torch.randn(b, c, h, h, generator=gen).to(device),
+        "eps": torch.randn(args.fake_score_update_ratio + 1, b, c, h, h, generator=gen).to(device),
+        "t": t.to(device), "s": s.to(device),
+    }
+
+
+def text_for(prompt_source, models, idx, args, device):
+    """(cond, uncond) text conditionings for the batch: (prompt_embeds, pooled) tuples."""
+    if "prompt_embeds" in prompt_source:
+        cond = (prompt_source["prompt_embeds"][idx].to(device), prompt_source["pooled_prompt_embeds"][idx].to(device))
+        neg = (prompt_source["negative_prompt_embeds"].to(device),
+               prompt_source["negative_pooled_prompt_embeds"].to(device))
+    else:
+        enc = encode_prompts(models.text_pipe, [prompt_source["prompts"][i] for i in idx.tolist()], args, device)
+        cond = (enc["prompt_embeds"], enc["pooled_prompt_embeds"])
+        neg = (enc["negative_prompt_embeds"], enc["negative_pooled_prompt_embeds"])
+    b = idx.shape[0]
+    uncond = (neg[0].expand(b, -1, -1), neg[1].expand(b, -1))
+    return cond, uncond
+
+
+def train_iteration(models, opt, batch: dict, cond, uncond, step: int, args, accelerator) -> dict:
+    """One ADM (or DMD2) iteration: fake-score update(s), generator update, discriminator update(s).
+    ``opt``: namespace of prepared models/optimizers/lr schedulers. Returns the logs (floats)."""
+    from dmdx.training import (
+        adm_latent_predictions,
+        apply_cfg,
+        backward_simulate,
+        discriminator_diagnostics,
+        dmd_loss,
+        fake_score_denoising_loss,
+        generator_adversarial_loss,
+        hinge_discriminator_loss,
+        tokens_to_map,
+    )
+    from dmdx.training.checkpointing import check_finite
+
+    schedule, wd = models.schedule, models.weight_dtype
+    unwrap = accelerator.unwrap_model
+    g_dtype = models.generator.dtype if args.lora_rank > 0 else torch.float32
+    f_dtype = models.fake_score.dtype if args.fake_score_lora_rank > 0 else torch.float32
+    # DDP wraps trainable models; a pass where their parameters are frozen (gradient only through the input) goes
+    # through the unwrapped module so DDP's reducer is not armed. FSDP2 shards in place, so the same object works.
+    direct = accelerator.distributed_type.name in ("MULTI_GPU", "MULTI_CPU", "NO")
+    fake_frozen = unwrap(opt.fake_score) if direct else opt.fake_score
+    heads_frozen = unwrap(opt.heads) if direct else opt.heads
+    logs: dict[str, float] = {}
+    autocast = accelerator.autocast
+    b = batch["z"].shape[0]
+
+    def gen_x0(x, t):
+        return schedule.to_x0_noise(_call(opt.generator, x, t, cond, g_dtype), x, t)[0]
+
+    def real_x0(x, t):  # teacher with CFG: the real score
+        out_c = _call(models.teacher, x, t, cond, wd)
+        out_u = _call(models.teacher, x, t, uncond, wd)
+        return schedule.to_x0_noise(apply_cfg(out_c, out_u, args.guidance_scale), x, t)[0]
+
+    def fake_x0(x, t):  # fake score without CFG (DMD2 convention)
+        return schedule.to_x0_noise(_call(fake_frozen, x, t, cond, f_dtype), x, t)[0]
+
+    def discriminate(x, t, heads):
+        maps = [tokens_to_map(f, models.grid, models.grid)
+                for f in models.features(lambda: _call(models.teacher, x, t, cond, wd))]
+        return heads(maps).float()
+
+    # 0. the student's input at step k of its own schedule (backward simulation, no grad), then x0 = G(x_k, t_k)
+    k = batch["step_index"]
+    ts = models.timesteps.to(accelerator.device)
+    with autocast():
+        x_k = backward_simulate(gen_x0, batch["z"], ts, k, schedule, models.renoise_mode)
+        t_k = ts[k].expand(b)
+        train_generator = step >= args.discriminator_warmup_steps
+        with torch.enable_grad() if train_generator else torch.no_grad():
+            x0_gen = gen_x0(x_k, t_k)
+    logs["student_step_index"] = float(k)
+
+    # 1. fake score: ordinary denoising loss on sg(x0)
+    for i in range(args.fake_score_update_ratio):
+        t, eps = batch["t"][i], batch["eps"][i]
+        x_t = schedule.add_noise(x0_gen.detach(), eps, t)
+        with autocast():
+            out = _call(opt.fake_score, x_t, t, cond, f_dtype)
+            loss_fake = fake_score_denoising_loss(out, x0_gen, eps, t, schedule).mean()
+        check_finite({"loss_fake_score": loss_fake}, accelerator)
+        accelerator.backward(loss_fake)
+        if accelerator.sync_gradients:
+            accelerator.clip_grad_norm_(opt.fake_score.parameters(), args.max_grad_norm)
+        opt.fake_optimizer.step()
+        opt.fake_lr_scheduler.step()
+        opt.fake_optimizer.zero_grad(set_to_none=True)
+        logs["loss_fake_score"] = loss_fake.item()
+
+    # 2. generator: one PF-ODE step t -> s from the same x_t with the teacher (CFG) and the fake score
+    t, s, eps = batch["t"][-1], batch["s"][-1], batch["eps"][-1]
+    trainable_fake = [p for p in fake_frozen.parameters() if p.requires_grad]
+    trainable_heads = [p for p in heads_frozen.parameters() if p.requires_grad]
+    for p in trainable_fake + trainable_heads:
+        p.requires_grad_(False)
+    try:
+        with autocast(), torch.enable_grad() if train_generator else torch.no_grad():
+            x_t = schedule.add_noise(x0_gen, eps, t)  # gradient flows to G
+            cache = {}
+
+            def real_denoise(x, tt):
+                with torch.no_grad():
+                    cache["real"] = real_x0(x.detach(), tt)
+                return cache["real"]
+
+            def fake_denoise(x, tt):
+                cache["fake"] = fake_x0(x, tt)
+                return cache["fake"]
+
+            if args.distribution_loss == "adm":
+                x_real, x_fake = adm_latent_predictions(x_t, t, s, real_denoise, fake_denoise, schedule)
+                logits_fake_g = discriminate(x_fake, s, heads_frozen)
+                loss_g = generator_adversarial_loss(logits_fake_g).mean()
+                logs["loss_generator_adv"] = loss_g.item()
+                # Recorded, not optimised (as the paper's Fig. 3): the DMD loss of the current samples.
+                logs["dmd_loss_recorded"] = dmd_loss(x0_gen.detach(), cache["real"], cache["fake"].detach()).mean() \
+                    .item()
+            else:
+                with torch.no_grad():
+                    x0_real, x0_fake = real_x0(x_t, t), fake_x0(x_t, t)
+                loss_g = dmd_loss(x0_gen, x0_real, x0_fake).mean()
+                logs["loss_generator_dmd"] = loss_g.item()
+    finally:
+        for p in trainable_fake + trainable_heads:
+            p.requires_grad_(True)
+    check_finite({"loss_generator": loss_g}, accelerator)
+    if train_generator:
+        accelerator.backward(loss_g)
+        if accelerator.sync_gradients:
+            logs["grad_norm_generator"] = float(accelerator.clip_grad_norm_(opt.generator.parameters(),
+                                                                           args.max_grad_norm))
+        opt.generator_optimizer.step()
+        opt.generator_lr_scheduler.step()
+        opt.generator_optimizer.zero_grad(set_to_none=True)
+
+    # 3. discriminator: hinge on the detached predictions of step 2 (features without grad, heads with grad)
+    if args.distribution_loss == "adm":
+        x_real, x_fake = x_real.detach(), x_fake.detach()
+        for _ in range(args.discriminator_update_ratio):
+            with autocast():
+                with torch.no_grad():
+                    f_real = models.features(lambda: _call(models.teacher, x_real, s, cond, wd))
+                    f_fake = models.features(lambda: _call(models.teacher, x_fake, s, cond, wd))
+                logits_real = opt.heads([tokens_to_map(f, models.grid, models.grid) for f in f_real]).float()
+                logits_fake = opt.heads([tokens_to_map(f, models.grid, models.grid) for f in f_fake]).float()
+                loss_d = hinge_discriminator_loss(logits_real, logits_fake).mean()
+            check_finite({"loss_discriminator": loss_d}, accelerator)
+            accelerator.backward(loss_d)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(opt.heads.parameters(), args.max_grad_norm)
+            opt.discriminator_optimizer.step()
+            opt.discriminator_lr_scheduler.step()
+            opt.discriminator_optimizer.zero_grad(set_to_none=True)
+        logs["loss_discriminator"] = loss_d.item()
+        logs.update(discriminator_diagnostics(logits_real, logits_fake))
+        # the logit gap per noise band: ADM's signal may sit only at low noise (DESIGN §2)
+        high = t >= schedule.T / 2
+        for band, mask in (("high_noise", high), ("low_noise", ~high)):
+            if mask.any():
+                logs[f"logit_gap_{band}"] = (logits_real[mask].mean() - logits_fake[mask].mean()).item()
+    return logs
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Validation, export
+# ------------------------------------------------------------------------------------------------------------------
+def log_validation(models, opt, args, accelerator, step: int, val_text: dict, vae) -> str | None:
+    """Generate the validation prompts with the student exactly as the exported pipeline will (its scheduler,
+    ``num_inference_steps=K``, ``guidance_scale=0``), save a grid, log it to the trackers."""
+    import numpy as np
+    from diffusers import StableDiffusion3Pipeline
+    from diffusers.utils import make_image_grid
+
+    pipe = StableDiffusion3Pipeline(
+        transformer=accelerator.unwrap_model(opt.generator), scheduler=copy.deepcopy(models.student_scheduler),
+        vae=vae, text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None,
+        tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    gen = torch.Generator(accelerator.device).manual_seed(args.seed)
+    with accelerator.autocast(), torch.no_grad():
+        images = pipe(prompt_embeds=val_text["prompt_embeds"].to(accelerator.device),
+                      pooled_prompt_embeds=val_text["pooled_prompt_embeds"].to(accelerator.device),
+                      num_inference_steps=args.num_student_steps, guidance_scale=0.0, height=args.resolution,
+                      width=args.resolution, generator=gen).images
+    if not accelerator.is_main_process:
+        return None
+    grid = make_image_grid(images, rows=1, cols=len(images))
+    path = os.path.join(args.output_dir, "validation", f"step_{step:06d}.png")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    grid.save(path)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images("validation", np.stack([np.asarray(im) for im in images]), step,
+                                      dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"validation": [wandb.Image(im, caption=p) for im, p in
+                                        zip(images, args.validation_prompts)]}, step=step)
+    logger.info(f"validation grid: {path}")
+    return path
+
+
+def write_training_config(args, models, teacher_info, path: str):
+    """The run's settings and the student's schedule (timesteps and sigmas the shipped scheduler must reproduce)."""
+    config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))}
+    config.update(
+        student_timesteps=models.timesteps.tolist(), student_sigmas=models.sigmas.tolist(),
+        student_scheduler=dict(models.student_scheduler.config), discriminator_blocks=
+        teacher_info["discriminator_blocks"], renoise_mode=models.renoise_mode,
+    )
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(config, f, indent=2, default=str)
+    os.replace(path + ".tmp", path)
+
+
+def export_student(models, opt, args, accelerator):
+    """Full: a stock StableDiffusion3Pipeline folder (teacher VAE/text encoders, distilled transformer, student
+    scheduler; no T5 with --drop_t5). LoRA: the same folder with the adapter fused, plus
+    ``pytorch_lora_weights.safetensors`` for ``StableDiffusion3Pipeline.load_lora_weights`` on the teacher."""
+    import tempfile
+
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+    from dmdx.pipelines.export import LORA_WEIGHT_NAME, save_student_pipeline
+
+    state = accelerator.get_state_dict(opt.generator)  # gathers sharded (FSDP / ZeRO) weights on the main process
+    if not accelerator.is_main_process:
+        return
+    path = args.pretrained_model_name_or_path
+    kw = {"revision": args.revision, "variant": args.variant, "cache_dir": args.cache_dir}
+    transformer = SD3Transformer2DModel.from_pretrained(path, subfolder="transformer", **kw)
+    if args.lora_rank > 0:
+        lora_state = get_peft_model_state_dict(accelerator.unwrap_model(opt.generator), state_dict=state)
+        tmp = tempfile.mkdtemp(prefix=".lora-", dir=args.output_dir)
+        StableDiffusion3Pipeline.save_lora_weights(tmp, transformer_lora_layers=lora_state,
+                                                   weight_name=LORA_WEIGHT_NAME, safe_serialization=True)
+        os.replace(os.path.join(tmp, LORA_WEIGHT_NAME), os.path.join(args.output_dir, LORA_WEIGHT_NAME))
+        os.rmdir(tmp)
+        add_lora(transformer, args.lora_rank, args.lora_alpha, args.seed)
+        set_peft_model_state_dict(transformer, lora_state)
+        transformer.fuse_lora()
+        transformer.unload_lora()
+    else:
+        transformer.load_state_dict({k: v.float() for k, v in state.items()})
+    components = {"transformer": transformer.to(models.weight_dtype)}
+    if args.drop_t5:
+        components.update(text_encoder_3=None, tokenizer_3=None)
+    save_student_pipeline(path, args.output_dir, components, models.student_scheduler,
+                          torch_dtype=models.weight_dtype, **kw)
+    logger.info(f"exported the student pipeline to {args.output_dir}")
+
+
+def _kind(rank: int) -> str:
+    return f"LoRA r={rank}" if rank else "full"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# main
+# ------------------------------------------------------------------------------------------------------------------
+def main(args):
+    import diffusers
+    import transformers
+    from accelerate import Accelerator
+    from accelerate.logging import get_logger
+    from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
+    from diffusers import AutoencoderKL
+    from diffusers.optimization import get_scheduler
+    from tqdm.auto import tqdm
+
+    from dmdx.pipelines.hub import push_to_hub
+    from dmdx.pipelines.model_card import write_model_card
+    from dmdx.training.checkpointing import checkpoint_step, find_resume_checkpoint, save_checkpoint
+
+    teacher_info = inspect_teacher(args)  # clear errors before any weights load
+    prompts = load_prompts(args)
+
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir,
+                                            logging_dir=os.path.join(args.output_dir, args.logging_dir)),
+    )
+    log = get_logger(__name__)
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    if not accelerator.is_local_main_process:
+        transformers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.set_verbosity_error()
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    set_seed(args.seed)
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+    models = build_models(args, accelerator, teacher_info, weight_dtype)
+    log.info(f"student timesteps {models.timesteps.tolist()}, sigmas {models.sigmas.tolist()}; "
+             f"discriminator on transformer_blocks {teacher_info['discriminator_blocks']}", main_process_only=True)
+
+    # Text: optionally encode every prompt once and free the encoders (they are not needed again).
+    val_text = (encode_prompts(models.text_pipe, args.validation_prompts, args, accelerator.device)
+                if args.validation_prompts else None)
+    if args.precompute_text_embeddings:
+        source = encode_prompts(models.text_pipe, prompts, args, accelerator.device)
+        source = {k: v.cpu() for k, v in source.items()}
+        free_text_encoders(models)
+    else:
+        source = {"prompts": prompts}
+    source["count"] = len(prompts)
+    vae = None
+    if args.validation_prompts:
+        vae = AutoencoderKL.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae",
+                                            revision=args.revision, variant=args.variant, cache_dir=args.cache_dir)
+        vae.requires_grad_(False).eval().to(accelerator.device, dtype=weight_dtype)
+
+    # Optimizers (trainable parameters only: LoRA or full weights; the heads)
+    if args.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        adam = bnb.optim.AdamW8bit
+    else:
+        adam = torch.optim.AdamW
+
+    def make_opt(model, lr):
+        return adam([p for p in model.parameters() if p.requires_grad], lr=lr, betas=(args.adam_beta1,
+                    args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+
+    def make_sched(optimizer, updates_per_step):
+        return get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps * updates_per_step
+                             * accelerator.num_processes, num_training_steps=args.max_train_steps *
+                             updates_per_step * accelerator.num_processes)
+
+    g_opt = make_opt(models.generator, args.generator_lr)
+    f_opt = make_opt(models.fake_score, args.fake_score_lr)
+    d_opt = make_opt(models.heads, args.discriminator_lr)
+    prepared = accelerator.prepare(models.generator, models.fake_score, models.heads, g_opt, f_opt, d_opt,
+                                   make_sched(g_opt, 1), make_sched(f_opt, args.fake_score_update_ratio),
+                                   make_sched(d_opt, args.discriminator_update_ratio))
+    opt = SimpleNamespace(**dict(zip(
+        ["generator", "fake_score", "heads", "generator_optimizer", "fake_optimizer", "discriminator_optimizer",
+         "generator_lr_scheduler", "fake_lr_scheduler", "discriminator_lr_scheduler"], prepared)))
+
+    if accelerator.is_main_process:
+        write_training_config(args, models, teacher_info, os.path.join(args.output_dir, TRAINING_CONFIG_NAME))
+        tracker_config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers("dmdx-sd3", config=tracker_config)
+
+    # Resume
+    global_step = 0
+    resume = find_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    if resume:
+        accelerator.load_state(resume)
+        global_step = checkpoint_step(resume)
+        log.info(f"resumed from {resume} at step {global_step}", main_process_only=True)
+    elif args.resume_from_checkpoint:
+        log.info("no checkpoint to resume from: starting a new run", main_process_only=True)
+
+    log.info(f"***** {args.distribution_loss.upper()} distillation: {len(prompts)} prompts, batch "
+             f"{args.train_batch_size} x {accelerator.num_processes} processes, {args.max_train_steps} steps, "
+             f"generator {_kind(args.lora_rank)}, fake score {_kind(args.fake_score_lora_rank)} *****",
+             main_process_only=True)
+    progress = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps",
+                    disable=not accelerator.is_local_main_process)
+    grid_path = None
+    everyone_validates = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    while global_step < args.max_train_steps:
+        batch = sample_batch(models, args, global_step, accelerator.process_index, source, accelerator.device)
+        cond, uncond = text_for(source, models, batch["prompt_idx"], args, accelerator.device)
+        logs = train_iteration(models, opt, batch, cond, uncond, global_step, args, accelerator)
+        global_step += 1
+        logs["lr_generator"] = opt.generator_lr_scheduler.get_last_lr()[0]
+        progress.update(1)
+        progress.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k.startswith("loss") or k == "d_accuracy"})
+        accelerator.log(logs, step=global_step)
+        if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
+            save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+        if args.validation_prompts and (global_step % args.validation_steps == 0 or
+                                        global_step == args.max_train_steps):
+            if accelerator.is_main_process or everyone_validates:
+                grid_path = log_validation(models, opt, args, accelerator, global_step, val_text, vae) or grid_path
+    progress.close()
+
+    accelerator.wait_for_everyone()
+    export_student(models, opt, args, accelerator)
+    if accelerator.is_main_process:
+        write_training_config(args, models, teacher_info, os.path.join(args.output_dir, TRAINING_CONFIG_NAME))
+        write_model_card(
+            args.output_dir, base_model=args.pretrained_model_name_or_path, pipeline_class="StableDiffusion3Pipeline",
+            num_inference_steps=args.num_student_steps, timesteps=models.timesteps.tolist(), guidance_scale=0.0,
+            method=args.distribution_loss, lora=args.lora_rank > 0, repo_id=args.hub_model_id,
+            sample_grid=os.path.relpath(grid_path, args.output_dir) if grid_path else None,
+            scheduler_class="FlowMatchEulerDiscreteScheduler",
+            training_details={"steps": args.max_train_steps, "teacher guidance scale": args.guidance_scale,
+                              "ODE step dt": args.ode_step_dt, "generator": _kind(args.lora_rank),
+                              "T5": "dropped" if args.drop_t5 else "kept"},
+        )
+        if args.push_to_hub:
+            push_to_hub(args.output_dir, args.hub_model_id, token=args.hub_token)
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(parse_args())
