@@ -1,0 +1,38 @@
+"""The package installs as one import package `dmdx` with its templates, and the environment is sane."""
+
+import importlib.util
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_torchvision_is_not_installed():
+    # Its registry build is linked against CUDA and breaks `from transformers import CLIPTextModel` on CPU machines.
+    assert importlib.util.find_spec("torchvision") is None
+
+
+def test_wheel_contains_dmdx_parts_and_templates(tmp_path):
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
+         str(ROOT)],
+        check=True, capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("dmdx-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for module in ("dmdx/training/losses.py", "dmdx/training/parametrization.py", "dmdx/pipelines/__init__.py",
+                   "dmdx/pipelines/tiny_components.py"):
+        assert module in names, module
+    templates = {n for n in names if n.startswith("dmdx/model_cards/") and n.endswith(".md")}
+    assert templates, "model card templates must ship as package data"
+    assert not any(n.startswith(("tests/", "distill_scripts/", "benchmarks/")) for n in names)
+
+
+def test_public_api_imports():
+    import dmdx.training as training
+
+    for name in ("NoiseSchedule", "schedule_from_scheduler_config", "hinge_discriminator_loss", "dmd_loss",
+                 "adm_latent_predictions", "DiscriminatorHeads", "BackboneFeatures", "cubic_timesteps"):
+        assert hasattr(training, name), name
