@@ -1,0 +1,346 @@
+"""Train the embedded default's teacher: a tiny text-to-image diffusion model of the real SDXL (or SD3) architecture
+on scikit-learn's real handwritten digits, saved as a stock ``StableDiffusionXLPipeline`` /
+``StableDiffusion3Pipeline`` folder.
+
+Order of work, as for the real models:
+  1. build the components from configs (``dmdx.pipelines.tiny_components``; tokenizers in code, no downloads);
+  2. train the ``AutoencoderKL`` on the digits (reconstruction + a small KL term), then set its ``scaling_factor``
+     (and ``shift_factor`` for SD3) from the latents' statistics, as SD3's VAE does;
+  3. train the denoiser with the teacher's own objective on the frozen VAE's latents:
+     SDXL: epsilon-prediction DDPM over its 1000 timesteps, with text_time conditioning (pooled text embedding +
+     original_size / crops / target_size time ids); SD3: rectified flow (velocity ``noise - x0``) with
+     logit-normal noise levels. Captions are dropped (10% by default) so classifier-free guidance works; an EMA
+     copy of the denoiser is what gets saved;
+  4. save with ``save_pretrained`` and check: samples for "a handwritten digit k" (25 steps, CFG) must be
+     recognised by the digit classifier (``digit_classifier.py``), reported as ``prompt_accuracy``.
+
+The text encoders are tiny (1 layer) and stay frozen at their random initialisation: distinct prompts still give
+distinct embeddings, and the denoiser learns to read them. Since there are only twelve distinct conditionings
+(ten digits, the class-free caption, the empty prompt), their embeddings are computed once with the pipeline's own
+``encode_prompt``, exactly as inference computes them.
+
+Reproduce the committed teacher (see README.md in this folder for the measured numbers):
+
+    python distill_scripts/digits/train_digits_teacher.py --architecture sdxl \
+        --output_dir distill_scripts/digits/assets/digits-sdxl-teacher
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from digit_classifier import ASSETS_DIR, load_classifier  # noqa: E402
+from digits_data import CLASS_FREE_PROMPT, class_prompts, evaluation_prompts, load_digits_split, make_captions  # noqa: E402
+
+logger = logging.getLogger("train_digits_teacher")
+
+INFO_NAME = "digits_teacher_info.json"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Train a tiny SDXL/SD3-architecture teacher on real digits.")
+    parser.add_argument("--architecture", required=True, choices=["sdxl", "sd3"])
+    parser.add_argument("--output_dir", default=None,
+                        help="Pipeline folder to write (default: distill_scripts/digits/assets/digits-<arch>-teacher).")
+    parser.add_argument("--resolution", type=int, default=16, help="Pixel size; the VAE halves it.")
+    parser.add_argument("--seed", type=int, default=0)
+    # data
+    parser.add_argument("--class_free_fraction", type=float, default=0.2,
+                        help="Share of images captioned with the class-free prompt 'a handwritten digit'.")
+    parser.add_argument("--caption_dropout", type=float, default=0.1,
+                        help="Probability of replacing a caption by the unconditional input (for CFG).")
+    # VAE
+    parser.add_argument("--vae_train_steps", type=int, default=1500)
+    parser.add_argument("--vae_learning_rate", type=float, default=1e-3)
+    parser.add_argument("--vae_kl_weight", type=float, default=1e-4)
+    parser.add_argument("--vae_batch_size", type=int, default=64)
+    # denoiser
+    parser.add_argument("--block_out_channels", type=int, nargs="+", default=[32, 64],
+                        help="SDXL UNet widths (one per resolution level).")
+    parser.add_argument("--sd3_num_layers", type=int, default=2)
+    parser.add_argument("--sd3_num_attention_heads", type=int, default=4)
+    parser.add_argument("--sd3_shift", type=float, default=1.0,
+                        help="Timestep shift of the SD3 teacher's FlowMatchEulerDiscreteScheduler.")
+    parser.add_argument("--max_train_steps", type=int, default=4000)
+    parser.add_argument("--train_batch_size", type=int, default=128)
+    parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument("--lr_scheduler", default="cosine",
+                        choices=["constant", "constant_with_warmup", "cosine", "linear"])
+    parser.add_argument("--lr_warmup_steps", type=int, default=200)
+    parser.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--ema_decay", type=float, default=0.999)
+    # check
+    parser.add_argument("--validation_steps", type=int, default=25, help="Sampler steps of the final check.")
+    parser.add_argument("--guidance_scale", type=float, default=5.0)
+    parser.add_argument("--num_validation_images", type=int, default=20, help="Per class prompt.")
+    parser.add_argument("--classifier_dir", default=ASSETS_DIR)
+    parser.add_argument("--num_threads", type=int, default=None, help="torch.set_num_threads (default: torch's).")
+    args = parser.parse_args(argv)
+    if args.output_dir is None:
+        args.output_dir = os.path.join(ASSETS_DIR, f"digits-{args.architecture}-teacher")
+    if args.resolution % 4 != 0:
+        raise ValueError(f"--resolution must be a multiple of 4 (the VAE and the UNet each halve it), "
+                         f"got {args.resolution}.")
+    if not 0 <= args.caption_dropout < 1:
+        raise ValueError("--caption_dropout must lie in [0, 1).")
+    return args
+
+
+# ---- components -------------------------------------------------------------------------------------------------
+def build_pipeline(args):
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionXLPipeline
+
+    from dmdx.pipelines.tiny_components import sd3_components, sdxl_components
+
+    latent_size = args.resolution // 2
+    if args.architecture == "sdxl":
+        comps = sdxl_components(sample_size=latent_size, block_out_channels=tuple(args.block_out_channels),
+                                vae_block_out_channels=(32, 64), seed=args.seed)
+        pipe = StableDiffusionXLPipeline(**comps)
+    else:
+        comps = sd3_components(sample_size=latent_size, num_layers=args.sd3_num_layers,
+                               num_attention_heads=args.sd3_num_attention_heads, vae_block_out_channels=(32, 64),
+                               shift=args.sd3_shift, with_t5=False, seed=args.seed)
+        pipe = StableDiffusion3Pipeline(**comps)
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        if getattr(pipe, name, None) is not None:
+            getattr(pipe, name).requires_grad_(False).eval()
+    return pipe
+
+
+def denoiser_of(pipe):
+    return pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+
+
+# ---- 2. the VAE -------------------------------------------------------------------------------------------------
+def train_vae(args, vae, images):
+    from tqdm.auto import tqdm
+
+    vae.train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=args.vae_learning_rate, weight_decay=0.0)
+    lr_sched = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.vae_train_steps)
+    gen = torch.Generator().manual_seed(args.seed)
+    for step in (bar := tqdm(range(args.vae_train_steps), desc="1/2 VAE")):
+        idx = torch.randint(0, len(images), (args.vae_batch_size,), generator=gen)
+        x = images[idx]
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        rec = F.mse_loss(recon, x)
+        kl = posterior.kl().mean() / x[0].numel()
+        loss = rec + args.vae_kl_weight * kl
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        lr_sched.step()
+        if step % 50 == 0 or step == args.vae_train_steps - 1:
+            bar.set_postfix(rec=f"{rec.item():.4f}", kl=f"{kl.item():.2f}")
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(images[i:i + 256]).latent_dist.mode() for i in range(0, len(images), 256)])
+        recon = torch.cat([vae.decode(latents[i:i + 256]).sample for i in range(0, len(latents), 256)])
+    rec_mse = F.mse_loss(recon, images).item()
+    return latents, rec_mse
+
+
+def set_latent_normalisation(args, vae, latents):
+    """SDXL: ``latents * scaling_factor`` has unit std. SD3: ``(latents - shift_factor) * scaling_factor``."""
+    if args.architecture == "sd3":
+        shift = latents.mean().item()
+        scale = 1.0 / (latents - shift).std().item()
+        vae.register_to_config(shift_factor=shift, scaling_factor=scale)
+        return (latents - shift) * scale
+    scale = 1.0 / latents.std().item()
+    vae.register_to_config(scaling_factor=scale)
+    return latents * scale
+
+
+# ---- conditioning -----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def encode_conditionings(args, pipe, prompts):
+    """Per prompt (plus the two unconditional forms: the empty prompt and all-zero embeddings), the pipeline's own
+    prompt encoding: ``{"prompt_embeds": (P, L, D), "pooled": (P, Dp)}``; the last two rows are "" and zeros."""
+    embeds, pooled = [], []
+    for prompt in list(prompts) + [""]:
+        if args.architecture == "sdxl":
+            e, _, p, _ = pipe.encode_prompt(prompt, device="cpu", num_images_per_prompt=1,
+                                            do_classifier_free_guidance=False)
+        else:
+            e, _, p, _ = pipe.encode_prompt(prompt, prompt_2=None, prompt_3=None, device="cpu",
+                                            num_images_per_prompt=1, do_classifier_free_guidance=False)
+        embeds.append(e[0])
+        pooled.append(p[0])
+    embeds.append(torch.zeros_like(embeds[-1]))
+    pooled.append(torch.zeros_like(pooled[-1]))
+    return {"prompt_embeds": torch.stack(embeds), "pooled": torch.stack(pooled)}
+
+
+def sdxl_time_ids(args, batch_size):
+    """SDXL's micro-conditioning: original_size, crops_coords_top_left, target_size (what the pipeline passes
+    for a default call at this resolution)."""
+    r = args.resolution
+    return torch.tensor([r, r, 0, 0, r, r], dtype=torch.float32).repeat(batch_size, 1)
+
+
+def denoiser_forward(args, model, x_t, t, prompt_embeds, pooled):
+    if args.architecture == "sdxl":
+        cond = {"text_embeds": pooled, "time_ids": sdxl_time_ids(args, x_t.shape[0])}
+        return model(x_t, t, encoder_hidden_states=prompt_embeds, added_cond_kwargs=cond).sample
+    return model(hidden_states=x_t, timestep=t, encoder_hidden_states=prompt_embeds, pooled_projections=pooled).sample
+
+
+# ---- 3. the denoiser --------------------------------------------------------------------------------------------
+def sample_timesteps(args, schedule, batch_size, gen):
+    if args.architecture == "sdxl":  # DDPM: uniform over the integer training timesteps
+        return torch.randint(0, schedule.num_train_timesteps, (batch_size,), generator=gen).float()
+    # rectified flow: logit-normal noise levels (SD3's default weighting), then the teacher's shift
+    sigma = torch.sigmoid(torch.randn(batch_size, generator=gen))
+    sigma = args.sd3_shift * sigma / (1 + (args.sd3_shift - 1) * sigma)
+    return sigma * schedule.T
+
+
+def train_denoiser(args, pipe, latents, cond_index, conds, num_prompts):
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+    from tqdm.auto import tqdm
+
+    from dmdx.training import per_sample_mean, schedule_from_scheduler_config
+
+    schedule = schedule_from_scheduler_config(pipe.scheduler.config)
+    model = denoiser_of(pipe)
+    model.train().requires_grad_(True)
+    ema = EMAModel(model.parameters(), decay=args.ema_decay, model_cls=type(model), model_config=model.config) \
+        if args.use_ema else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=1e-2)
+    lr_sched = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
+                             num_training_steps=args.max_train_steps)
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    empty_idx, zeros_idx = num_prompts, num_prompts + 1
+    running = None
+    for step in (bar := tqdm(range(args.max_train_steps), desc="2/2 denoiser")):
+        idx = torch.randint(0, len(latents), (args.train_batch_size,), generator=gen)
+        x0, c = latents[idx], cond_index[idx].clone()
+        # caption dropout: half of the dropped captions become the empty prompt, half all-zero embeddings
+        # (SDXL pipelines zero the negative embeddings when force_zeros_for_empty_prompt is set)
+        drop = torch.rand(len(c), generator=gen) < args.caption_dropout
+        zeros = torch.rand(len(c), generator=gen) < 0.5
+        c[drop & zeros], c[drop & ~zeros] = zeros_idx, empty_idx
+        noise = torch.randn(x0.shape, generator=gen)
+        t = sample_timesteps(args, schedule, len(x0), gen)
+        x_t = schedule.add_noise(x0, noise, t)
+        target = schedule.model_target(x0, noise, t)
+        pred = denoiser_forward(args, model, x_t, t, conds["prompt_embeds"][c], conds["pooled"][c])
+        loss = per_sample_mean((pred - target) ** 2).mean()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"Non-finite denoising loss at step {step}.")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        lr_sched.step()
+        if ema is not None:
+            ema.step(model.parameters())
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        if step % 25 == 0 or step == args.max_train_steps - 1:
+            bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr_sched.get_last_lr()[0]:.2e}")
+    if ema is not None:
+        ema.copy_to(model.parameters())
+    model.eval().requires_grad_(False)
+    return running
+
+
+# ---- 4. check ---------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def check_prompt_accuracy(args, pipe, classifier):
+    """Classifier accuracy on ``num_validation_images`` samples per class prompt (25 steps, CFG)."""
+    from tqdm.auto import tqdm
+
+    pipe.set_progress_bar_config(disable=True)
+    correct, per_class = 0, []
+    for k, prompt in enumerate(tqdm(class_prompts(), desc="check")):
+        gen = torch.Generator().manual_seed(args.seed + k)
+        images = pipe(prompt, num_inference_steps=args.validation_steps, guidance_scale=args.guidance_scale,
+                      num_images_per_prompt=args.num_validation_images, generator=gen, output_type="pt").images
+        pred = classifier(images * 2 - 1).argmax(1)
+        per_class.append((pred == k).float().mean().item())
+        correct += (pred == k).sum().item()
+    gen = torch.Generator().manual_seed(args.seed + 10)
+    images = pipe(CLASS_FREE_PROMPT, num_inference_steps=args.validation_steps, guidance_scale=args.guidance_scale,
+                  num_images_per_prompt=5 * args.num_validation_images, generator=gen, output_type="pt").images
+    counts = torch.bincount(classifier(images * 2 - 1).argmax(1), minlength=10)
+    return correct / (10 * args.num_validation_images), per_class, counts.tolist()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    torch.manual_seed(args.seed)
+    classifier = load_classifier(args.classifier_dir)  # fail early if the judge is missing
+    start = time.time()
+
+    # 1. components and data
+    pipe = build_pipeline(args)
+    images, labels = load_digits_split("train", args.resolution)
+    captions = make_captions(labels.numpy(), args.class_free_fraction, args.seed)
+    prompts = evaluation_prompts()
+    cond_index = torch.tensor([prompts.index(c) for c in captions])
+    logger.info("%d train digits at %dpx; %d captions class-free; architecture %s", len(images), args.resolution,
+                sum(c == CLASS_FREE_PROMPT for c in captions), args.architecture)
+
+    # 2. VAE, then latent normalisation
+    raw_latents, rec_mse = train_vae(args, pipe.vae, images)
+    latents = set_latent_normalisation(args, pipe.vae, raw_latents)
+    logger.info("VAE reconstruction MSE %.5f; latents %s, scaling_factor %.4f", rec_mse, tuple(latents.shape[1:]),
+                pipe.vae.config.scaling_factor)
+    vae_seconds = time.time() - start
+
+    # 3. denoiser with the teacher's own objective
+    conds = encode_conditionings(args, pipe, prompts)
+    final_loss = train_denoiser(args, pipe, latents, cond_index, conds, len(prompts))
+    train_seconds = time.time() - start
+    logger.info("trained in %.1f s (VAE %.1f s); final denoising loss %.4f", train_seconds, vae_seconds, final_loss)
+
+    # save (atomically: write next to the target, then move into place)
+    tmp_dir = args.output_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    pipe.save_pretrained(tmp_dir)
+
+    # 4. check from the saved folder with stock diffusers
+    from diffusers import DiffusionPipeline
+
+    reloaded = DiffusionPipeline.from_pretrained(tmp_dir)
+    acc, per_class, class_free_counts = check_prompt_accuracy(args, reloaded, classifier)
+    info = {
+        "architecture": args.architecture, "pipeline_class": type(reloaded).__name__,
+        "prompt_accuracy": round(acc, 4), "per_class_accuracy": [round(a, 3) for a in per_class],
+        "class_free_prompt_class_counts": class_free_counts,
+        "check": {"num_inference_steps": args.validation_steps, "guidance_scale": args.guidance_scale,
+                  "images_per_class": args.num_validation_images},
+        "vae_reconstruction_mse": round(rec_mse, 6), "final_denoising_loss": round(final_loss, 5),
+        "train_seconds": round(train_seconds, 1), "torch_threads": torch.get_num_threads(),
+        "args": {k: v for k, v in vars(args).items() if k not in ("output_dir", "classifier_dir")},
+    }
+    with open(os.path.join(tmp_dir, INFO_NAME), "w") as f:
+        json.dump(info, f, indent=2)
+    if os.path.isdir(args.output_dir):
+        shutil.rmtree(args.output_dir)
+    os.replace(tmp_dir, args.output_dir)
+    logger.info("prompt accuracy %.3f (per class %s); class-free prompt classes %s", acc,
+                [round(a, 2) for a in per_class], class_free_counts)
+    logger.info("saved %s to %s", type(reloaded).__name__, args.output_dir)
+    return info
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""The embedded default's data (real sklearn digits) and the committed digit classifier."""
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DIGITS_DIR = os.path.join(ROOT, "distill_scripts", "digits")
+sys.path.insert(0, DIGITS_DIR)
+
+import digit_classifier  # noqa: E402
+import digits_data  # noqa: E402
+
+
+def test_split_shapes_range_and_stratification():
+    x_train, _ = digits_data.load_digits_split("train")
+    x_held, y_held = digits_data.load_digits_split("held_out")
+    assert x_train.shape == (1437, 3, 16, 16) and x_held.shape == (360, 3, 16, 16)
+    assert x_train.dtype == torch.float32
+    assert x_train.min() == -1.0 and x_train.max() == 1.0
+    assert torch.equal(x_train[:, 0], x_train[:, 2])  # grey replicated to 3 channels
+    counts = torch.bincount(y_held, minlength=10)
+    assert counts.min() >= 35 and counts.max() <= 37  # stratified 20%
+    labels = digits_data.load_digits_split("all")[1].numpy()
+    train_idx, held_idx = digits_data.split_indices(labels)
+    assert not set(train_idx) & set(held_idx) and len(train_idx) + len(held_idx) == 1797
+    # fixed split: the same call gives the same indices
+    assert np.array_equal(train_idx, digits_data.split_indices(labels)[0])
+    x32, _ = digits_data.load_digits_split("held_out", resolution=32)
+    assert x32.shape == (360, 3, 32, 32)
+
+
+def test_captions():
+    assert digits_data.digit_prompt(7) == "a handwritten digit seven"
+    prompts = digits_data.evaluation_prompts()
+    assert len(prompts) == 11 and prompts[-1] == "a handwritten digit" and prompts[0].endswith("zero")
+    labels = np.repeat(np.arange(10), 100)
+    captions = digits_data.make_captions(labels, class_free_fraction=0.2, seed=0)
+    class_free = [c == digits_data.CLASS_FREE_PROMPT for c in captions]
+    assert 0.15 < np.mean(class_free) < 0.25
+    for c, k in zip(captions, labels):
+        assert c in (digits_data.CLASS_FREE_PROMPT, digits_data.digit_prompt(k))
+    assert captions == digits_data.make_captions(labels, class_free_fraction=0.2, seed=0)
+    with pytest.raises(ValueError):
+        digits_data.make_captions(labels, class_free_fraction=1.5)
+
+
+def test_imagefolder_writer_loads_with_datasets(tmp_path):
+    from datasets import load_dataset
+
+    out = digits_data.write_imagefolder(str(tmp_path / "digits"), split="held_out", resolution=16)
+    with open(os.path.join(out, "prompts.txt")) as f:
+        assert f.read().splitlines() == digits_data.evaluation_prompts()
+    ds = load_dataset("imagefolder", data_dir=out, split="train", cache_dir=str(tmp_path / "cache"))
+    assert len(ds) == 360 and {"image", "text", "label"} <= set(ds.column_names)
+    assert ds[0]["image"].size == (16, 16)
+    rows = [json.loads(line) for line in open(os.path.join(out, "metadata.jsonl"))]
+    for row in rows:
+        assert row["text"] in (digits_data.CLASS_FREE_PROMPT, digits_data.digit_prompt(row["label"]))
+
+
+def test_committed_classifier_accuracy_and_features():
+    model = digit_classifier.load_classifier()
+    x_held, y_held = digits_data.load_digits_split("held_out")
+    with torch.no_grad():
+        acc = (model(x_held).argmax(1) == y_held).float().mean().item()
+        feats = model.features(x_held[:8])
+        feats32 = model.features(digits_data.load_digits_split("held_out", resolution=32)[0][:8])
+    assert acc >= 0.97, acc
+    assert feats.shape == (8, model.config["feature_dim"])
+    assert torch.allclose(feats, feats32, atol=0.5 * feats.abs().max().item())  # resolution-agnostic input
+    with torch.no_grad():
+        conf_real = model(x_held[:32]).softmax(1).max(1).values.mean()
+    assert conf_real > 0.8
