@@ -499,18 +499,18 @@ def train_iteration(models, opt, batch: dict, cond, uncond, step: int, args, acc
                     x0_real, x0_fake = real_x0(x_t, t), fake_x0(x_t, t)
                 loss_g = dmd_loss(x0_gen, x0_real, x0_fake).mean()
                 logs["loss_generator_dmd"] = loss_g.item()
+        check_finite({"loss_generator": loss_g}, accelerator)
+        if train_generator:
+            accelerator.backward(loss_g)  # before unfreezing: checkpointed recomputation must see the same graph
+            if accelerator.sync_gradients:
+                logs["grad_norm_generator"] = float(accelerator.clip_grad_norm_(opt.generator.parameters(),
+                                                                               args.max_grad_norm))
+            opt.generator_optimizer.step()
+            opt.generator_lr_scheduler.step()
+            opt.generator_optimizer.zero_grad(set_to_none=True)
     finally:
         for p in trainable_fake + trainable_heads:
             p.requires_grad_(True)
-    check_finite({"loss_generator": loss_g}, accelerator)
-    if train_generator:
-        accelerator.backward(loss_g)
-        if accelerator.sync_gradients:
-            logs["grad_norm_generator"] = float(accelerator.clip_grad_norm_(opt.generator.parameters(),
-                                                                           args.max_grad_norm))
-        opt.generator_optimizer.step()
-        opt.generator_lr_scheduler.step()
-        opt.generator_optimizer.zero_grad(set_to_none=True)
 
     # 3. discriminator: hinge on the detached predictions of step 2 (features without grad, heads with grad)
     if args.distribution_loss == "adm":
@@ -775,6 +775,11 @@ def main(args):
                               "ODE step dt": args.ode_step_dt, "generator": _kind(args.lora_rank),
                               "T5": "dropped" if args.drop_t5 else "kept"},
         )
+        if args.drop_t5:  # diffusers loads a component saved as [null, null] only when it is passed as None
+            with open(os.path.join(args.output_dir, "README.md"), "a") as f:
+                f.write("\n## Without T5\n\nThis student was trained without the T5 text encoder and ships without "
+                        "it. Load it with\n`DiffusionPipeline.from_pretrained(repo, text_encoder_3=None, "
+                        "tokenizer_3=None)`.\n")
         if args.push_to_hub:
             push_to_hub(args.output_dir, args.hub_model_id, token=args.hub_token)
     accelerator.end_training()
