@@ -1,0 +1,51 @@
+"""Shared fixtures: a tiny SDXL teacher folder (built once per session from configs, no downloads), prompts, and
+an environment for subprocess runs of the scripts (offline, one thread, no dmdx-unrelated network)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = os.path.join(REPO, "distill_scripts")
+TINY_PROMPTS = ["a red circle", "a blue square", "a green cat", "two dots", "a digit seven", "a small tree"]
+
+
+def script_env(**extra) -> dict:
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
+               ACCELERATE_USE_CPU="true", PYTHONWARNINGS="ignore")
+    env.update(extra)
+    return env
+
+
+def accelerate_cmd(script: str, *args, num_processes: int = 1, port: int = 29517) -> list[str]:
+    """``accelerate launch`` of a script in distill_scripts/ (2 processes: CPU DDP over gloo)."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch"]
+    if num_processes > 1:
+        launch += ["--multi_gpu", "--num_processes", str(num_processes), "--main_process_port", str(port)]
+    else:
+        launch += ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend",
+                   "no"]
+    return [*launch, os.path.join(SCRIPTS, script), *map(str, args)]
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> str:
+    """A 32-px SDXL pipeline folder (latent 16x16), saved with save_pretrained like any Hub checkpoint."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from dmdx.pipelines.tiny_components import sdxl_components
+
+    path = str(tmp_path_factory.mktemp("tiny") / "tiny-sdxl")
+    StableDiffusionXLPipeline(**sdxl_components(sample_size=16)).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def prompts_file(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    path.write_text("\n".join(TINY_PROMPTS) + "\n")
+    return str(path)

@@ -1,0 +1,210 @@
+"""Subprocess smoke tests of the SDXL DMDX scripts on a tiny SDXL teacher (CPU, `accelerate launch`).
+
+Few, larger tests: every launch pays ~5 s of imports on 2 cores. The commands are the ones docs/sdxl.md gives, with
+tiny models and a few steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO, accelerate_cmd, script_env
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.slow
+
+TINY_ADM = ["--resolution", 32, "--train_batch_size", 2, "--discriminator_head_channels", 32,
+            "--generator_lr", 1e-4, "--fake_score_lr", 1e-4, "--discriminator_lr", 1e-3]
+
+# Runs in a fresh interpreter that never imports dmdx: the student must load and run with stock diffusers only.
+STOCK_LOAD = r"""
+import json, sys
+import torch
+from diffusers import DiffusionPipeline
+folder, steps = sys.argv[1], int(sys.argv[2])
+pipe = DiffusionPipeline.from_pretrained(folder)
+trained = json.load(open(folder + "/training_config.json"))["student_timesteps"]
+pipe.scheduler.set_timesteps(steps)
+image = pipe("a red circle", num_inference_steps=steps, guidance_scale=0.0, output_type="np",
+             generator=torch.Generator().manual_seed(0)).images
+assert not [m for m in sys.modules if m.split(".")[0] == "dmdx"], "the stock load imported dmdx"
+print(json.dumps({"pipeline": type(pipe).__name__, "scheduler": type(pipe.scheduler).__name__,
+                  "timesteps": pipe.scheduler.timesteps.float().tolist(), "trained": trained,
+                  "shape": list(image.shape), "finite": bool(torch.isfinite(torch.from_numpy(image)).all())}))
+"""
+
+
+def run(cmd, expect_ok=True, cwd=REPO, timeout=600):
+    result = subprocess.run(cmd, cwd=cwd, env=script_env(), capture_output=True, text=True, timeout=timeout)
+    if expect_ok and result.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, cmd))} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def stock_load(folder: str, steps: int) -> dict:
+    out = run([sys.executable, "-c", STOCK_LOAD, folder, str(steps)], cwd="/").stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def read_log(folder: str) -> list[dict]:
+    with open(os.path.join(folder, "train_log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_adm_run_resume_and_stock_export(tiny_sdxl, prompts_file, tmp_path):
+    """ADM one-step from the teacher: artifacts, atomic checkpoints, exact resume, stock one-step loading."""
+    out_a, out_b = str(tmp_path / "a"), str(tmp_path / "b")
+    common = ["--pretrained_model_name_or_path", tiny_sdxl, "--prompts_file", prompts_file, *TINY_ADM,
+              "--max_train_steps", 4, "--checkpointing_steps", 2]
+    run(accelerate_cmd("train_adm_sdxl.py", *common, "--output_dir", out_a, "--checkpoints_total_limit", 2,
+                       "--validation_prompts", "a red circle", "a cat", "--validation_steps", 2))
+
+    # Artifacts: pipeline folder, LCM scheduler with the trained timesteps, checkpoints, logs, card, grids.
+    for name in ("model_index.json", "unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json",
+                 "vae", "text_encoder_2", "README.md", "samples.png", "validation/step-000002.png",
+                 "checkpoint-2", "checkpoint-4", "training_config.json"):
+        assert os.path.exists(os.path.join(out_a, name)), name
+    assert not [n for n in os.listdir(out_a) if n.endswith(".tmp") or n.startswith(".export")]
+    logs = read_log(out_a)
+    assert [entry["step"] for entry in logs] == [1, 2, 3, 4]
+    for key in ("fake_score_loss", "generator_loss", "discriminator_loss", "logits_real", "logits_fake",
+                "d_accuracy", "dmd_loss_monitor", "latent_prediction_gap"):
+        assert all(key in entry and entry[key] == entry[key] for entry in logs), key
+    card = open(os.path.join(out_a, "README.md")).read()
+    assert "num_inference_steps=1" in card and "[999]" in card and "samples.png" in card
+
+    teacher_unet = load_file(os.path.join(tiny_sdxl, "unet/diffusion_pytorch_model.safetensors"))
+    student_unet = load_file(os.path.join(out_a, "unet/diffusion_pytorch_model.safetensors"))
+    assert any(not torch.equal(teacher_unet[k], student_unet[k]) for k in teacher_unet), "generator never moved"
+
+    # Resume from checkpoint-2 in a fresh folder: continues at step 3 and ends in exactly the same state.
+    os.makedirs(out_b)
+    shutil.copytree(os.path.join(out_a, "checkpoint-2"), os.path.join(out_b, "checkpoint-2"))
+    run(accelerate_cmd("train_adm_sdxl.py", *common, "--output_dir", out_b, "--resume_from_checkpoint", "latest"))
+    assert [entry["step"] for entry in read_log(out_b)] == [3, 4]
+    for name in ("model.safetensors", "model_1.safetensors", "model_2.safetensors"):  # G, fake score, D heads
+        a, b = (load_file(os.path.join(o, "checkpoint-4", name)) for o in (out_a, out_b))
+        assert all(torch.equal(a[k], b[k]) for k in a), f"resumed {name} differs from the uninterrupted run"
+    resumed_unet = load_file(os.path.join(out_b, "unet/diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(student_unet[k], resumed_unet[k]) for k in student_unet)
+
+    # Stock diffusers, no dmdx: loads, its scheduler gives the trained timesteps, generates in one step.
+    info = stock_load(out_a, 1)
+    assert info["pipeline"] == "StableDiffusionXLPipeline" and info["scheduler"] == "LCMScheduler"
+    assert info["timesteps"] == info["trained"] == [999.0]
+    assert info["shape"] == [1, 32, 32, 3] and info["finite"]
+
+
+def test_dmd_baseline_multistep_lora(tiny_sdxl, prompts_file, tmp_path):
+    """DMD2 baseline, 2-step student with backward simulation, generator LoRA: exported LoRA loads on the teacher."""
+    out = str(tmp_path / "dmd")
+    run(accelerate_cmd("train_adm_sdxl.py", "--pretrained_model_name_or_path", tiny_sdxl, "--prompts_file",
+                       prompts_file, *TINY_ADM, "--distribution_loss", "dmd", "--num_student_steps", 2,
+                       "--lora_rank", 4, "--fake_score_update_ratio", 2, "--max_train_steps", 2,
+                       "--output_dir", out))
+    logs = read_log(out)
+    assert len(logs) == 2 and "discriminator_loss" not in logs[0] and logs[0]["generator_loss"] >= 0
+    config = json.load(open(os.path.join(out, "training_config.json")))
+    assert config["student_timesteps"] == [999.0, 499.0] and config["method"] == "dmd"
+    info = stock_load(out, 2)
+    assert info["timesteps"] == info["trained"] == [999.0, 499.0]
+
+    check_lora = r"""
+import sys, torch
+from diffusers import StableDiffusionXLPipeline
+from safetensors.torch import load_file
+pipe = StableDiffusionXLPipeline.from_pretrained(sys.argv[1])
+before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+pipe.load_lora_weights(sys.argv[2])
+pipe.fuse_lora()
+pipe.unload_lora_weights()  # keeps the fused weights, drops the adapter layers
+after = pipe.unet.state_dict()
+merged = load_file(sys.argv[2] + "/unet/diffusion_pytorch_model.safetensors")
+changed = [k for k in before if not torch.equal(before[k], after[k])]
+assert changed, "the LoRA changed nothing"
+worst = max((after[k] - merged[k]).abs().max().item() for k in before)
+assert worst < 1e-5, worst
+print("ok", len(changed))
+"""
+    assert "ok" in run([sys.executable, "-c", check_lora, tiny_sdxl, out], cwd="/").stdout
+
+
+def test_adm_two_process_ddp(tiny_sdxl, prompts_file, tmp_path):
+    """CPU DDP over gloo (2 ranks): the run finishes and both ranks hold identical generator weights."""
+    out = str(tmp_path / "ddp")
+    run(accelerate_cmd("train_adm_sdxl.py", "--pretrained_model_name_or_path", tiny_sdxl, "--prompts_file",
+                       prompts_file, *TINY_ADM, "--max_train_steps", 2, "--output_dir", out, num_processes=2))
+    checksums = json.load(open(os.path.join(out, "training_config.json")))["generator_checksum_per_rank"]
+    assert len(checksums) == 2 and checksums[0] == checksums[1]
+    assert len(read_log(out)) == 2
+
+
+def _sdxl_variant(src: str, dst: str, edit_index=None, edit_unet=None, nan_unet: bool = False) -> str:
+    shutil.copytree(src, dst)
+    for name, edit in (("model_index.json", edit_index), ("unet/config.json", edit_unet)):
+        if edit:
+            path = os.path.join(dst, name)
+            config = json.load(open(path))
+            edit(config)
+            json.dump(config, open(path, "w"))
+    if nan_unet:  # a corrupted checkpoint: the teacher (and so the fake score) predicts NaN
+        from safetensors.torch import save_file
+
+        path = os.path.join(dst, "unet/diffusion_pytorch_model.safetensors")
+        weights = load_file(path)
+        weights["conv_out.bias"] = torch.full_like(weights["conv_out.bias"], float("nan"))
+        save_file(weights, path)
+    return dst
+
+
+def test_clear_errors(tiny_sdxl, prompts_file, tmp_path):
+    """Bad input stops before heavy work with a message naming the problem; a non-finite loss stops the run,
+    names the term and writes no checkpoint."""
+    sys.path.insert(0, os.path.join(REPO, "distill_scripts"))
+    import train_adm_sdxl as adm
+
+    def main_with(*extra, teacher=tiny_sdxl, prompts=prompts_file):
+        source = ["--prompts_file", prompts] if prompts else []
+        adm.main(adm.parse_args(["--pretrained_model_name_or_path", teacher, *source, *map(str, TINY_ADM),
+                                 "--output_dir", str(tmp_path / "out"), *map(str, extra)]))
+
+    def set_sd(config):
+        config["_class_name"] = "StableDiffusionPipeline"
+
+    def drop_text_time(config):
+        config["addition_embed_type"] = None
+
+    not_sdxl = _sdxl_variant(tiny_sdxl, str(tmp_path / "sd"), edit_index=set_sd, edit_unet=drop_text_time)
+    with pytest.raises(ValueError, match="not an SDXL UNet"):
+        main_with(teacher=not_sdxl)
+    with pytest.raises(ValueError, match="must be a positive multiple of 4"):
+        main_with("--resolution", 30)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    with pytest.raises(ValueError, match="No prompts"):
+        main_with(prompts=str(empty))
+    with pytest.raises(ValueError, match="exactly one of --prompts_file or --dataset_name"):
+        main_with(prompts=None)
+    captions = tmp_path / "captions.jsonl"
+    captions.write_text('{"caption": "a cat"}\n')
+    with pytest.raises(ValueError, match="--caption_column 'text' not in"):
+        main_with("--dataset_name", captions, prompts=None)
+    with pytest.raises(ValueError, match="ode_step_dt"):
+        main_with("--ode_step_dt", 0.5)
+
+    # Non-finite loss: subprocess (a real run), stops naming the term, leaves no checkpoint.
+    nan_teacher = _sdxl_variant(tiny_sdxl, str(tmp_path / "nan"), nan_unet=True)
+    out = str(tmp_path / "nan-run")
+    result = run(accelerate_cmd("train_adm_sdxl.py", "--pretrained_model_name_or_path", nan_teacher,
+                                "--prompts_file", prompts_file, *TINY_ADM, "--max_train_steps", 2,
+                                "--checkpointing_steps", 1, "--output_dir", out), expect_ok=False)
+    assert result.returncode != 0
+    assert "Non-finite loss in fake_score_loss" in result.stderr
+    assert not [n for n in os.listdir(out) if n.startswith("checkpoint")]
+    assert not os.path.exists(os.path.join(out, "model_index.json"))

@@ -1,0 +1,99 @@
+"""Atomic training checkpoints, resume lookup and the non-finite-loss guard shared by the training scripts.
+
+A checkpoint is ``accelerator.save_state`` (every prepared model, optimizer and LR scheduler, anything registered
+with ``register_for_checkpointing``, and each process's RNG states) written into ``checkpoint-{step}.tmp`` and only
+then renamed to ``checkpoint-{step}``. A crash mid-save leaves a ``.tmp`` folder that :func:`find_resume_checkpoint`
+ignores, so the previous checkpoint stays the one a resume loads (DESIGN.md §4.8).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Mapping
+
+import torch
+
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term became NaN/inf; the message names the term. Raised before any backward/step/checkpoint."""
+
+
+def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
+    """Complete checkpoints in ``output_dir`` as ``(step, path)``, oldest first (``.tmp`` folders excluded)."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        match = _CHECKPOINT_RE.match(name)
+        if match and os.path.isdir(os.path.join(output_dir, name)):
+            found.append((int(match.group(1)), os.path.join(output_dir, name)))
+    return sorted(found)
+
+
+def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | None = None) -> str:
+    """Save the full training state atomically as ``output_dir/checkpoint-{step}`` and prune the oldest complete
+    checkpoints so that at most ``total_limit`` remain. Every process must call this (``save_state`` gathers
+    per-process RNG states); the main process renames and prunes; everyone waits for it."""
+    final = os.path.join(output_dir, f"checkpoint-{step}")
+    tmp = final + ".tmp"
+    if accelerator.is_main_process:
+        os.makedirs(output_dir, exist_ok=True)
+        if os.path.isdir(tmp):  # left over from a crash
+            shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if os.path.isdir(final):  # re-saving the same step (e.g. a resumed run's final save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if total_limit is not None and total_limit > 0:
+            checkpoints = list_checkpoints(output_dir)
+            for _, path in checkpoints[: max(0, len(checkpoints) - total_limit)]:
+                shutil.rmtree(path)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def find_resume_checkpoint(output_dir: str, resume_from_checkpoint: str | None) -> str | None:
+    """The checkpoint folder to resume from: ``None``/empty -> None; ``"latest"`` -> the highest complete
+    ``checkpoint-N`` in ``output_dir`` (None if there is none: a fresh start); otherwise a path (absolute, or a
+    folder name inside ``output_dir``) that must exist."""
+    if not resume_from_checkpoint:
+        return None
+    if resume_from_checkpoint == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        return checkpoints[-1][1] if checkpoints else None
+    candidates = [resume_from_checkpoint, os.path.join(output_dir, resume_from_checkpoint)]
+    for path in candidates:
+        if os.path.isdir(path) and not path.rstrip("/").endswith(".tmp"):
+            return path
+    raise FileNotFoundError(f"--resume_from_checkpoint {resume_from_checkpoint!r}: no such complete checkpoint "
+                            f"folder (looked at {candidates}).")
+
+
+def checkpoint_step(path: str) -> int:
+    """The global step encoded in a checkpoint folder's name (``checkpoint-{step}``)."""
+    match = _CHECKPOINT_RE.match(os.path.basename(os.path.normpath(path)))
+    if not match:
+        raise ValueError(f"{path!r} is not named checkpoint-<step>.")
+    return int(match.group(1))
+
+
+def check_finite(losses: Mapping[str, torch.Tensor], accelerator=None) -> None:
+    """Raise :class:`NonFiniteLossError` naming every loss term that is NaN or inf.
+
+    With an ``accelerator`` running several processes the flags are summed over processes, so every rank raises
+    together (no rank is left waiting in a collective)."""
+    names = list(losses)
+    flags = torch.tensor([0.0 if torch.isfinite(losses[n].detach()).all() else 1.0 for n in names])
+    if accelerator is not None and accelerator.num_processes > 1:
+        flags = accelerator.reduce(flags.to(accelerator.device), reduction="sum").cpu()
+    bad = [n for n, f in zip(names, flags.tolist()) if f > 0]
+    if bad:
+        raise NonFiniteLossError(f"Non-finite loss in {', '.join(bad)}: stopping without saving a new checkpoint "
+                                 f"(the last good checkpoint is kept).")
