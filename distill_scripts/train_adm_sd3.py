@@ -26,6 +26,7 @@ import copy
 import json
 import logging
 import os
+from contextlib import nullcontext
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -51,10 +52,12 @@ def parse_args(input_args=None):
                    help="An SD3 / SD3.5 diffusers checkpoint (Hub id or local folder): the teacher.")
     p.add_argument("--revision", type=str, default=None)
     p.add_argument("--variant", type=str, default=None, help="e.g. 'fp16' weights of the teacher.")
-    p.add_argument("--train_prompts_file", type=str, default=None,
-                   help="Training prompts: a .txt file (one per line) or a .json/.jsonl file with --caption_column.")
+    p.add_argument("--prompts_file", type=str, default=None, help="Training prompts: a text file, one per line.")
     p.add_argument("--dataset_name", type=str, default=None,
-                   help="Alternatively a datasets name or folder whose --caption_column holds the prompts.")
+                   help="Or a datasets name, or a local .json/.jsonl/.csv/.parquet file or folder, whose "
+                        "--caption_column holds the prompts (ADM is data-free: only prompts are used).")
+    p.add_argument("--dataset_config_name", type=str, default=None)
+    p.add_argument("--dataset_split", type=str, default="train")
     p.add_argument("--caption_column", type=str, default="text")
     p.add_argument("--max_train_prompts", type=int, default=None, help="Use only the first N prompts.")
     p.add_argument("--output_dir", type=str, default="sd3-adm")
@@ -73,7 +76,7 @@ def parse_args(input_args=None):
                    help="FlowMatchEulerDiscreteScheduler shift_terminal of the shipped scheduler (0 = stock). "
                         "With the stock shift 3.0 a 4-step schedule's last sigma is 0.009, a near no-op step.")
     p.add_argument("--lora_rank", type=int, default=64, help="Generator LoRA rank; 0 = full fine-tuning.")
-    p.add_argument("--lora_alpha", type=float, default=None, help="Defaults to the rank.")
+    p.add_argument("--lora_alpha", type=int, default=None, help="Defaults to the rank.")
     p.add_argument("--fake_score_lora_rank", type=int, default=None,
                    help="Fake-score LoRA rank; 0 = full. Default: the same as --lora_rank.")
     # the method
@@ -93,7 +96,7 @@ def parse_args(input_args=None):
                    help="Steps in which only the fake score and the discriminator train (the generator waits).")
     p.add_argument("--discriminator_blocks", type=str, default=None,
                    help="Comma-separated transformer_blocks indices feeding D heads (default: 4 evenly spaced).")
-    p.add_argument("--discriminator_hidden_channels", type=int, default=256)
+    p.add_argument("--discriminator_head_channels", type=int, default=256)
     # optimisation
     p.add_argument("--generator_lr", type=float, default=1e-5)
     p.add_argument("--fake_score_lr", type=float, default=None, help="Default: --generator_lr.")
@@ -107,7 +110,12 @@ def parse_args(input_args=None):
     p.add_argument("--lr_scheduler", type=str, default="constant",
                    choices=["constant", "constant_with_warmup", "linear", "cosine"])
     p.add_argument("--lr_warmup_steps", type=int, default=0)
-    p.add_argument("--max_train_steps", type=int, default=4000)
+    p.add_argument("--max_train_steps", type=int, default=4000, help="Generator updates.")
+    p.add_argument("--gradient_accumulation_steps", type=int, default=1,
+                   help="Micro-batches accumulated into every update (of each network).")
+    p.add_argument("--use_ema", action="store_true", help="Keep an EMA of the generator (full fine-tuning only; "
+                   "exported and validated when set).")
+    p.add_argument("--ema_decay", type=float, default=0.999)
     p.add_argument("--gradient_checkpointing", action="store_true")
     p.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"])
     p.add_argument("--allow_tf32", action="store_true")
@@ -116,14 +124,14 @@ def parse_args(input_args=None):
     p.add_argument("--checkpointing_steps", type=int, default=500)
     p.add_argument("--checkpoints_total_limit", type=int, default=None)
     p.add_argument("--resume_from_checkpoint", type=str, default=None, help="A checkpoint folder or 'latest'.")
-    p.add_argument("--report_to", type=str, default="tensorboard",
-                   choices=["tensorboard", "wandb", "comet_ml", "all", "none"])
+    p.add_argument("--report_to", type=str, default="none", choices=["none", "tensorboard", "wandb", "all"])
     p.add_argument("--logging_dir", type=str, default="logs")
-    p.add_argument("--validation_prompts", type=str, nargs="*", default=None)
+    p.add_argument("--validation_prompts", type=str, nargs="+", default=None)
     p.add_argument("--validation_steps", type=int, default=500)
     p.add_argument("--push_to_hub", action="store_true")
     p.add_argument("--hub_model_id", type=str, default=None)
     p.add_argument("--hub_token", type=str, default=None)
+    p.add_argument("--hub_private_repo", action="store_true")
     args = p.parse_args(input_args)
 
     if args.fake_score_lora_rank is None:
@@ -133,9 +141,11 @@ def parse_args(input_args=None):
     if args.fake_score_lr is None:
         args.fake_score_lr = args.generator_lr
     if args.lora_alpha is None:
-        args.lora_alpha = float(args.lora_rank)
-    if args.train_prompts_file is None and args.dataset_name is None:
-        p.error("Give the training prompts with --train_prompts_file or --dataset_name.")
+        args.lora_alpha = args.lora_rank
+    if (args.prompts_file is None) == (args.dataset_name is None):
+        p.error("Give exactly one of --prompts_file or --dataset_name (the training prompts).")
+    if args.use_ema and args.lora_rank > 0:
+        p.error("--use_ema is for full fine-tuning (--lora_rank 0); it is not supported with a LoRA generator.")
     if not 0 < args.ode_step_dt < 1:
         p.error(f"--ode_step_dt must be in (0, 1) (a fraction of T), got {args.ode_step_dt}.")
     if not 0 <= args.min_timestep_percent < args.max_timestep_percent <= 1:
@@ -144,7 +154,7 @@ def parse_args(input_args=None):
         p.error(f"--min_timestep_percent ({args.min_timestep_percent}) must be >= --ode_step_dt "
                 f"({args.ode_step_dt}) so that s = t - dt stays >= 0.")
     for name in ("num_student_steps", "fake_score_update_ratio", "discriminator_update_ratio", "max_train_steps",
-                 "train_batch_size", "checkpointing_steps", "validation_steps"):
+                 "train_batch_size", "checkpointing_steps", "validation_steps", "gradient_accumulation_steps"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1.")
     if args.lora_rank < 0 or args.fake_score_lora_rank < 0:
@@ -200,32 +210,30 @@ def inspect_teacher(args) -> dict:
 
 
 def load_prompts(args) -> list[str]:
-    if args.train_prompts_file:
-        path = Path(args.train_prompts_file)
+    """Prompts from ``--prompts_file`` (one per line) or a datasets dataset's ``--caption_column``."""
+    if args.prompts_file:
+        path = Path(args.prompts_file)
         if not path.is_file():
-            raise FileNotFoundError(f"--train_prompts_file {path} does not exist.")
-        if path.suffix == ".txt":
-            prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-        elif path.suffix in (".json", ".jsonl"):
-            rows = ([json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-                    if path.suffix == ".jsonl" else json.loads(path.read_text()))
-            if any(args.caption_column not in r for r in rows):
-                raise ValueError(f"{path}: every row needs the column {args.caption_column!r}.")
-            prompts = [str(r[args.caption_column]) for r in rows]
-        else:
-            raise ValueError(f"--train_prompts_file must be .txt, .json or .jsonl, got {path.suffix!r}.")
+            raise FileNotFoundError(f"--prompts_file {str(path)!r} does not exist.")
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        source = args.prompts_file
     else:
         from datasets import load_dataset
 
-        ds = load_dataset(args.dataset_name, split="train", cache_dir=args.cache_dir)
+        name, ext = args.dataset_name, os.path.splitext(args.dataset_name)[1].lstrip(".")
+        if os.path.isfile(name) and ext in ("json", "jsonl", "csv", "parquet"):
+            ds = load_dataset({"jsonl": "json"}.get(ext, ext), data_files=name, split="train",
+                              cache_dir=args.cache_dir)
+        else:
+            ds = load_dataset(name, args.dataset_config_name, split=args.dataset_split, cache_dir=args.cache_dir)
         if args.caption_column not in ds.column_names:
-            raise ValueError(f"--caption_column {args.caption_column!r} not in the dataset's columns "
-                             f"{ds.column_names}.")
-        prompts = [str(c) for c in ds[args.caption_column]]
+            raise ValueError(f"--caption_column {args.caption_column!r} not in {name} columns {ds.column_names}.")
+        prompts = [str(c).strip() for c in ds[args.caption_column] if c is not None and str(c).strip()]
+        source = f"{name}[{args.caption_column}]"
     if args.max_train_prompts:
         prompts = prompts[: args.max_train_prompts]
     if not prompts:
-        raise ValueError("No training prompts found.")
+        raise ValueError(f"No prompts in {source}: it is empty.")
     return prompts
 
 
@@ -262,28 +270,36 @@ def build_models(args, accelerator, teacher_info: dict, weight_dtype=torch.float
     sigmas = student_scheduler.sigmas.detach().float().cpu()
     schedule = schedule_from_scheduler_config(student_scheduler.config)
 
-    teacher = SD3Transformer2DModel.from_pretrained(path, subfolder="transformer", **kw)
-    teacher.requires_grad_(False).eval()
+    # Frozen weights live in the mixed-precision dtype; trainable ones (LoRA or full) in fp32 master weights.
+    teacher = SD3Transformer2DModel.from_pretrained(path, subfolder="transformer", torch_dtype=weight_dtype, **kw)
+    teacher.requires_grad_(False).eval().to(device)
+    # Under FSDP / DeepSpeed, prepare() shards full trainable models and moves them: keep them on the CPU until then.
+    sharded = accelerator.distributed_type.name in ("FSDP", "DEEPSPEED")
 
-    def trainable_copy(rank: int, alpha: float, seed_offset: int):
-        model = copy.deepcopy(teacher)
-        if rank > 0:
+    def trainable_copy(rank: int, alpha: int, seed_offset: int):
+        if rank > 0:  # LoRA on a frozen copy of the teacher's weights (in the mixed-precision dtype)
+            model = copy.deepcopy(teacher)
             add_lora(model, rank, alpha, args.seed + seed_offset)
-        else:
+            cast_training_params(model, dtype=torch.float32)
+        else:  # full fine-tuning, loaded again in fp32 (not up-cast from the low-precision copy)
+            model = SD3Transformer2DModel.from_pretrained(path, subfolder="transformer", torch_dtype=torch.float32,
+                                                          **kw)
             model.requires_grad_(True)
+            if not sharded:
+                model.to(device)
         model.train()
         if args.gradient_checkpointing:
             model.enable_gradient_checkpointing()
         return model
 
     generator = trainable_copy(args.lora_rank, args.lora_alpha, 0)
-    fake_score = trainable_copy(args.fake_score_lora_rank, float(args.fake_score_lora_rank), 1)
-    teacher.to(device, dtype=weight_dtype)
-    # Frozen base weights in the mixed-precision dtype; trainable ones (LoRA or full) in fp32 master weights.
-    for model, rank in ((generator, args.lora_rank), (fake_score, args.fake_score_lora_rank)):
-        model.to(device, dtype=weight_dtype if rank > 0 else torch.float32)
-        if rank > 0:
-            cast_training_params(model, dtype=torch.float32)
+    fake_score = trainable_copy(args.fake_score_lora_rank, args.fake_score_lora_rank, 1)
+    ema = None
+    if args.use_ema:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(generator.parameters(), decay=args.ema_decay, model_cls=SD3Transformer2DModel,
+                       model_config=generator.config)
     if args.enable_xformers_memory_efficient_attention:
         for model in (teacher, generator, fake_score):
             model.enable_xformers_memory_efficient_attention()
@@ -295,7 +311,7 @@ def build_models(args, accelerator, teacher_info: dict, weight_dtype=torch.float
     inner_dim = teacher.config.num_attention_heads * teacher.config.attention_head_dim
     grid = teacher_info["grid"]
     heads = DiscriminatorHeads([(inner_dim, grid, grid)] * len(block_names),
-                               hidden_channels=args.discriminator_hidden_channels).to(device)
+                               hidden_channels=args.discriminator_head_channels).to(device)
     heads.train()
 
     # Text encoding with the stock pipeline's encode_prompt (no transformer weights needed beyond the teacher's
@@ -312,9 +328,11 @@ def build_models(args, accelerator, teacher_info: dict, weight_dtype=torch.float
     return SimpleNamespace(
         teacher=teacher, generator=generator, fake_score=fake_score, heads=heads, features=features,
         text_pipe=text_pipe, student_scheduler=student_scheduler, timesteps=timesteps, sigmas=sigmas,
-        schedule=schedule, renoise_mode=get_renoise_mode(student_scheduler), teacher_shift=teacher_scheduler.config
-        .shift, latent_channels=teacher.config.in_channels, latent_size=teacher_info["latent_size"], grid=grid,
-        weight_dtype=weight_dtype,
+        schedule=schedule, renoise_mode=get_renoise_mode(student_scheduler),
+        teacher_shift=float(teacher_scheduler.config.shift), latent_channels=teacher.config.in_channels,
+        latent_size=teacher_info["latent_size"], grid=grid, weight_dtype=weight_dtype, ema=ema,
+        generator_dtype=weight_dtype if args.lora_rank > 0 else torch.float32,
+        fake_score_dtype=weight_dtype if args.fake_score_lora_rank > 0 else torch.float32,
     )
 
 
@@ -354,33 +372,32 @@ def _call(model, x, t, text, dtype):
     return out.float()
 
 
-def sample_batch(models, args, step: int, rank: int, prompt_source, device) -> dict:
-    """Everything random in one iteration, drawn from a generator seeded by (seed, step, rank): an interrupted
-    and resumed run draws exactly what the uninterrupted run would."""
-    gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 7919 + rank)
-    n, b = prompt_source["count"], args.train_batch_size
-    idx = torch.randint(0, n, (b,), generator=gen)
+def sample_batch(models, args, step: int, rank: int, micro: int, prompt_source, device) -> dict:
+    """Everything random in one micro-batch, drawn from a generator seeded by (seed, step, rank, micro-batch): an
+    interrupted and resumed run draws exactly what the uninterrupted run would, whatever the RNG state."""
+    gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 7919 + rank * 131 + micro)
+    b, n_t = args.train_batch_size, args.fake_score_update_ratio + 1
+    idx = torch.randint(0, prompt_source["count"], (b,), generator=gen)
     c, h = models.latent_channels, models.latent_size
     lo, hi = args.min_timestep_percent, args.max_timestep_percent
-    sigma_t = lo + (hi - lo) * torch.rand(args.fake_score_update_ratio + 1, b, generator=gen)
-    if args.timestep_sampling == "shifted":  # the teacher's shift, as its own training/sampling used
+    sigma_t = lo + (hi - lo) * torch.rand(n_t, b, generator=gen)  # Choice: ADM's noise level uniform in sigma
+    if args.timestep_sampling == "shifted":  # ... or mapped through the teacher's shift, as it was trained
         shift = models.teacher_shift
         sigma_t = shift * sigma_t / (1 + (shift - 1) * sigma_t)
     T = models.schedule.T
     t = sigma_t * T
-    # Choice: dt applies in sigma after any shift, so the ODE step is always dt of the flow's time.
-    s = (t - args.ode_step_dt * T).clamp_min(0)
+    s = (t - args.ode_step_dt * T).clamp_min(0)  # Choice: dt is applied in sigma after any shift
     return {
         "prompt_idx": idx,
         "step_index": int(torch.randint(0, args.num_student_steps, (1,), generator=gen)),
         "z": torch.randn(b, c, h, h, generator=gen).to(device),
-        "eps": torch.randn(args.fake_score_update_ratio + 1, b, c, h, h, generator=gen).to(device),
-        "t": t.to(device), "s": s.to(device),
+        "eps": torch.randn(n_t, b, c, h, h, generator=gen).to(device),
+        "t": t.to(device), "s": s.to(device),  # rows 0..ratio-1: fake-score updates; last row: G / D
     }
 
 
 def text_for(prompt_source, models, idx, args, device):
-    """(cond, uncond) text conditionings for the batch: (prompt_embeds, pooled) tuples."""
+    """(cond, uncond) text conditionings of a batch, each a (prompt_embeds, pooled_prompt_embeds) tuple."""
     if "prompt_embeds" in prompt_source:
         cond = (prompt_source["prompt_embeds"][idx].to(device), prompt_source["pooled_prompt_embeds"][idx].to(device))
         neg = (prompt_source["negative_prompt_embeds"].to(device),
@@ -390,13 +407,37 @@ def text_for(prompt_source, models, idx, args, device):
         cond = (enc["prompt_embeds"], enc["pooled_prompt_embeds"])
         neg = (enc["negative_prompt_embeds"], enc["negative_pooled_prompt_embeds"])
     b = idx.shape[0]
-    uncond = (neg[0].expand(b, -1, -1), neg[1].expand(b, -1))
-    return cond, uncond
+    return cond, (neg[0].expand(b, -1, -1), neg[1].expand(b, -1))
 
 
-def train_iteration(models, opt, batch: dict, cond, uncond, step: int, args, accelerator) -> dict:
-    """One ADM (or DMD2) iteration: fake-score update(s), generator update, discriminator update(s).
-    ``opt``: namespace of prepared models/optimizers/lr schedulers. Returns the logs (floats)."""
+def _set_trainable(params, flag: bool):
+    for p in params:
+        p.requires_grad_(flag)
+
+
+def _update(accelerator, args, module, optimizer, lr_scheduler, micro_losses, logs, name):
+    """One optimizer update of ``module`` over the micro-batches: ``micro_losses`` yields each micro-batch's
+    ``(loss, terms)``; every term is checked for NaN/inf (stop, naming it) before its backward."""
+    from dmdx.training.checkpointing import check_finite
+
+    k = args.gradient_accumulation_steps
+    for i, (loss, terms) in enumerate(micro_losses):
+        check_finite(terms, accelerator)
+        with accelerator.no_sync(module) if i < k - 1 else nullcontext():
+            accelerator.backward(loss / k)
+        for key, value in terms.items():
+            logs[key] = logs.get(key, 0.0) + value.detach().float().item() / k
+    logs[f"grad_norm_{name}"] = float(accelerator.clip_grad_norm_(
+        [p for p in module.parameters() if p.requires_grad], args.max_grad_norm))
+    optimizer.step()
+    lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def train_iteration(models, opt, args, accelerator, prompt_source, step: int) -> dict[str, float]:
+    """One ADM (or DMD2) iteration = one generator update, each network's update accumulated over
+    ``--gradient_accumulation_steps`` micro-batches. ``opt``: the prepared models, optimizers, LR schedulers.
+    Returns every loss term and diagnostic (floats)."""
     from dmdx.training import (
         adm_latent_predictions,
         apply_cfg,
@@ -408,129 +449,150 @@ def train_iteration(models, opt, batch: dict, cond, uncond, step: int, args, acc
         hinge_discriminator_loss,
         tokens_to_map,
     )
-    from dmdx.training.checkpointing import check_finite
 
-    schedule, wd = models.schedule, models.weight_dtype
-    unwrap = accelerator.unwrap_model
-    g_dtype = models.generator.dtype if args.lora_rank > 0 else torch.float32
-    f_dtype = models.fake_score.dtype if args.fake_score_lora_rank > 0 else torch.float32
-    # DDP wraps trainable models; a pass where their parameters are frozen (gradient only through the input) goes
-    # through the unwrapped module so DDP's reducer is not armed. FSDP2 shards in place, so the same object works.
-    direct = accelerator.distributed_type.name in ("MULTI_GPU", "MULTI_CPU", "NO")
-    fake_frozen = unwrap(opt.fake_score) if direct else opt.fake_score
-    heads_frozen = unwrap(opt.heads) if direct else opt.heads
+    schedule, wd, device = models.schedule, models.weight_dtype, accelerator.device
+    g_dtype = models.generator_dtype
+    f_dtype = models.fake_score_dtype
+    # DDP wraps trainable models; a pass with their parameters frozen (gradient only through the input) goes
+    # through the unwrapped module so DDP's reducer is not armed. FSDP2 shards in place: the object itself works.
+    direct = accelerator.distributed_type.name in ("NO", "MULTI_GPU", "MULTI_CPU", "MULTI_XPU", "MULTI_NPU")
+    fake_frozen = accelerator.unwrap_model(opt.fake_score) if direct else opt.fake_score
+    heads_frozen = accelerator.unwrap_model(opt.heads) if direct else opt.heads
+    k_micro = args.gradient_accumulation_steps
+    train_generator = step >= args.discriminator_warmup_steps
     logs: dict[str, float] = {}
     autocast = accelerator.autocast
-    b = batch["z"].shape[0]
 
-    def gen_x0(x, t):
-        return schedule.to_x0_noise(_call(opt.generator, x, t, cond, g_dtype), x, t)[0]
+    def gen_x0(model, x, t, cond):
+        return schedule.to_x0_noise(_call(model, x, t, cond, g_dtype), x, t)[0]
 
-    def real_x0(x, t):  # teacher with CFG: the real score
-        out_c = _call(models.teacher, x, t, cond, wd)
-        out_u = _call(models.teacher, x, t, uncond, wd)
-        return schedule.to_x0_noise(apply_cfg(out_c, out_u, args.guidance_scale), x, t)[0]
+    def real_x0(x, t, cond, uncond):  # the teacher with CFG: the real score (never needs gradients)
+        with torch.no_grad():
+            out_c, out_u = _call(models.teacher, x, t, cond, wd), _call(models.teacher, x, t, uncond, wd)
+            return schedule.to_x0_noise(apply_cfg(out_c, out_u, args.guidance_scale), x, t)[0]
 
-    def fake_x0(x, t):  # fake score without CFG (DMD2 convention)
+    def fake_x0(x, t, cond):  # the fake score without CFG (DMD2's convention), parameters frozen
         return schedule.to_x0_noise(_call(fake_frozen, x, t, cond, f_dtype), x, t)[0]
 
-    def discriminate(x, t, heads):
-        maps = [tokens_to_map(f, models.grid, models.grid)
-                for f in models.features(lambda: _call(models.teacher, x, t, cond, wd))]
-        return heads(maps).float()
+    def student_denoiser(cond):
+        return lambda x, t: gen_x0(opt.generator, x, t, cond)
 
-    # 0. the student's input at step k of its own schedule (backward simulation, no grad), then x0 = G(x_k, t_k)
-    k = batch["step_index"]
-    ts = models.timesteps.to(accelerator.device)
-    with autocast():
-        x_k = backward_simulate(gen_x0, batch["z"], ts, k, schedule, models.renoise_mode)
-        t_k = ts[k].expand(b)
-        train_generator = step >= args.discriminator_warmup_steps
-        with torch.enable_grad() if train_generator else torch.no_grad():
-            x0_gen = gen_x0(x_k, t_k)
-    logs["student_step_index"] = float(k)
+    def teacher_features(x, s, cond):  # hidden states of the chosen teacher blocks at (x, s), as (C, h, w) maps
+        features = models.features(lambda: _call(models.teacher, x, s, cond, wd))
+        return [tokens_to_map(f, models.grid, models.grid) for f in features]
 
-    # 1. fake score: ordinary denoising loss on sg(x0)
-    for i in range(args.fake_score_update_ratio):
-        t, eps = batch["t"][i], batch["eps"][i]
-        x_t = schedule.add_noise(x0_gen.detach(), eps, t)
+    def discriminate(heads, x, s, cond):  # D(x, s) = heads(teacher block features at (x, s))
+        return heads(teacher_features(x, s, cond)).float()
+
+    # 0. each micro-batch: the student's input at a random step k of its own schedule (backward simulation, no
+    #    grad) and x0 = G(x_k, t_k). With one micro-batch the generator's graph is kept for step 2.
+    ts = models.timesteps.to(device)
+    micro = []
+    for i in range(k_micro):
+        batch = sample_batch(models, args, step, accelerator.process_index, i, prompt_source, device)
+        cond, uncond = text_for(prompt_source, models, batch["prompt_idx"], args, device)
+        b = batch["z"].shape[0]
         with autocast():
-            out = _call(opt.fake_score, x_t, t, cond, f_dtype)
-            loss_fake = fake_score_denoising_loss(out, x0_gen, eps, t, schedule).mean()
-        check_finite({"loss_fake_score": loss_fake}, accelerator)
-        accelerator.backward(loss_fake)
-        if accelerator.sync_gradients:
-            accelerator.clip_grad_norm_(opt.fake_score.parameters(), args.max_grad_norm)
-        opt.fake_optimizer.step()
-        opt.fake_lr_scheduler.step()
-        opt.fake_optimizer.zero_grad(set_to_none=True)
-        logs["loss_fake_score"] = loss_fake.item()
+            x_k = backward_simulate(student_denoiser(cond), batch["z"], ts, batch["step_index"], schedule,
+                                    models.renoise_mode)
+            t_k = ts[batch["step_index"]].expand(b)
+            with torch.set_grad_enabled(train_generator and k_micro == 1):
+                x0 = gen_x0(opt.generator, x_k, t_k, cond)
+        micro.append({**batch, "cond": cond, "uncond": uncond, "x_k": x_k, "t_k": t_k, "x0": x0})
+    logs["student_step_index"] = sum(m["step_index"] for m in micro) / k_micro
 
-    # 2. generator: one PF-ODE step t -> s from the same x_t with the teacher (CFG) and the fake score
-    t, s, eps = batch["t"][-1], batch["s"][-1], batch["eps"][-1]
-    trainable_fake = [p for p in fake_frozen.parameters() if p.requires_grad]
-    trainable_heads = [p for p in heads_frozen.parameters() if p.requires_grad]
-    for p in trainable_fake + trainable_heads:
-        p.requires_grad_(False)
-    try:
-        with autocast(), torch.enable_grad() if train_generator else torch.no_grad():
-            x_t = schedule.add_noise(x0_gen, eps, t)  # gradient flows to G
+    # 1. fake score: ordinary denoising loss on sg(x0) (TTUR: --fake_score_update_ratio updates)
+    def fake_losses(r):
+        for m in micro:
+            t, eps = m["t"][r], m["eps"][r]
+            x_t = schedule.add_noise(m["x0"].detach(), eps, t)
+            with autocast():
+                out = _call(opt.fake_score, x_t, t, m["cond"], f_dtype)
+                loss = fake_score_denoising_loss(out, m["x0"], eps, t, schedule).mean()
+            yield loss, {"loss_fake_score": loss}
+
+    for r in range(args.fake_score_update_ratio):
+        if r:
+            logs.pop("loss_fake_score")
+        _update(accelerator, args, opt.fake_score, opt.fake_optimizer, opt.fake_lr_scheduler, fake_losses(r), logs,
+                "fake_score")
+
+    # 2. generator: x_t = add_noise(x0, eps, t) (gradient flows to G); one PF-ODE (Euler) step t -> s from the same
+    #    x_t with the teacher (CFG) and the fake score (frozen, gradient through its input); loss = -D(x_fake, s).
+    #    dmd: DMD2's loss on the two x0 predictions instead. The detached x_real / x_fake are kept for step 3.
+    def generator_loss(m):
+        t, s, eps = m["t"][-1], m["s"][-1], m["eps"][-1]
+        with autocast():
+            x0 = m["x0"] if k_micro == 1 or not train_generator else gen_x0(opt.generator, m["x_k"], m["t_k"],
+                                                                             m["cond"])
+            x_t = schedule.add_noise(x0, eps, t)
+            if args.distribution_loss == "dmd":
+                with torch.no_grad():
+                    x0_real, x0_fake = real_x0(x_t, t, m["cond"], m["uncond"]), fake_x0(x_t, t, m["cond"])
+                loss = dmd_loss(x0, x0_real, x0_fake).mean()
+                return loss, {"loss_generator_dmd": loss}
             cache = {}
 
-            def real_denoise(x, tt):
-                with torch.no_grad():
-                    cache["real"] = real_x0(x.detach(), tt)
+            def real(x, tt):
+                cache["real"] = real_x0(x.detach(), tt, m["cond"], m["uncond"])
                 return cache["real"]
 
-            def fake_denoise(x, tt):
-                cache["fake"] = fake_x0(x, tt)
+            def fake(x, tt):
+                cache["fake"] = fake_x0(x, tt, m["cond"])
                 return cache["fake"]
 
-            if args.distribution_loss == "adm":
-                x_real, x_fake = adm_latent_predictions(x_t, t, s, real_denoise, fake_denoise, schedule)
-                logits_fake_g = discriminate(x_fake, s, heads_frozen)
-                loss_g = generator_adversarial_loss(logits_fake_g).mean()
-                logs["loss_generator_adv"] = loss_g.item()
-                # Recorded, not optimised (as the paper's Fig. 3): the DMD loss of the current samples.
-                logs["dmd_loss_recorded"] = dmd_loss(x0_gen.detach(), cache["real"], cache["fake"].detach()).mean() \
-                    .item()
-            else:
-                with torch.no_grad():
-                    x0_real, x0_fake = real_x0(x_t, t), fake_x0(x_t, t)
-                loss_g = dmd_loss(x0_gen, x0_real, x0_fake).mean()
-                logs["loss_generator_dmd"] = loss_g.item()
-        check_finite({"loss_generator": loss_g}, accelerator)
-        if train_generator:
-            accelerator.backward(loss_g)  # before unfreezing: checkpointed recomputation must see the same graph
-            if accelerator.sync_gradients:
-                logs["grad_norm_generator"] = float(accelerator.clip_grad_norm_(opt.generator.parameters(),
-                                                                               args.max_grad_norm))
-            opt.generator_optimizer.step()
-            opt.generator_lr_scheduler.step()
-            opt.generator_optimizer.zero_grad(set_to_none=True)
-    finally:
-        for p in trainable_fake + trainable_heads:
-            p.requires_grad_(True)
+            x_real, x_fake = adm_latent_predictions(x_t, t, s, real, fake, schedule)
+            loss = generator_adversarial_loss(discriminate(heads_frozen, x_fake, s, m["cond"])).mean()
+        m["x_real"], m["x_fake"] = x_real.detach(), x_fake.detach()
+        # recorded, not optimised (as the paper's Fig. 3): the DMD loss of the current samples
+        recorded = dmd_loss(x0.detach(), cache["real"], cache["fake"].detach()).mean()
+        return loss, {"loss_generator_adv": loss, "dmd_loss_recorded": recorded}
 
-    # 3. discriminator: hinge on the detached predictions of step 2 (features without grad, heads with grad)
+    def generator_losses():
+        for m in micro:
+            yield generator_loss(m)
+
+    frozen = [p for p in list(fake_frozen.parameters()) + list(heads_frozen.parameters()) if p.requires_grad]
+    _set_trainable(frozen, False)
+    try:  # unfreeze only after backward: a checkpointed recomputation must see the same graph
+        if train_generator:
+            _update(accelerator, args, opt.generator, opt.generator_optimizer, opt.generator_lr_scheduler,
+                    generator_losses(), logs, "generator")
+        else:  # discriminator warm-up: the same predictions, no generator update
+            from dmdx.training.checkpointing import check_finite
+
+            with torch.no_grad():
+                for _, terms in generator_losses():
+                    check_finite(terms, accelerator)
+                    for key, value in terms.items():
+                        logs[key] = logs.get(key, 0.0) + value.float().item() / k_micro
+    finally:
+        _set_trainable(frozen, True)
+
+    # 3. discriminator heads: hinge loss on the detached x_real (teacher step) vs x_fake (fake-score step); the
+    #    backbone runs without autograd, only the heads get gradients.
     if args.distribution_loss == "adm":
-        x_real, x_fake = x_real.detach(), x_fake.detach()
-        for _ in range(args.discriminator_update_ratio):
-            with autocast():
-                with torch.no_grad():
-                    f_real = models.features(lambda: _call(models.teacher, x_real, s, cond, wd))
-                    f_fake = models.features(lambda: _call(models.teacher, x_fake, s, cond, wd))
-                logits_real = opt.heads([tokens_to_map(f, models.grid, models.grid) for f in f_real]).float()
-                logits_fake = opt.heads([tokens_to_map(f, models.grid, models.grid) for f in f_fake]).float()
-                loss_d = hinge_discriminator_loss(logits_real, logits_fake).mean()
-            check_finite({"loss_discriminator": loss_d}, accelerator)
-            accelerator.backward(loss_d)
-            if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(opt.heads.parameters(), args.max_grad_norm)
-            opt.discriminator_optimizer.step()
-            opt.discriminator_lr_scheduler.step()
-            opt.discriminator_optimizer.zero_grad(set_to_none=True)
-        logs["loss_discriminator"] = loss_d.item()
+        diag = []
+
+        def discriminator_losses():
+            for m in micro:
+                s = m["s"][-1]
+                with autocast():
+                    with torch.no_grad():  # the backbone's features need no autograd here
+                        f_real = teacher_features(m["x_real"], s, m["cond"])
+                        f_fake = teacher_features(m["x_fake"], s, m["cond"])
+                    logits_real, logits_fake = opt.heads(f_real).float(), opt.heads(f_fake).float()
+                    loss = hinge_discriminator_loss(logits_real, logits_fake).mean()
+                diag.append((logits_real.detach(), logits_fake.detach(), m["t"][-1]))
+                yield loss, {"loss_discriminator": loss}
+
+        for r in range(args.discriminator_update_ratio):
+            if r:
+                logs.pop("loss_discriminator")
+                diag.clear()
+            _update(accelerator, args, opt.heads, opt.discriminator_optimizer, opt.discriminator_lr_scheduler,
+                    discriminator_losses(), logs, "discriminator")
+        logits_real, logits_fake, t = (torch.cat(x) for x in zip(*diag))
         logs.update(discriminator_diagnostics(logits_real, logits_fake))
         # the logit gap per noise band: ADM's signal may sit only at low noise (DESIGN §2)
         high = t >= schedule.T / 2
@@ -580,13 +642,13 @@ def log_validation(models, opt, args, accelerator, step: int, val_text: dict, va
     return path
 
 
-def write_training_config(args, models, teacher_info, path: str):
+def write_training_config(args, models, teacher_info, path: str, **extra):
     """The run's settings and the student's schedule (timesteps and sigmas the shipped scheduler must reproduce)."""
-    config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))}
+    config = {k: v for k, v in vars(args).items() if k != "hub_token"}
     config.update(
         student_timesteps=models.timesteps.tolist(), student_sigmas=models.sigmas.tolist(),
         student_scheduler=dict(models.student_scheduler.config), discriminator_blocks=
-        teacher_info["discriminator_blocks"], renoise_mode=models.renoise_mode,
+        teacher_info["discriminator_blocks"], renoise_mode=models.renoise_mode, **extra,
     )
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path + ".tmp", "w") as f:
@@ -630,6 +692,17 @@ def export_student(models, opt, args, accelerator):
     save_student_pipeline(path, args.output_dir, components, models.student_scheduler,
                           torch_dtype=models.weight_dtype, **kw)
     logger.info(f"exported the student pipeline to {args.output_dir}")
+
+
+def record_rank_checksums(accelerator, generator):
+    """Checksums of the generator's trainable weights on every process (DDP must keep the ranks identical)."""
+    with torch.no_grad():
+        params = [p.detach().double() for p in accelerator.unwrap_model(generator).parameters() if p.requires_grad]
+        local = torch.stack([sum(p.sum() for p in params), sum((p * p).sum() for p in params)]).reshape(1, 2)
+    checksums = accelerator.gather(local.to(accelerator.device)).cpu().tolist()
+    if accelerator.is_main_process and any(c != checksums[0] for c in checksums):
+        logger.warning(f"generator weights differ between ranks: {checksums}")
+    return checksums
 
 
 def _kind(rank: int) -> str:
@@ -720,6 +793,9 @@ def main(args):
     opt = SimpleNamespace(**dict(zip(
         ["generator", "fake_score", "heads", "generator_optimizer", "fake_optimizer", "discriminator_optimizer",
          "generator_lr_scheduler", "fake_lr_scheduler", "discriminator_lr_scheduler"], prepared)))
+    if models.ema is not None:
+        models.ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(models.ema)
 
     if accelerator.is_main_process:
         write_training_config(args, models, teacher_info, os.path.join(args.output_dir, TRAINING_CONFIG_NAME))
@@ -745,26 +821,40 @@ def main(args):
     grid_path = None
     everyone_validates = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     while global_step < args.max_train_steps:
-        batch = sample_batch(models, args, global_step, accelerator.process_index, source, accelerator.device)
-        cond, uncond = text_for(source, models, batch["prompt_idx"], args, accelerator.device)
-        logs = train_iteration(models, opt, batch, cond, uncond, global_step, args, accelerator)
+        logs = train_iteration(models, opt, args, accelerator, source, global_step)
+        if models.ema is not None and global_step >= args.discriminator_warmup_steps:
+            models.ema.step(accelerator.unwrap_model(opt.generator).parameters())
         global_step += 1
         logs["lr_generator"] = opt.generator_lr_scheduler.get_last_lr()[0]
         progress.update(1)
         progress.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k.startswith("loss") or k == "d_accuracy"})
         accelerator.log(logs, step=global_step)
+        if accelerator.is_main_process:  # every term, also as JSON lines for quick inspection
+            with open(os.path.join(args.output_dir, "train_log.jsonl"), "a") as f:
+                f.write(json.dumps({"step": global_step, **logs}) + "\n")
         if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
             save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
         if args.validation_prompts and (global_step % args.validation_steps == 0 or
                                         global_step == args.max_train_steps):
             if accelerator.is_main_process or everyone_validates:
+                params = accelerator.unwrap_model(opt.generator).parameters
+                if models.ema is not None:  # validate the EMA weights, then put the training weights back
+                    models.ema.store(params())
+                    models.ema.copy_to(params())
                 grid_path = log_validation(models, opt, args, accelerator, global_step, val_text, vae) or grid_path
+                if models.ema is not None:
+                    models.ema.restore(params())
     progress.close()
 
     accelerator.wait_for_everyone()
+    if models.ema is not None:  # the EMA weights are the ones exported
+        models.ema.copy_to(accelerator.unwrap_model(opt.generator).parameters())
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    checksums = None if sharded else record_rank_checksums(accelerator, opt.generator)
     export_student(models, opt, args, accelerator)
     if accelerator.is_main_process:
-        write_training_config(args, models, teacher_info, os.path.join(args.output_dir, TRAINING_CONFIG_NAME))
+        write_training_config(args, models, teacher_info, os.path.join(args.output_dir, TRAINING_CONFIG_NAME),
+                              generator_checksum_per_rank=checksums)
         write_model_card(
             args.output_dir, base_model=args.pretrained_model_name_or_path, pipeline_class="StableDiffusion3Pipeline",
             num_inference_steps=args.num_student_steps, timesteps=models.timesteps.tolist(), guidance_scale=0.0,
@@ -781,7 +871,7 @@ def main(args):
                         "it. Load it with\n`DiffusionPipeline.from_pretrained(repo, text_encoder_3=None, "
                         "tokenizer_3=None)`.\n")
         if args.push_to_hub:
-            push_to_hub(args.output_dir, args.hub_model_id, token=args.hub_token)
+            push_to_hub(args.output_dir, args.hub_model_id, token=args.hub_token, private=args.hub_private_repo)
     accelerator.end_training()
 
 

@@ -53,7 +53,7 @@ def _launch(workdir, *args, accelerate=True, check=True):
     """The script as a subprocess: ``accelerate launch`` (one process) or plain python."""
     launcher = ([str(BIN / "accelerate"), "launch", "--num_processes", "1", "--num_machines", "1",
                  "--mixed_precision", "no", "--dynamo_backend", "no"] if accelerate else [sys.executable])
-    common = ["--train_prompts_file", "prompts.txt", "--resolution", "16", "--max_sequence_length", "32",
+    common = ["--prompts_file", "prompts.txt", "--resolution", "16", "--max_sequence_length", "32",
               "--report_to", "none"]
     proc = subprocess.run(launcher + [str(SCRIPT), *common, *args], cwd=workdir, env=_env(workdir),
                           capture_output=True, text=True, timeout=300)
@@ -140,7 +140,7 @@ def test_sd3_medium_lora_adm_resume_and_export(workdir):
     """SD3-Medium recipe (LoRA generator and fake score, ADM): runs, checkpoints, resumes exactly, exports a
     stock pipeline with the trained sigmas and LoRA weights that load onto the teacher."""
     recipe = ["--pretrained_model_name_or_path", "sd3", "--lora_rank", "4", "--guidance_scale", "7.0",
-              "--max_train_steps", "4", "--checkpointing_steps", "2", "--discriminator_hidden_channels", "64",
+              "--max_train_steps", "4", "--checkpointing_steps", "2", "--discriminator_head_channels", "64",
               "--generator_lr", "1e-3", "--discriminator_lr", "1e-3"]
     _launch(workdir, *recipe, "--output_dir", "lora_a", "--validation_prompts", "a red circle", "a cat",
             "--validation_steps", "2")
@@ -171,10 +171,12 @@ def test_sd3_medium_lora_adm_resume_and_export(workdir):
 
 
 def test_sd35_large_full_adm_drop_t5_precompute(workdir):
-    """SD3.5-Large recipe (full generator and fake score, ADM) with T5 dropped and embeddings precomputed."""
+    """SD3.5-Large recipe (full generator and fake score, ADM) with T5 dropped, embeddings precomputed, gradient
+    checkpointing, gradient accumulation and an EMA of the generator."""
     _launch(workdir, "--pretrained_model_name_or_path", "sd35", "--lora_rank", "0", "--guidance_scale", "3.5",
-            "--max_train_steps", "2", "--checkpointing_steps", "2", "--discriminator_hidden_channels", "64",
-            "--drop_t5", "--precompute_text_embeddings", "--gradient_checkpointing", "--output_dir", "full")
+            "--max_train_steps", "2", "--checkpointing_steps", "2", "--discriminator_head_channels", "64",
+            "--drop_t5", "--precompute_text_embeddings", "--gradient_checkpointing", "--gradient_accumulation_steps",
+            "2", "--use_ema", "--ema_decay", "0.5", "--output_dir", "full")
     out = workdir / "full"
     index = json.loads((out / "model_index.json").read_text())
     assert index["text_encoder_3"] == [None, None] and not (out / "text_encoder_3").exists()
@@ -226,7 +228,7 @@ def script():
 
 
 def _args(script, workdir, *extra):
-    return script.parse_args(["--train_prompts_file", str(workdir / "prompts.txt"), "--resolution", "16", *extra])
+    return script.parse_args(["--prompts_file", str(workdir / "prompts.txt"), "--resolution", "16", *extra])
 
 
 def test_error_non_sd3_checkpoint(script, workdir):
@@ -265,6 +267,6 @@ def test_error_bad_flags(script, workdir, capsys):
     assert "invalid choice" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         script.parse_args(base)
-    assert "--train_prompts_file or --dataset_name" in capsys.readouterr().err
+    assert "exactly one of --prompts_file or --dataset_name" in capsys.readouterr().err
     args = _args(script, workdir, *base, "--distribution_loss", "dmd", "--lora_rank", "0")
     assert args.fake_score_update_ratio == 5 and args.fake_score_lora_rank == 0
