@@ -145,8 +145,8 @@ def parse_args(input_args=None):
     return args
 
 
-def validate_common_args(args) -> None:
-    if (args.prompts_file is None) == (args.dataset_name is None):
+def validate_common_args(args, needs_prompts: bool = True) -> None:
+    if needs_prompts and (args.prompts_file is None) == (args.dataset_name is None):
         raise ValueError("Give exactly one of --prompts_file or --dataset_name.")
     if args.use_ema and args.lora_rank > 0:
         raise ValueError("--use_ema is for full fine-tuning; it is not supported with --lora_rank.")
@@ -899,8 +899,10 @@ def main(args=None):
         generator = accelerator.unwrap_model(models.generator)
         if models.ema is not None:
             models.ema.copy_to(generator.parameters())
+        # A LoRA is relative to the generator it was trained on; full weights derive from the teacher.
+        base = args.pretrained_generator_name_or_path if args.lora_rank > 0 else None
         export_student(accelerator, args, models, generator, method,
-                       base_model=args.pretrained_generator_name_or_path or args.pretrained_model_name_or_path)
+                       base_model=base or args.pretrained_model_name_or_path)
         logger.info("Saved the student pipeline to %s", args.output_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()

@@ -52,6 +52,13 @@ def stock_load(folder: str, steps: int) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+def with_flag(args: list, flag: str, value) -> list:
+    """A copy of a command-line list with ``flag``'s value replaced."""
+    args = list(args)
+    args[args.index(flag) + 1] = value
+    return args
+
+
 def read_log(folder: str) -> list[dict]:
     with open(os.path.join(folder, "train_log.jsonl")) as f:
         return [json.loads(line) for line in f]
@@ -208,3 +215,76 @@ def test_clear_errors(tiny_sdxl, prompts_file, tmp_path):
     assert "Non-finite loss in fake_score_loss" in result.stderr
     assert not [n for n in os.listdir(out) if n.startswith("checkpoint")]
     assert not os.path.exists(os.path.join(out, "model_index.json"))
+
+
+def _tiny_sam(path: str) -> str:
+    from transformers import SamVisionConfig, SamVisionModel
+
+    config = SamVisionConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, image_size=32, patch_size=8,
+                             output_channels=16, mlp_dim=64, window_size=2, global_attn_indexes=[1, 3],
+                             num_pos_feats=8)
+    torch.manual_seed(0)
+    SamVisionModel(config).save_pretrained(path)
+    return path
+
+
+def test_dmdx_collect_adp_then_adm(tiny_sdxl, prompts_file, tmp_path):
+    """The full DMDX path: ODE pairs (resumable) -> ADP (latent + SAM pixel D, exact resume) -> ADM from the ADP
+    student (flow scheduler), with gradient checkpointing and EMA; the result loads in stock diffusers."""
+    pairs, adp, adp_resumed, dmdx = (str(tmp_path / n) for n in ("pairs", "adp", "adp-resumed", "dmdx"))
+    sam = _tiny_sam(str(tmp_path / "tiny-sam"))
+    collect = ["--pretrained_model_name_or_path", tiny_sdxl, "--prompts_file", prompts_file, "--resolution", 32,
+               "--num_pairs", 10, "--shard_size", 4, "--batch_size", 4, "--num_inference_steps", 4,
+               "--guidance_scale", 5.0, "--output_dir", pairs]
+    run(accelerate_cmd("collect_ode_pairs.py", *collect))
+    shards = sorted(n for n in os.listdir(pairs) if n.endswith(".safetensors"))
+    assert shards == ["shard-00000.safetensors", "shard-00001.safetensors", "shard-00002.safetensors"]
+    manifest = json.load(open(os.path.join(pairs, "manifest.json")))
+    assert manifest["sampler"].startswith("DDIMScheduler") and manifest["guidance_scale"] == 5.0
+    first = load_file(os.path.join(pairs, shards[0]))
+    assert first["noise"].shape == first["latents"].shape == (4, 4, 16, 16)
+    assert torch.isfinite(first["latents"].float()).all() and not torch.equal(first["noise"], first["latents"])
+
+    # Resume: finished shards are skipped; a missing one is rebuilt bit-identically (seed per shard).
+    removed = load_file(os.path.join(pairs, shards[1]))
+    os.remove(os.path.join(pairs, shards[1]))
+    mtime = os.path.getmtime(os.path.join(pairs, shards[0]))
+    result = run(accelerate_cmd("collect_ode_pairs.py", *collect))
+    assert "skipping 2 finished shards" in result.stderr
+    assert os.path.getmtime(os.path.join(pairs, shards[0])) == mtime
+    rebuilt = load_file(os.path.join(pairs, shards[1]))
+    assert all(torch.equal(removed[k], rebuilt[k]) for k in removed)
+    mismatch = run(accelerate_cmd("collect_ode_pairs.py", *with_flag(collect, "--guidance_scale", 3.0)),
+                   expect_ok=False)
+    assert mismatch.returncode != 0 and "already holds ODE pairs made with other settings" in mismatch.stderr
+
+    # ADP: 3 steps, checkpoint at 2; a resumed run from checkpoint-2 ends identical.
+    adp_args = ["--pretrained_model_name_or_path", tiny_sdxl, "--ode_pairs_dir", pairs,
+                "--pixel_discriminator_model", sam, "--resolution", 32, "--train_batch_size", 2,
+                "--generator_lr", 1e-4, "--discriminator_lr", 1e-3, "--max_train_steps", 3, "--checkpointing_steps", 2]
+    run(accelerate_cmd("train_adp_sdxl.py", *adp_args, "--output_dir", adp, "--validation_prompts", "a red circle"))
+    logs = read_log(adp)
+    assert len(logs) == 3 and {"latent_d_accuracy", "pixel_d_accuracy", "discriminator_loss"} <= set(logs[-1])
+    config = json.load(open(os.path.join(adp, "scheduler/scheduler_config.json")))
+    assert config["_class_name"] == "DPMSolverMultistepScheduler" and config["prediction_type"] == "flow_prediction"
+    os.makedirs(adp_resumed)
+    shutil.copytree(os.path.join(adp, "checkpoint-2"), os.path.join(adp_resumed, "checkpoint-2"))
+    run(accelerate_cmd("train_adp_sdxl.py", *adp_args, "--output_dir", adp_resumed, "--resume_from_checkpoint",
+                       "latest"))
+    a, b = (load_file(os.path.join(o, "unet/diffusion_pytorch_model.safetensors")) for o in (adp, adp_resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    # Pairs from another resolution are refused before any training.
+    wrong = run(accelerate_cmd("train_adp_sdxl.py", *with_flag(adp_args, "--resolution", 64),
+                               "--output_dir", str(tmp_path / "wrong")), expect_ok=False)
+    assert wrong.returncode != 0 and "are at resolution 32" in wrong.stderr
+
+    # ADM from the ADP student (DMDX): its flow scheduler is the student's; stock diffusers runs it in one step.
+    run(accelerate_cmd("train_adm_sdxl.py", "--pretrained_model_name_or_path", tiny_sdxl,
+                       "--pretrained_generator_name_or_path", adp, "--prompts_file", prompts_file, *TINY_ADM,
+                       "--max_train_steps", 2, "--gradient_checkpointing", "--use_ema", "--output_dir", dmdx))
+    config = json.load(open(os.path.join(dmdx, "training_config.json")))
+    assert config["method"] == "dmdx" and config["student_prediction_type"] == "flow"
+    info = stock_load(dmdx, 1)
+    assert info["scheduler"] == "DPMSolverMultistepScheduler"
+    assert info["timesteps"] == info["trained"] == [999.0] and info["finite"]
