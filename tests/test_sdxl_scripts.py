@@ -19,8 +19,8 @@ from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 
-TINY_ADM = ["--resolution", 32, "--train_batch_size", 2, "--discriminator_head_channels", 32,
-            "--generator_lr", 1e-4, "--fake_score_lr", 1e-4, "--discriminator_lr", 1e-3]
+TINY_ADM = ["--resolution", 32, "--train_batch_size", 2, "--generator_lr", 1e-4, "--fake_score_lr", 1e-4,
+            "--discriminator_lr", 1e-3]
 
 # Runs in a fresh interpreter that never imports dmdx: the student must load and run with stock diffusers only.
 STOCK_LOAD = r"""
@@ -83,6 +83,8 @@ def test_adm_run_resume_and_stock_export(tiny_sdxl, prompts_file, tmp_path):
     for key in ("fake_score_loss", "generator_loss", "discriminator_loss", "logits_real", "logits_fake",
                 "d_accuracy", "dmd_loss_monitor", "latent_prediction_gap"):
         assert all(key in entry and entry[key] == entry[key] for entry in logs), key
+    # D's last layer starts at zero, so G's first gradient is zero; from the second update on D's signal reaches G.
+    assert logs[0]["grad_norm_generator"] == 0 and all(entry["grad_norm_generator"] > 0 for entry in logs[1:])
     card = open(os.path.join(out_a, "README.md")).read()
     assert "num_inference_steps=1" in card and "[999]" in card and "samples.png" in card
 
@@ -114,9 +116,10 @@ def test_dmd_baseline_multistep_lora(tiny_sdxl, prompts_file, tmp_path):
     run(accelerate_cmd("train_adm_sdxl.py", "--pretrained_model_name_or_path", tiny_sdxl, "--prompts_file",
                        prompts_file, *TINY_ADM, "--distribution_loss", "dmd", "--num_student_steps", 2,
                        "--lora_rank", 4, "--fake_score_update_ratio", 2, "--max_train_steps", 2,
-                       "--output_dir", out))
+                       "--gradient_checkpointing", "--output_dir", out))
     logs = read_log(out)
     assert len(logs) == 2 and "discriminator_loss" not in logs[0] and logs[0]["generator_loss"] >= 0
+    assert all(entry["grad_norm_generator"] > 0 for entry in logs)  # through LoRA + gradient checkpointing
     config = json.load(open(os.path.join(out, "training_config.json")))
     assert config["student_timesteps"] == [999.0, 499.0] and config["method"] == "dmd"
     info = stock_load(out, 2)
