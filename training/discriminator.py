@@ -18,7 +18,11 @@ from torch import nn
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:
+    """Up to 32 groups of at least 4 channels: after the last downsampling a map can be 1x1, and a group of one
+    channel at 1x1 normalises every input to zero (a dead head)."""
     groups = math.gcd(32, channels)
+    while groups > 1 and channels // groups < 4:
+        groups //= 2
     return nn.GroupNorm(groups, channels)
 
 
