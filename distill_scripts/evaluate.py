@@ -87,6 +87,9 @@ def parse_args(argv=None):
                                                      "guidance_scale} (appended after --pipeline entries).")
     parser.add_argument("--output_dir", default="eval_output")
     parser.add_argument("--num_images_per_prompt", type=int, default=50)
+    parser.add_argument("--num_class_free_images", type=int, default=None,
+                        help="Samples of the class-free prompt (mode coverage is noisy with few; default: "
+                             "--num_images_per_prompt).")
     parser.add_argument("--batch_size", type=int, default=100, help="Images per pipeline call.")
     parser.add_argument("--grid_images_per_cell", type=int, default=4, choices=[1, 4, 9],
                         help="Samples shown per (pipeline, prompt) cell of samples.png.")
@@ -109,8 +112,9 @@ def parse_args(argv=None):
             parser.error(f"{s.name}: {s.path!r} is not a diffusers pipeline folder (no model_index.json).")
         if s.num_inference_steps < 1:
             parser.error(f"{s.name}: num_inference_steps must be >= 1.")
-    if args.num_images_per_prompt < 2:
-        parser.error("--num_images_per_prompt must be >= 2 (diversity needs pairs).")
+    args.num_class_free_images = args.num_class_free_images or args.num_images_per_prompt
+    if min(args.num_images_per_prompt, args.num_class_free_images) < 2:
+        parser.error("--num_images_per_prompt and --num_class_free_images must be >= 2 (diversity needs pairs).")
     args.specs = specs
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return args
@@ -140,7 +144,7 @@ def mean_pairwise_distance(feats: torch.Tensor) -> float:
 def normalised_entropy(counts: torch.Tensor) -> float:
     p = counts.double() / counts.sum()
     p = p[p > 0]
-    return float(-(p * p.log()).sum() / math.log(len(counts)))
+    return max(0.0, float(-(p * p.log()).sum() / math.log(len(counts))))
 
 
 @torch.no_grad()
@@ -201,8 +205,9 @@ def save_grid(path: str, names: list[str], specs: list[PipelineSpec], samples: d
                 imgs, s = imgs[:1], 1
             else:
                 s = side
+            imgs = torch.nn.functional.pad(imgs, (0, 1, 0, 1), value=0.5)  # a grey line between samples
             tile = imgs.reshape(s, s, *imgs.shape[1:]).permute(0, 3, 1, 4, 2)  # (s, H, s, W, C)
-            tile = tile.reshape(s * imgs.shape[2], s * imgs.shape[3], imgs.shape[1]).numpy()
+            tile = tile.reshape(s * imgs.shape[2], s * imgs.shape[3], imgs.shape[1])[:-1, :-1].numpy()
             ax = axes[r][c]
             ax.imshow(tile, vmin=0, vmax=1, interpolation="nearest")
             ax.set_xticks([])
@@ -231,8 +236,10 @@ def markdown_table(report: dict, reference: dict) -> str:
     lines.append(
         f"| real digits (train split, reference) | - | - | - | {reference['digit_fid']:.2f} | - | "
         f"{reference['mode_entropy']:.3f} | {reference['modes_covered']}/10 | {reference['diversity']:.3f} | - |")
-    n = next(iter(report.values()))["num_images_per_prompt"]
-    return ("\n".join(lines) + f"\n\n{n} samples per prompt; digit-FID against the 360 held-out real digits "
+    first = next(iter(report.values()))
+    n, n_free = first["num_images_per_prompt"], first["num_class_free_images"]
+    return ("\n".join(lines) + f"\n\n{n} samples per class prompt, {n_free} for the class-free prompt (mode entropy, "
+            f"modes covered: classes with >= {MODE_SHARE:.0%} of them); digit-FID against the 360 held-out real digits "
             "(classifier features); diversity relative to the first row.\n")
 
 
@@ -257,7 +264,8 @@ def main(argv=None):
         for k in range(10):
             idx = torch.nonzero(train_labels == k).flatten()
             ref_by_prompt.append(train_images[idx[torch.randperm(len(idx), generator=gen)[:n]]].add(1).div(2))
-        ref_by_prompt.append(train_images[torch.randperm(len(train_images), generator=gen)[:n]].add(1).div(2))
+        n_free = args.num_class_free_images
+        ref_by_prompt.append(train_images[torch.randperm(len(train_images), generator=gen)[:n_free]].add(1).div(2))
     reference = score_samples(classifier, [x.to(device) for x in ref_by_prompt], real_feats)
 
     report, samples = {}, {}
@@ -269,7 +277,8 @@ def main(argv=None):
         for i, prompt in enumerate(tqdm(prompts, desc=f"{spec.name} ({spec.nfe} NFE)")):
             synchronize(device)
             start = time.perf_counter()
-            images_by_prompt.append(generate(pipe, spec, prompt, n, args.batch_size, args.seed * 1000 + 100 * i,
+            num = n_free if prompt == CLASS_FREE_PROMPT else n
+            images_by_prompt.append(generate(pipe, spec, prompt, num, args.batch_size, args.seed * 10000 + 1000 * i,
                                              device))
             synchronize(device)
             seconds += time.perf_counter() - start
@@ -277,7 +286,8 @@ def main(argv=None):
         metrics.update(
             pipeline_class=type(pipe).__name__, scheduler_class=type(pipe.scheduler).__name__, path=spec.path,
             num_inference_steps=spec.num_inference_steps, guidance_scale=spec.guidance_scale, nfe=spec.nfe,
-            seconds_per_image=seconds / (n * len(prompts)), num_images_per_prompt=n,
+            seconds_per_image=seconds / sum(len(x) for x in images_by_prompt), num_images_per_prompt=n,
+            num_class_free_images=n_free,
             resolution=list(images_by_prompt[0].shape[-2:]),
         )
         report[spec.name] = metrics

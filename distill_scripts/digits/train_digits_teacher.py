@@ -60,7 +60,7 @@ def parse_args(argv=None):
     parser.add_argument("--caption_dropout", type=float, default=0.1,
                         help="Probability of replacing a caption by the unconditional input (for CFG).")
     # VAE
-    parser.add_argument("--vae_train_steps", type=int, default=1500)
+    parser.add_argument("--vae_train_steps", type=int, default=400)
     parser.add_argument("--vae_learning_rate", type=float, default=1e-3)
     parser.add_argument("--vae_kl_weight", type=float, default=1e-4)
     parser.add_argument("--vae_batch_size", type=int, default=64)
@@ -71,8 +71,8 @@ def parse_args(argv=None):
     parser.add_argument("--sd3_num_attention_heads", type=int, default=4)
     parser.add_argument("--sd3_shift", type=float, default=1.0,
                         help="Timestep shift of the SD3 teacher's FlowMatchEulerDiscreteScheduler.")
-    parser.add_argument("--max_train_steps", type=int, default=4000)
-    parser.add_argument("--train_batch_size", type=int, default=128)
+    parser.add_argument("--max_train_steps", type=int, default=3000)
+    parser.add_argument("--train_batch_size", type=int, default=64)
     parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--lr_scheduler", default="cosine",
                         choices=["constant", "constant_with_warmup", "cosine", "linear"])
