@@ -1,0 +1,145 @@
+"""Discriminator pieces (dmdx.training.discriminator): backbone feature hooks and the 2-D / 3-D heads."""
+
+import pytest
+import torch
+from torch import nn
+
+from dmdx.training import BackboneFeatures, DiscriminatorHeads, first_tensor, tokens_to_map
+
+
+class Counting(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.lin = nn.Linear(dim, dim)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return torch.tanh(self.lin(x)), "extra"  # a tuple output, as many diffusers blocks return
+
+
+class Backbone(nn.Module):
+    def __init__(self, dim=6):
+        super().__init__()
+        self.blocks = nn.ModuleList([Counting(dim) for _ in range(4)])
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)[0]
+        return x
+
+
+def manual_features(backbone, x):
+    outs = []
+    for block in backbone.blocks:
+        x = block(x)[0]
+        outs.append(x)
+    return outs
+
+
+def test_features_in_requested_order_and_stop_early():
+    torch.manual_seed(0)
+    bb = Backbone().requires_grad_(False)
+    x = torch.randn(3, 6)
+    expected = manual_features(bb, x)
+    extractor = BackboneFeatures(bb, ["blocks.2", "blocks.0"])
+    for block in bb.blocks:
+        block.calls = 0
+    feats = extractor(lambda: bb(x))
+    torch.testing.assert_close(feats[0], expected[2])
+    torch.testing.assert_close(feats[1], expected[0])
+    assert [b.calls for b in bb.blocks] == [1, 1, 1, 0]  # blocks after the last hooked one never ran
+    full = BackboneFeatures(bb, ["blocks.1"], stop_early=False)
+    for block in bb.blocks:
+        block.calls = 0
+    full(lambda: bb(x))
+    assert [b.calls for b in bb.blocks] == [1, 1, 1, 1]
+
+
+def test_gradients_reach_the_backbone_input_not_its_weights():
+    torch.manual_seed(1)
+    bb = Backbone().requires_grad_(False)
+    extractor = BackboneFeatures(bb, ["blocks.0", "blocks.1"])
+    x = torch.randn(2, 6, requires_grad=True)
+    sum(f.sum() for f in extractor(lambda: bb(x))).backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert all(p.grad is None for p in bb.parameters())
+
+
+def test_backbone_outside_the_call_is_unaffected():
+    torch.manual_seed(2)
+    bb = Backbone()
+    x = torch.randn(2, 6)
+    reference = bb(x)
+    extractor = BackboneFeatures(bb, ["blocks.1"])
+    extractor(lambda: bb(x))
+    torch.testing.assert_close(bb(x), reference)  # runs to the end, no _StopForward escapes, nothing captured
+    assert extractor._captured == {}
+    extractor.remove()
+    torch.testing.assert_close(bb(x), reference)
+
+
+def test_feature_errors():
+    bb = Backbone()
+    with pytest.raises(ValueError, match="no modules named"):
+        BackboneFeatures(bb, ["blocks.9"])
+    extractor = BackboneFeatures(bb, ["blocks.3"])
+    with pytest.raises(RuntimeError, match="did not run"):
+        extractor(lambda: bb.blocks[0](torch.randn(1, 6)))
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 8])
+@pytest.mark.parametrize("zero_init", [True, False])
+def test_2d_heads_on_small_maps(size, zero_init):
+    torch.manual_seed(3)
+    heads = DiscriminatorHeads([(4, size, size), (6, size, 2 * size)], hidden_channels=8, zero_init=zero_init)
+    feats = [torch.randn(5, 4, size, size, requires_grad=True), torch.randn(5, 6, size, 2 * size)]
+    logits = heads(feats)
+    assert logits.shape == (5,) and torch.isfinite(logits).all()
+    if zero_init:
+        assert torch.equal(logits, torch.zeros(5))
+    else:  # the head's features are not normalised away, even at 1x1: inputs change the logits
+        assert logits.std() > 0
+        logits.sum().backward()
+        assert feats[0].grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("frames,size", [(1, 1), (2, 2), (3, 4)])
+def test_3d_heads(frames, size):
+    torch.manual_seed(4)
+    heads = DiscriminatorHeads([(4, frames, size, size)], hidden_channels=8, zero_init=False)
+    x = torch.randn(3, 4, frames, size, size, requires_grad=True)
+    logits = heads([x])
+    assert logits.shape == (3,) and logits.std() > 0
+    logits.sum().backward()
+    assert x.grad.abs().sum() > 0
+
+
+def test_heads_errors_and_dtype():
+    with pytest.raises(ValueError, match="neither"):
+        DiscriminatorHeads([(4, 8)])
+    heads = DiscriminatorHeads([(4, 2, 2)], hidden_channels=8)
+    with pytest.raises(ValueError, match="features for"):
+        heads([torch.randn(1, 4, 2, 2)] * 2)
+    assert heads([torch.randn(2, 4, 2, 2, dtype=torch.bfloat16)]).dtype == torch.float32
+
+
+def test_tokens_to_map_and_first_tensor():
+    x = torch.arange(2 * 6 * 3).float().reshape(2, 6, 3)  # (B, N=H*W, C)
+    m = tokens_to_map(x, 2, 3)
+    assert m.shape == (2, 3, 2, 3)
+    torch.testing.assert_close(m[1, :, 1, 2], x[1, 5])
+    v = torch.randn(2, 2 * 4 * 3, 5)  # frame-major tokens
+    mv = tokens_to_map(v, 4, 3, frames=2)
+    assert mv.shape == (2, 5, 2, 4, 3)
+    torch.testing.assert_close(mv[0, :, 1, 2, 1], v[0, 1 * 12 + 2 * 3 + 1])
+    with pytest.raises(ValueError):
+        tokens_to_map(x, 4, 4)
+
+    class Out:
+        sample = torch.ones(1)
+
+    t = torch.zeros(1)
+    assert first_tensor(t) is t and first_tensor(("a", t)) is t and first_tensor(Out()) is Out.sample
+    with pytest.raises(TypeError):
+        first_tensor(("a", 1))
