@@ -168,12 +168,13 @@ def collect_shard(pipe, prompts: list[str], args, index: int, latent_shape, devi
 def main(args=None):
     args = args if args is not None else parse_args()
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
     from diffusers import DiffusionPipeline
     from tqdm.auto import tqdm
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     prompts = load_prompts(args)  # errors on missing/empty prompts before loading the teacher
-    state = PartialState()
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as AcceleratorState reads it
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
 
     # 1. Teacher pipeline with a deterministic sampler.

@@ -115,7 +115,8 @@ def test_dmd_baseline_multistep_lora(tiny_sdxl, prompts_file, tmp_path):
     out = str(tmp_path / "dmd")
     run(accelerate_cmd("train_adm_sdxl.py", "--pretrained_model_name_or_path", tiny_sdxl, "--prompts_file",
                        prompts_file, *TINY_ADM, "--distribution_loss", "dmd", "--num_student_steps", 2,
-                       "--lora_rank", 4, "--fake_score_update_ratio", 2, "--max_train_steps", 2,
+                       "--lora_rank", 4, "--fake_score_lora_rank", 4, "--fake_score_update_ratio", 2,
+                       "--max_train_steps", 2,
                        "--gradient_checkpointing", "--output_dir", out))
     logs = read_log(out)
     assert len(logs) == 2 and "discriminator_loss" not in logs[0] and logs[0]["generator_loss"] >= 0
@@ -145,8 +146,16 @@ print("ok", len(changed))
     assert "ok" in run([sys.executable, "-c", check_lora, tiny_sdxl, out], cwd="/").stdout
 
 
-def test_adm_two_process_ddp(tiny_sdxl, prompts_file, tmp_path):
-    """CPU DDP over gloo (2 ranks): the run finishes and both ranks hold identical generator weights."""
+def test_two_process_ddp(tiny_sdxl, prompts_file, tmp_path):
+    """CPU DDP over gloo (2 ranks): ODE-pair collection splits the shards between processes; ADM finishes with
+    identical generator weights on both ranks."""
+    pairs = str(tmp_path / "pairs")
+    result = run(accelerate_cmd("collect_ode_pairs.py", "--pretrained_model_name_or_path", tiny_sdxl, "--prompts_file",
+                                prompts_file, "--resolution", 32, "--num_pairs", 6, "--shard_size", 2, "--batch_size",
+                                2, "--num_inference_steps", 2, "--output_dir", pairs, num_processes=2, port=29518))
+    assert "Process 0 wrote 2 shards" in result.stderr and "Process 1 wrote 1 shards" in result.stderr
+    assert sorted(os.listdir(pairs)) == ["manifest.json", *(f"shard-0000{i}.safetensors" for i in range(3))]
+
     out = str(tmp_path / "ddp")
     run(accelerate_cmd("train_adm_sdxl.py", "--pretrained_model_name_or_path", tiny_sdxl, "--prompts_file",
                        prompts_file, *TINY_ADM, "--max_train_steps", 2, "--output_dir", out, num_processes=2))
@@ -207,6 +216,11 @@ def test_clear_errors(tiny_sdxl, prompts_file, tmp_path):
         main_with("--dataset_name", captions, prompts=None)
     with pytest.raises(ValueError, match="ode_step_dt"):
         main_with("--ode_step_dt", 0.5)
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="pip install bitsandbytes"):
+            main_with("--use_8bit_adam")
 
     # Non-finite loss: subprocess (a real run), stops naming the term, leaves no checkpoint.
     nan_teacher = _sdxl_variant(tiny_sdxl, str(tmp_path / "nan"), nan_unet=True)
