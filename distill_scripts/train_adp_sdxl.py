@@ -132,9 +132,9 @@ class ODEPairs:
             if file not in self._open:
                 self._open[file] = safe_open(self.files[file], "pt")
             handle = self._open[file]
-            noise.append(handle.get_slice("noise")[row:row + 1])
-            latents.append(handle.get_slice("latents")[row:row + 1])
-        return torch.cat(noise).float(), torch.cat(latents).float(), [self.prompts[r] for r in rows]
+            noise.append(handle.get_slice("noise")[row:row + 1].float())  # stored in --save_dtype
+            latents.append(handle.get_slice("latents")[row:row + 1].float())
+        return torch.cat(noise), torch.cat(latents), [self.prompts[r] for r in rows]
 
 
 def _norm(path: str) -> str:

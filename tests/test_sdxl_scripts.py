@@ -113,8 +113,12 @@ def test_adm_run_resume_and_stock_export(tiny_sdxl, prompts_file, tmp_path):
 def test_dmd_baseline_multistep_lora(tiny_sdxl, prompts_file, tmp_path):
     """DMD2 baseline, 2-step student with backward simulation, generator LoRA: exported LoRA loads on the teacher."""
     out = str(tmp_path / "dmd")
-    run(accelerate_cmd("train_adm_sdxl.py", "--pretrained_model_name_or_path", tiny_sdxl, "--prompts_file",
-                       prompts_file, *TINY_ADM, "--distribution_loss", "dmd", "--num_student_steps", 2,
+    captions = tmp_path / "captions.jsonl"  # prompts through `datasets` (offline, local file)
+    captions.write_text("".join(json.dumps({"caption": p}) + "\n" for p in open(prompts_file).read().split("\n")
+                                if p))
+    run(accelerate_cmd("train_adm_sdxl.py", "--pretrained_model_name_or_path", tiny_sdxl, "--dataset_name",
+                       captions, "--caption_column", "caption", *TINY_ADM, "--distribution_loss", "dmd",
+                       "--num_student_steps", 2,
                        "--lora_rank", 4, "--fake_score_lora_rank", 4, "--fake_score_update_ratio", 2,
                        "--max_train_steps", 2,
                        "--gradient_checkpointing", "--output_dir", out))
@@ -239,7 +243,7 @@ def _tiny_sam(path: str) -> str:
 
     config = SamVisionConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, image_size=32, patch_size=8,
                              output_channels=16, mlp_dim=64, window_size=2, global_attn_indexes=[1, 3],
-                             num_pos_feats=8)
+                             num_pos_feats=8, initializer_range=0.02)  # the default 1e-10 gives ~zero features
     torch.manual_seed(0)
     SamVisionModel(config).save_pretrained(path)
     return path
@@ -282,6 +286,8 @@ def test_dmdx_collect_adp_then_adm(tiny_sdxl, prompts_file, tmp_path):
     run(accelerate_cmd("train_adp_sdxl.py", *adp_args, "--output_dir", adp, "--validation_prompts", "a red circle"))
     logs = read_log(adp)
     assert len(logs) == 3 and {"latent_d_accuracy", "pixel_d_accuracy", "discriminator_loss"} <= set(logs[-1])
+    assert logs[-1]["pixel_logits_real"] != 0 and logs[-1]["latent_logits_real"] != 0  # both heads are learning
+    assert logs[-1]["grad_norm_generator"] > 0
     config = json.load(open(os.path.join(adp, "scheduler/scheduler_config.json")))
     assert config["_class_name"] == "DPMSolverMultistepScheduler" and config["prediction_type"] == "flow_prediction"
     os.makedirs(adp_resumed)
