@@ -331,8 +331,6 @@ def build_models(args, accelerator, teacher_info: dict, weight_dtype=torch.float
         schedule=schedule, renoise_mode=get_renoise_mode(student_scheduler),
         teacher_shift=float(teacher_scheduler.config.shift), latent_channels=teacher.config.in_channels,
         latent_size=teacher_info["latent_size"], grid=grid, weight_dtype=weight_dtype, ema=ema,
-        generator_dtype=weight_dtype if args.lora_rank > 0 else torch.float32,
-        fake_score_dtype=weight_dtype if args.fake_score_lora_rank > 0 else torch.float32,
     )
 
 
@@ -415,12 +413,31 @@ def _set_trainable(params, flag: bool):
         p.requires_grad_(flag)
 
 
+def _param_dtype(module) -> torch.dtype:
+    """The dtype a model's inputs are cast to: that of its (first) weights (frozen LoRA bases: the mixed-precision
+    dtype; full fp32 master weights: fp32, computed under autocast; DeepSpeed engines: their own dtype)."""
+    return next(module.parameters()).dtype
+
+
 def _update(accelerator, args, module, optimizer, lr_scheduler, micro_losses, logs, name):
     """One optimizer update of ``module`` over the micro-batches: ``micro_losses`` yields each micro-batch's
     ``(loss, terms)``; every term is checked for NaN/inf (stop, naming it) before its backward."""
     from dmdx.training.checkpointing import check_finite
 
     k = args.gradient_accumulation_steps
+    if accelerator.distributed_type.name == "DEEPSPEED":
+        # Three trainable networks = three DeepSpeed engines; accelerator.backward drives only one, so each engine
+        # runs its own backward/step (it scales by, and steps at the end of, its gradient_accumulation_steps = k;
+        # clipping is the DeepSpeed config's gradient_clipping). Untested here: no DeepSpeed / GPU on CI.
+        for loss, terms in micro_losses:
+            check_finite(terms, accelerator)
+            module.backward(loss)
+            module.step()
+            for key, value in terms.items():
+                logs[key] = logs.get(key, 0.0) + value.detach().float().item() / k
+        norm = module.get_global_grad_norm()
+        logs[f"grad_norm_{name}"] = float(norm) if norm is not None else float("nan")
+        return
     for i, (loss, terms) in enumerate(micro_losses):
         check_finite(terms, accelerator)
         with accelerator.no_sync(module) if i < k - 1 else nullcontext():
@@ -451,11 +468,11 @@ def train_iteration(models, opt, args, accelerator, prompt_source, step: int) ->
     )
 
     schedule, wd, device = models.schedule, models.weight_dtype, accelerator.device
-    g_dtype = models.generator_dtype
-    f_dtype = models.fake_score_dtype
+    g_dtype, f_dtype = _param_dtype(opt.generator), _param_dtype(opt.fake_score)
     # DDP wraps trainable models; a pass with their parameters frozen (gradient only through the input) goes
     # through the unwrapped module so DDP's reducer is not armed. FSDP2 shards in place: the object itself works.
-    direct = accelerator.distributed_type.name in ("NO", "MULTI_GPU", "MULTI_CPU", "MULTI_XPU", "MULTI_NPU")
+    direct = accelerator.distributed_type.name in ("NO", "MULTI_GPU", "MULTI_CPU", "MULTI_XPU", "MULTI_NPU",
+                                                   "DEEPSPEED")
     fake_frozen = accelerator.unwrap_model(opt.fake_score) if direct else opt.fake_score
     heads_frozen = accelerator.unwrap_model(opt.heads) if direct else opt.heads
     k_micro = args.gradient_accumulation_steps
@@ -787,12 +804,22 @@ def main(args):
     g_opt = make_opt(models.generator, args.generator_lr)
     f_opt = make_opt(models.fake_score, args.fake_score_lr)
     d_opt = make_opt(models.heads, args.discriminator_lr)
-    prepared = accelerator.prepare(models.generator, models.fake_score, models.heads, g_opt, f_opt, d_opt,
-                                   make_sched(g_opt, 1), make_sched(f_opt, args.fake_score_update_ratio),
-                                   make_sched(d_opt, args.discriminator_update_ratio))
-    opt = SimpleNamespace(**dict(zip(
-        ["generator", "fake_score", "heads", "generator_optimizer", "fake_optimizer", "discriminator_optimizer",
-         "generator_lr_scheduler", "fake_lr_scheduler", "discriminator_lr_scheduler"], prepared)))
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:  # no dataloader is prepared: say the batch size
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds_config["train_micro_batch_size_per_gpu"] = args.train_batch_size
+        if ds_config.get("gradient_accumulation_steps", 1) not in (args.gradient_accumulation_steps, "auto"):
+            raise ValueError(f"The DeepSpeed config's gradient_accumulation_steps "
+                             f"({ds_config['gradient_accumulation_steps']}) must equal --gradient_accumulation_steps "
+                             f"({args.gradient_accumulation_steps}).")
+        ds_config["gradient_accumulation_steps"] = args.gradient_accumulation_steps
+    # one prepare call per network (DeepSpeed makes one engine per call; DDP/FSDP do not mind)
+    opt = SimpleNamespace()
+    opt.generator, opt.generator_optimizer, opt.generator_lr_scheduler = accelerator.prepare(
+        models.generator, g_opt, make_sched(g_opt, 1))
+    opt.fake_score, opt.fake_optimizer, opt.fake_lr_scheduler = accelerator.prepare(
+        models.fake_score, f_opt, make_sched(f_opt, args.fake_score_update_ratio))
+    opt.heads, opt.discriminator_optimizer, opt.discriminator_lr_scheduler = accelerator.prepare(
+        models.heads, d_opt, make_sched(d_opt, args.discriminator_update_ratio))
     if models.ema is not None:
         models.ema.to(accelerator.device)
         accelerator.register_for_checkpointing(models.ema)
@@ -872,6 +899,7 @@ def main(args):
                         "tokenizer_3=None)`.\n")
         if args.push_to_hub:
             push_to_hub(args.output_dir, args.hub_model_id, token=args.hub_token, private=args.hub_private_repo)
+    accelerator.wait_for_everyone()  # no rank tears the process group down while the main one still exports
     accelerator.end_training()
 
 

@@ -29,7 +29,8 @@ pytestmark = pytest.mark.slow
 
 def _env(tmp):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               OMP_NUM_THREADS="1", HF_HOME=str(tmp / "hf_home"), PYTHONWARNINGS="ignore")
+               OMP_NUM_THREADS="1", HF_HOME=str(tmp / "hf_home"), PYTHONWARNINGS="ignore",
+               PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
     env.pop("ACCELERATE_USE_CPU", None)
     return env
 
@@ -46,20 +47,41 @@ def workdir(tmp_path_factory):
         components = {k: v for k, v in components.items() if k not in ("image_encoder", "feature_extractor")}
         StableDiffusion3Pipeline(**components).save_pretrained(root / name)
     (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    (root / "cpu.yaml").write_text(CPU_CONFIG)
     return root
 
 
-def _launch(workdir, *args, accelerate=True, check=True):
-    """The script as a subprocess: ``accelerate launch`` (one process) or plain python."""
-    launcher = ([str(BIN / "accelerate"), "launch", "--num_processes", "1", "--num_machines", "1",
-                 "--mixed_precision", "no", "--dynamo_backend", "no"] if accelerate else [sys.executable])
-    common = ["--prompts_file", "prompts.txt", "--resolution", "16", "--max_sequence_length", "32",
-              "--report_to", "none"]
-    proc = subprocess.run(launcher + [str(SCRIPT), *common, *args], cwd=workdir, env=_env(workdir),
-                          capture_output=True, text=True, timeout=300)
+CPU_CONFIG = """compute_environment: LOCAL_MACHINE
+distributed_type: 'NO'
+num_machines: 1
+num_processes: 1
+mixed_precision: 'no'
+use_cpu: true
+"""
+# What makes a recipe tiny: the sizes of the tiny teachers, a CPU run of a few steps (later flags win).
+TINY = ["--resolution", "16", "--max_sequence_length", "32", "--mixed_precision", "no", "--report_to", "none",
+        "--discriminator_head_channels", "64", "--discriminator_warmup_steps", "1"]
+
+
+def _run(cmd, workdir, env_extra=None, check=True):
+    env = {**_env(workdir), **(env_extra or {})}
+    proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
     if check and proc.returncode != 0:
-        raise AssertionError(f"script failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        raise AssertionError(f"{cmd[:3]} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def _recipe(workdir, recipe: str, teacher: str, output_dir: str, *overrides):
+    """``bash distill_scripts/recipes/<recipe>/train.sh`` (the documented real recipe) on a tiny teacher, on CPU."""
+    return _run(["bash", str(REPO / "distill_scripts" / "recipes" / recipe / "train.sh"), *TINY, *overrides],
+                workdir, {"CONFIG": str(workdir / "cpu.yaml"), "TEACHER": teacher, "PROMPTS": "prompts.txt",
+                          "OUTPUT_DIR": output_dir})
+
+
+def _launch(workdir, *args, check=True):
+    """The script with plain python (one process, no accelerate launcher)."""
+    common = ["--prompts_file", "prompts.txt", "--resolution", "16", "--max_sequence_length", "32"]
+    return _run([sys.executable, str(SCRIPT), *common, *args], workdir, check=check)
 
 
 # Runs in a fresh interpreter that never imports dmdx: stock diffusers only.
@@ -139,11 +161,10 @@ def _assert_same_tensors(a, b):
 def test_sd3_medium_lora_adm_resume_and_export(workdir):
     """SD3-Medium recipe (LoRA generator and fake score, ADM): runs, checkpoints, resumes exactly, exports a
     stock pipeline with the trained sigmas and LoRA weights that load onto the teacher."""
-    recipe = ["--pretrained_model_name_or_path", "sd3", "--lora_rank", "4", "--guidance_scale", "7.0",
-              "--max_train_steps", "4", "--checkpointing_steps", "2", "--discriminator_head_channels", "64",
-              "--generator_lr", "1e-3", "--discriminator_lr", "1e-3"]
-    _launch(workdir, *recipe, "--output_dir", "lora_a", "--validation_prompts", "a red circle", "a cat",
-            "--validation_steps", "2")
+    tiny = ["--lora_rank", "4", "--fake_score_lora_rank", "4", "--gradient_accumulation_steps", "1",
+            "--max_train_steps", "4", "--checkpointing_steps", "2", "--generator_lr", "1e-3", "--discriminator_lr",
+            "1e-3"]
+    _recipe(workdir, "sd3_medium", "sd3", "lora_a", *tiny, "--validation_steps", "2")
     a, b = workdir / "lora_a", workdir / "lora_b"
     assert sorted(p.name for p in a.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     assert not list(a.glob("*.tmp"))
@@ -154,7 +175,7 @@ def test_sd3_medium_lora_adm_resume_and_export(workdir):
     # resume: a second run starts from the first run's step-2 checkpoint and must end in the identical state
     b.mkdir()
     shutil.copytree(a / "checkpoint-2", b / "checkpoint-2")
-    proc = _launch(workdir, *recipe, "--output_dir", "lora_b", "--resume_from_checkpoint", "latest")
+    proc = _recipe(workdir, "sd3_medium", "sd3", "lora_b", *tiny, "--validation_steps", "100")
     assert "resumed from" in proc.stderr + proc.stdout and "at step 2" in proc.stderr + proc.stdout
     for name in ("model.safetensors", "model_1.safetensors", "model_2.safetensors"):  # generator, fake score, D
         _assert_same_tensors(a / "checkpoint-4" / name, b / "checkpoint-4" / name)
@@ -173,10 +194,9 @@ def test_sd3_medium_lora_adm_resume_and_export(workdir):
 def test_sd35_large_full_adm_drop_t5_precompute(workdir):
     """SD3.5-Large recipe (full generator and fake score, ADM) with T5 dropped, embeddings precomputed, gradient
     checkpointing, gradient accumulation and an EMA of the generator."""
-    _launch(workdir, "--pretrained_model_name_or_path", "sd35", "--lora_rank", "0", "--guidance_scale", "3.5",
-            "--max_train_steps", "2", "--checkpointing_steps", "2", "--discriminator_head_channels", "64",
-            "--drop_t5", "--precompute_text_embeddings", "--gradient_checkpointing", "--gradient_accumulation_steps",
-            "2", "--use_ema", "--ema_decay", "0.5", "--output_dir", "full")
+    _recipe(workdir, "sd35_large", "sd35", "full", "--max_train_steps", "2", "--checkpointing_steps", "2",
+            "--gradient_accumulation_steps", "2", "--drop_t5", "--precompute_text_embeddings", "--use_ema",
+            "--ema_decay", "0.5", "--validation_steps", "100")
     out = workdir / "full"
     index = json.loads((out / "model_index.json").read_text())
     assert index["text_encoder_3"] == [None, None] and not (out / "text_encoder_3").exists()
@@ -191,8 +211,9 @@ def test_sd35_large_full_adm_drop_t5_precompute(workdir):
 
 def test_dmd_baseline_runs(workdir):
     """--distribution_loss dmd (DMD2's loss, fake-score ratio 5 by default) on the SD3 teacher."""
-    proc = _launch(workdir, "--pretrained_model_name_or_path", "sd3", "--lora_rank", "4", "--distribution_loss",
-                   "dmd", "--max_train_steps", "1", "--output_dir", "dmd")
+    proc = _recipe(workdir, "sd3_medium", "sd3", "dmd", "--lora_rank", "4", "--fake_score_lora_rank", "4",
+                   "--distribution_loss", "dmd", "--fake_score_update_ratio", "5", "--gradient_accumulation_steps",
+                   "1", "--max_train_steps", "1", "--validation_steps", "100")
     assert "DMD distillation" in proc.stderr + proc.stdout
     config = json.loads((workdir / "dmd" / "dmdx_training_config.json").read_text())
     assert config["fake_score_update_ratio"] == 5 and config["distribution_loss"] == "dmd"
@@ -211,7 +232,7 @@ def test_non_finite_loss_stops_without_checkpoint(workdir):
         state["proj_out.weight"] = torch.full_like(state["proj_out.weight"], float("nan"))
         save_file(state, str(path))
     proc = _launch(workdir, "--pretrained_model_name_or_path", "sd3_nan", "--lora_rank", "4", "--max_train_steps",
-                   "2", "--checkpointing_steps", "1", "--output_dir", "nan_run", accelerate=False, check=False)
+                   "2", "--checkpointing_steps", "1", "--output_dir", "nan_run", check=False)
     assert proc.returncode != 0
     assert "NonFiniteLossError" in proc.stderr and "loss_fake_score" in proc.stderr
     assert not list((workdir / "nan_run").glob("checkpoint-*"))
