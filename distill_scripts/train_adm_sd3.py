@@ -484,8 +484,9 @@ def train_iteration(models, opt, args, accelerator, prompt_source, step: int) ->
         return schedule.to_x0_noise(_call(model, x, t, cond, g_dtype), x, t)[0]
 
     def real_x0(x, t, cond, uncond):  # the teacher with CFG: the real score (never needs gradients)
-        with torch.no_grad():
-            out_c, out_u = _call(models.teacher, x, t, cond, wd), _call(models.teacher, x, t, uncond, wd)
+        with torch.no_grad():  # conditional and unconditional halves in one batched call
+            both = (torch.cat([cond[0], uncond[0]]), torch.cat([cond[1], uncond[1]]))
+            out_c, out_u = _call(models.teacher, torch.cat([x, x]), torch.cat([t, t]), both, wd).chunk(2)
             return schedule.to_x0_noise(apply_cfg(out_c, out_u, args.guidance_scale), x, t)[0]
 
     def fake_x0(x, t, cond):  # the fake score without CFG (DMD2's convention), parameters frozen
@@ -595,10 +596,10 @@ def train_iteration(models, opt, args, accelerator, prompt_source, step: int) ->
             for m in micro:
                 s = m["s"][-1]
                 with autocast():
-                    with torch.no_grad():  # the backbone's features need no autograd here
-                        f_real = teacher_features(m["x_real"], s, m["cond"])
-                        f_fake = teacher_features(m["x_fake"], s, m["cond"])
-                    logits_real, logits_fake = opt.heads(f_real).float(), opt.heads(f_fake).float()
+                    with torch.no_grad():  # the backbone's features need no autograd here; real and fake batched
+                        cond2 = tuple(torch.cat([c, c]) for c in m["cond"])
+                        feats = teacher_features(torch.cat([m["x_real"], m["x_fake"]]), torch.cat([s, s]), cond2)
+                    logits_real, logits_fake = opt.heads(feats).float().chunk(2)
                     loss = hinge_discriminator_loss(logits_real, logits_fake).mean()
                 diag.append((logits_real.detach(), logits_fake.detach(), m["t"][-1]))
                 yield loss, {"loss_discriminator": loss}
