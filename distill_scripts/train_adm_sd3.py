@@ -4,7 +4,10 @@
 
     accelerate launch distill_scripts/train_adm_sd3.py \
         --pretrained_model_name_or_path stabilityai/stable-diffusion-3-medium-diffusers \
-        --train_prompts_file prompts.txt --output_dir sd3-medium-adm --lora_rank 64 --max_train_steps 4000
+        --prompts_file prompts.txt --output_dir sd3-medium-adm --lora_rank 64 --max_train_steps 4000
+
+Recipes (launch commands + accelerate configs): distill_scripts/recipes/sd3_medium (LoRA, DDP) and
+distill_scripts/recipes/sd35_large (full fine-tuning, FSDP2 or DeepSpeed ZeRO-2); docs/sd3.md explains them.
 
 The method (paper_spec §2, §5, §12), one iteration:
   0. the student's input at one of its own K timesteps, by backward simulation of its earlier steps (DMD2 style);
@@ -16,7 +19,9 @@ The method (paper_spec §2, §5, §12), one iteration:
   3. discriminator D = the frozen teacher (the same object as the real score) + small heads on the hidden states
      of chosen transformer blocks: hinge loss on the detached x_real / x_fake of step 2.
 
-Choices where the paper is silent are marked "Choice:" below and in docs/sd3.md.
+Choices where the paper is silent are marked "Choice:" below and in docs/sd3.md. The per-iteration work lives in
+importable functions (``build_models``, ``train_iteration``) so a benchmark can time exactly this script's
+iteration; nothing runs at import time.
 """
 
 from __future__ import annotations
@@ -106,9 +111,10 @@ def parse_args(input_args=None):
     p.add_argument("--adam_weight_decay", type=float, default=1e-2)
     p.add_argument("--adam_epsilon", type=float, default=1e-8)
     p.add_argument("--max_grad_norm", type=float, default=10.0)
-    p.add_argument("--use_8bit_adam", action="store_true")
+    p.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit (must be installed).")
     p.add_argument("--lr_scheduler", type=str, default="constant",
-                   choices=["constant", "constant_with_warmup", "linear", "cosine"])
+                   choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                            "constant_with_warmup"])
     p.add_argument("--lr_warmup_steps", type=int, default=0)
     p.add_argument("--max_train_steps", type=int, default=4000, help="Generator updates.")
     p.add_argument("--gradient_accumulation_steps", type=int, default=1,
@@ -161,6 +167,11 @@ def parse_args(input_args=None):
         p.error("LoRA ranks must be >= 0 (0 = full fine-tuning).")
     if args.push_to_hub and not args.hub_model_id:
         p.error("--push_to_hub needs --hub_model_id.")
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            p.error("--use_8bit_adam needs bitsandbytes: `pip install bitsandbytes`.")
     return args
 
 
@@ -335,19 +346,21 @@ def build_models(args, accelerator, teacher_info: dict, weight_dtype=torch.float
 
 
 @torch.no_grad()
-def encode_prompts(text_pipe, prompts: list[str], args, device, batch_size: int = 16) -> dict:
-    """Prompt embeddings (and the empty prompt's, for CFG), in the stock pipeline's format."""
+def encode_prompts(text_pipe, prompts: list[str], args, device, batch_size: int = 16, negative: bool = True) -> dict:
+    """Prompt embeddings (and, with ``negative``, the empty prompt's, for CFG) in the stock pipeline's format."""
     embeds, pooled = [], []
-    for i in range(0, len(prompts), batch_size):
+    for i in range(0, len(prompts), batch_size):  # (no prompts: only the negative embeddings are returned)
         chunk = prompts[i: i + batch_size]
         e, _, p, _ = text_pipe.encode_prompt(chunk, None, None, device=device, do_classifier_free_guidance=False,
                                              max_sequence_length=args.max_sequence_length)
         embeds.append(e)
         pooled.append(p)
+    out = {"prompt_embeds": torch.cat(embeds), "pooled_prompt_embeds": torch.cat(pooled)} if prompts else {}
+    if not negative:
+        return out
     ue, _, up, _ = text_pipe.encode_prompt([""], None, None, device=device, do_classifier_free_guidance=False,
                                            max_sequence_length=args.max_sequence_length)
-    return {"prompt_embeds": torch.cat(embeds), "pooled_prompt_embeds": torch.cat(pooled),
-            "negative_prompt_embeds": ue, "negative_pooled_prompt_embeds": up}
+    return {**out, "negative_prompt_embeds": ue, "negative_pooled_prompt_embeds": up}
 
 
 def free_text_encoders(models):
@@ -398,12 +411,12 @@ def text_for(prompt_source, models, idx, args, device):
     """(cond, uncond) text conditionings of a batch, each a (prompt_embeds, pooled_prompt_embeds) tuple."""
     if "prompt_embeds" in prompt_source:
         cond = (prompt_source["prompt_embeds"][idx].to(device), prompt_source["pooled_prompt_embeds"][idx].to(device))
-        neg = (prompt_source["negative_prompt_embeds"].to(device),
-               prompt_source["negative_pooled_prompt_embeds"].to(device))
     else:
-        enc = encode_prompts(models.text_pipe, [prompt_source["prompts"][i] for i in idx.tolist()], args, device)
+        enc = encode_prompts(models.text_pipe, [prompt_source["prompts"][i] for i in idx.tolist()], args, device,
+                             negative=False)
         cond = (enc["prompt_embeds"], enc["pooled_prompt_embeds"])
-        neg = (enc["negative_prompt_embeds"], enc["negative_pooled_prompt_embeds"])
+    neg = (prompt_source["negative_prompt_embeds"].to(device),
+           prompt_source["negative_pooled_prompt_embeds"].to(device))
     b = idx.shape[0]
     return cond, (neg[0].expand(b, -1, -1), neg[1].expand(b, -1))
 
@@ -776,8 +789,9 @@ def main(args):
         source = encode_prompts(models.text_pipe, prompts, args, accelerator.device)
         source = {k: v.cpu() for k, v in source.items()}
         free_text_encoders(models)
-    else:
-        source = {"prompts": prompts}
+    else:  # encode each batch on the fly; the empty prompt (CFG's unconditional half) once
+        source = {"prompts": prompts, **{k: v for k, v in encode_prompts(models.text_pipe, [], args,
+                  accelerator.device).items() if k.startswith("negative")}}
     source["count"] = len(prompts)
     vae = None
     if args.validation_prompts:
