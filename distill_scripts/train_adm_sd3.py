@@ -736,70 +736,26 @@ def record_rank_checksums(accelerator, generator):
     return checksums
 
 
-def _kind(rank: int) -> str:
-    return f"LoRA r={rank}" if rank else "full"
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# main
-# ------------------------------------------------------------------------------------------------------------------
-def main(args):
-    import diffusers
-    import transformers
-    from accelerate import Accelerator
-    from accelerate.logging import get_logger
-    from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
-    from diffusers import AutoencoderKL
-    from diffusers.optimization import get_scheduler
-    from tqdm.auto import tqdm
-
-    from dmdx.pipelines.hub import push_to_hub
-    from dmdx.pipelines.model_card import write_model_card
-    from dmdx.training.checkpointing import checkpoint_step, find_resume_checkpoint, save_checkpoint
-
-    teacher_info = inspect_teacher(args)  # clear errors before any weights load
-    prompts = load_prompts(args)
-
-    accelerator = Accelerator(
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_dir,
-                                            logging_dir=os.path.join(args.output_dir, args.logging_dir)),
-    )
-    log = get_logger(__name__)
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    if not accelerator.is_local_main_process:
-        transformers.utils.logging.set_verbosity_error()
-        diffusers.utils.logging.set_verbosity_error()
-    if args.allow_tf32 and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-    set_seed(args.seed)
-    if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-
-    models = build_models(args, accelerator, teacher_info, weight_dtype)
-    log.info(f"student timesteps {models.timesteps.tolist()}, sigmas {models.sigmas.tolist()}; "
-             f"discriminator on transformer_blocks {teacher_info['discriminator_blocks']}", main_process_only=True)
-
-    # Text: optionally encode every prompt once and free the encoders (they are not needed again).
-    val_text = (encode_prompts(models.text_pipe, args.validation_prompts, args, accelerator.device)
-                if args.validation_prompts else None)
+def build_prompt_source(args, models, prompts: list[str], device) -> dict:
+    """What ``train_iteration`` draws its text conditioning from: every prompt's embeddings (encoded once, kept on the
+    CPU, text encoders freed) with ``--precompute_text_embeddings``, else the prompts (encoded batch by batch); the
+    empty prompt's embeddings (CFG's unconditional half) either way."""
     if args.precompute_text_embeddings:
-        source = encode_prompts(models.text_pipe, prompts, args, accelerator.device)
-        source = {k: v.cpu() for k, v in source.items()}
+        source = {k: v.cpu() for k, v in encode_prompts(models.text_pipe, prompts, args, device).items()}
         free_text_encoders(models)
-    else:  # encode each batch on the fly; the empty prompt (CFG's unconditional half) once
-        source = {"prompts": prompts, **{k: v for k, v in encode_prompts(models.text_pipe, [], args,
-                  accelerator.device).items() if k.startswith("negative")}}
+    else:
+        negative = encode_prompts(models.text_pipe, [], args, device)
+        source = {"prompts": prompts, **negative}
     source["count"] = len(prompts)
-    vae = None
-    if args.validation_prompts:
-        vae = AutoencoderKL.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae",
-                                            revision=args.revision, variant=args.variant, cache_dir=args.cache_dir)
-        vae.requires_grad_(False).eval().to(accelerator.device, dtype=weight_dtype)
+    return source
 
-    # Optimizers (trainable parameters only: LoRA or full weights; the heads)
+
+def prepare_training(args, accelerator, models) -> SimpleNamespace:
+    """Optimizers (trainable parameters only: LoRA or full weights; the heads) and LR schedulers, prepared with
+    accelerate network by network. Returns the namespace ``train_iteration`` takes as ``opt``."""
+    from accelerate.utils import DistributedType
+    from diffusers.optimization import get_scheduler
+
     if args.use_8bit_adam:
         import bitsandbytes as bnb
 
@@ -838,6 +794,65 @@ def main(args):
     if models.ema is not None:
         models.ema.to(accelerator.device)
         accelerator.register_for_checkpointing(models.ema)
+
+    return opt
+
+
+def _kind(rank: int) -> str:
+    return f"LoRA r={rank}" if rank else "full"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# main
+# ------------------------------------------------------------------------------------------------------------------
+def main(args):
+    import diffusers
+    import transformers
+    from accelerate import Accelerator
+    from accelerate.logging import get_logger
+    from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
+    from diffusers import AutoencoderKL
+    from tqdm.auto import tqdm
+
+    from dmdx.pipelines.hub import push_to_hub
+    from dmdx.pipelines.model_card import write_model_card
+    from dmdx.training.checkpointing import checkpoint_step, find_resume_checkpoint, save_checkpoint
+
+    teacher_info = inspect_teacher(args)  # clear errors before any weights load
+    prompts = load_prompts(args)
+
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir,
+                                            logging_dir=os.path.join(args.output_dir, args.logging_dir)),
+    )
+    log = get_logger(__name__)
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    if not accelerator.is_local_main_process:
+        transformers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.set_verbosity_error()
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    set_seed(args.seed)
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+    models = build_models(args, accelerator, teacher_info, weight_dtype)
+    log.info(f"student timesteps {models.timesteps.tolist()}, sigmas {models.sigmas.tolist()}; "
+             f"discriminator on transformer_blocks {teacher_info['discriminator_blocks']}", main_process_only=True)
+
+    val_text = (encode_prompts(models.text_pipe, args.validation_prompts, args, accelerator.device)
+                if args.validation_prompts else None)
+    source = build_prompt_source(args, models, prompts, accelerator.device)
+    vae = None
+    if args.validation_prompts:
+        vae = AutoencoderKL.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae",
+                                            revision=args.revision, variant=args.variant, cache_dir=args.cache_dir)
+        vae.requires_grad_(False).eval().to(accelerator.device, dtype=weight_dtype)
+
+    opt = prepare_training(args, accelerator, models)
 
     if accelerator.is_main_process:
         write_training_config(args, models, teacher_info, os.path.join(args.output_dir, TRAINING_CONFIG_NAME))

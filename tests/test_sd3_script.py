@@ -291,3 +291,42 @@ def test_error_bad_flags(script, workdir, capsys):
     assert "exactly one of --prompts_file or --dataset_name" in capsys.readouterr().err
     args = _args(script, workdir, *base, "--distribution_loss", "dmd", "--lora_rank", "0")
     assert args.fake_score_update_ratio == 5 and args.fake_score_lora_rank == 0
+
+
+def test_importable_iteration_and_sampling(script, workdir):
+    """The per-iteration functions a benchmark imports: build, prepare, iterate (discriminator warm-up, then the
+    generator moves); per-step randomness is reproducible; ADM's noise levels and ODE step are as documented."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    args = _args(script, workdir, "--pretrained_model_name_or_path", str(workdir / "sd3"), "--lora_rank", "4",
+                 "--max_sequence_length", "32", "--discriminator_head_channels", "64", "--discriminator_warmup_steps",
+                 "1", "--timestep_sampling", "shifted", "--fake_score_update_ratio", "2")
+    accelerator = Accelerator(cpu=True)
+    try:
+        models = script.build_models(args, accelerator, script.inspect_teacher(args))
+        assert models.teacher is not models.generator and models.features.module_names == [
+            "transformer_blocks.0", "transformer_blocks.1"]
+        source = script.build_prompt_source(args, models, PROMPTS, accelerator.device)
+        opt = script.prepare_training(args, accelerator, models)
+        lora = lambda: {n: p.detach().clone() for n, p in models.generator.named_parameters() if p.requires_grad}
+        before = lora()
+        logs0 = script.train_iteration(models, opt, args, accelerator, source, 0)
+        assert all(torch.equal(before[n], p) for n, p in lora().items())  # warm-up: the generator waits
+        assert "grad_norm_generator" not in logs0 and {"loss_fake_score", "loss_discriminator", "d_accuracy",
+                                                        "loss_generator_adv", "dmd_loss_recorded"} <= logs0.keys()
+        logs1 = script.train_iteration(models, opt, args, accelerator, source, 1)
+        assert "grad_norm_generator" in logs1 and all(v == v for v in logs1.values())  # no NaN
+
+        b1, b2 = (script.sample_batch(models, args, 5, 0, 0, source, "cpu") for _ in range(2))
+        b3 = script.sample_batch(models, args, 6, 0, 0, source, "cpu")
+        assert all(torch.equal(b1[k], b2[k]) for k in ("z", "eps", "t", "s")) and not torch.equal(b1["z"], b3["z"])
+        assert b1["t"].shape == (3, 1)  # two fake-score updates + the generator/discriminator row
+        torch.testing.assert_close(b1["s"], b1["t"] - 1000 / 64)
+        shift = models.teacher_shift
+        lo, hi = (shift * u / (1 + (shift - 1) * u) * 1000 for u in (0.02, 0.98))
+        draws = torch.cat([script.sample_batch(models, args, i, 0, 0, source, "cpu")["t"].flatten()
+                           for i in range(50)])
+        assert lo - 1e-3 <= draws.min() and draws.max() <= hi + 1e-3 and draws.mean() > 500  # shifted to high noise
+    finally:
+        AcceleratorState._reset_state(True)
