@@ -21,11 +21,21 @@ def script_env(**extra) -> dict:
     return env
 
 
-def accelerate_cmd(script: str, *args, num_processes: int = 1, port: int = 29517) -> list[str]:
+def free_port() -> int:
+    """A TCP port nobody listens on now (several test sessions may launch DDP runs at once)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def accelerate_cmd(script: str, *args, num_processes: int = 1, port: int | None = None) -> list[str]:
     """``accelerate launch`` of a script in distill_scripts/ (2 processes: CPU DDP over gloo)."""
     launch = [sys.executable, "-m", "accelerate.commands.launch"]
     if num_processes > 1:
-        launch += ["--multi_gpu", "--num_processes", str(num_processes), "--main_process_port", str(port)]
+        launch += ["--multi_gpu", "--num_processes", str(num_processes), "--main_process_port",
+                   str(port or free_port())]
     else:
         launch += ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend",
                    "no"]
