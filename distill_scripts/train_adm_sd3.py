@@ -451,6 +451,9 @@ def _update(accelerator, args, module, optimizer, lr_scheduler, micro_losses, lo
         norm = module.get_global_grad_norm()
         logs[f"grad_norm_{name}"] = float(norm) if norm is not None else float("nan")
         return
+    # Start clean: a pass in which this network was frozen must not leave gradients behind (under FSDP2 a
+    # requires_grad toggle on the sharded parameters need not reach the gathered ones).
+    optimizer.zero_grad(set_to_none=True)
     for i, (loss, terms) in enumerate(micro_losses):
         check_finite(terms, accelerator)
         with accelerator.no_sync(module) if i < k - 1 else nullcontext():
