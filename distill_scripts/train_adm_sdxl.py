@@ -447,7 +447,8 @@ def build_models(args, accelerator) -> ADMModels:
     # The student's schedule: one source of truth, its shipped scheduler.
     student_scheduler = load_student_scheduler(generator_path, teacher_path, args.num_student_steps, **load)
     teacher_schedule = schedule_from_scheduler_config(scheduler_config(teacher_path, **load))
-    student_schedule = schedule_from_scheduler_config(student_scheduler.config)
+    student_schedule = schedule_from_scheduler_config(
+        {**student_scheduler.config, "_class_name": type(student_scheduler).__name__})
     timesteps = student_timesteps(student_scheduler, args.num_student_steps)
 
     vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)

@@ -248,7 +248,8 @@ def build_models(args, accelerator) -> ADPModels:
         teacher=teacher, generator=generator, heads=heads, latent_features=latent_features, sam=sam,
         pixel_features=pixel_features, vae=vae, text_encoders=text_encoders, tokenizers=tokenizers,
         teacher_schedule=schedule_from_scheduler_config(scheduler_config(path, **load)),
-        student_scheduler=student_scheduler, student_schedule=schedule_from_scheduler_config(student_scheduler.config),
+        student_scheduler=student_scheduler, student_schedule=schedule_from_scheduler_config(
+        {**student_scheduler.config, "_class_name": type(student_scheduler).__name__}),
         student_timesteps=student_timesteps(student_scheduler, 1), latent_shape=latent_shape,
         weight_dtype=weight_dtype, ema=ema, force_zeros_for_empty_prompt=zeros)
 
