@@ -721,6 +721,12 @@ def train_iteration(args, accelerator, models: ADMModels, prompts: list[str], gl
                                          backbone_grad=False)
                 logits_real, logits_fake = logits.chunk(2)
                 diagnostics.update(discriminator_diagnostics(logits_real, logits_fake))
+                # Per noise band: at dt = T/64 D's signal tends to sit at low noise only (DESIGN.md §2).
+                for band, mask in (("high_noise", s >= st.T / 2), ("low_noise", s < st.T / 2)):
+                    if mask.any():
+                        band_diag = discriminator_diagnostics(logits_real[mask], logits_fake[mask])
+                        diagnostics[f"d_accuracy_{band}"] = band_diag["d_accuracy"]
+                        diagnostics[f"logit_gap_{band}"] = band_diag["logit_gap"]
                 loss = hinge_discriminator_loss(logits_real, logits_fake).mean()
                 return loss, {"discriminator_loss": loss}
 
