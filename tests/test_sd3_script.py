@@ -168,6 +168,10 @@ def test_sd3_medium_lora_adm_resume_and_export(workdir):
     a, b = workdir / "lora_a", workdir / "lora_b"
     assert sorted(p.name for p in a.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     assert not list(a.glob("*.tmp"))
+    # LoRA checkpoints hold only the adapters (generator, fake score), not the frozen teacher-copy bases
+    for name in ("model.safetensors", "model_1.safetensors"):
+        keys = _tensors(a / "checkpoint-2" / name).keys()
+        assert keys and all("lora_" in k for k in keys), name
     assert (a / "validation" / "step_000004.png").is_file()
     card = (a / "README.md").read_text()
     assert "FlowMatchEulerDiscreteScheduler" in card and "load_lora_weights" in card
