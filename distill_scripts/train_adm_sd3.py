@@ -971,10 +971,14 @@ def main(args):
                               "ODE step dt": args.ode_step_dt, "generator": _kind(args.lora_rank),
                               "T5": "dropped" if args.drop_t5 else "kept"},
         )
-        if args.drop_t5:  # diffusers loads a component saved as [null, null] only when it is passed as None
-            with open(os.path.join(args.output_dir, "README.md"), "a") as f:
-                f.write("\n## Without T5\n\nThis student was trained without the T5 text encoder and ships without "
-                        "it. Load it with\n`DiffusionPipeline.from_pretrained(repo, text_encoder_3=None, "
+        with open(os.path.join(args.output_dir, "README.md"), "a") as f:
+            if args.lora_rank > 0:
+                f.write("\n\n## Full pipeline\n\nThis folder is also a complete `StableDiffusion3Pipeline` with the "
+                        "adapter fused into the transformer and the student's scheduler: "
+                        "`DiffusionPipeline.from_pretrained(repo)`.\n")
+            if args.drop_t5:  # diffusers loads a component saved as [null, null] only when it is passed as None
+                f.write("\n\n## Without T5\n\nThis student was trained without the T5 text encoder and ships "
+                        "without it. Load it with\n`DiffusionPipeline.from_pretrained(repo, text_encoder_3=None, "
                         "tokenizer_3=None)`.\n")
         if args.push_to_hub:
             push_to_hub(args.output_dir, args.hub_model_id, token=args.hub_token, private=args.hub_private_repo)

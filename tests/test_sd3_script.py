@@ -205,6 +205,7 @@ def test_sd35_large_full_adm_drop_t5_precompute(workdir):
     index = json.loads((out / "model_index.json").read_text())
     assert index["text_encoder_3"] == [None, None] and not (out / "text_encoder_3").exists()
     assert not (out / "pytorch_lora_weights.safetensors").exists()
+    assert "text_encoder_3=None, tokenizer_3=None" in (out / "README.md").read_text()
     student, teacher = _tensors(out / "transformer" / "diffusion_pytorch_model.safetensors"), _tensors(
         workdir / "sd35" / "transformer" / "diffusion_pytorch_model.safetensors")
     assert student.keys() == teacher.keys()
