@@ -207,6 +207,10 @@ def inspect_teacher(args) -> dict:
     if grid > transformer_config["pos_embed_max_size"]:
         raise ValueError(f"--resolution {args.resolution} gives a {grid}x{grid} patch grid, larger than the "
                          f"transformer's pos_embed_max_size {transformer_config['pos_embed_max_size']}.")
+    has_t5 = (index.get("text_encoder_3") or [None])[0] is not None
+    if not has_t5 and not args.drop_t5:
+        raise ValueError(f"{path!r} has no T5 encoder (text_encoder_3 is null in model_index.json): pass --drop_t5 "
+                         "to train (and ship) without it.")
     num_layers = transformer_config["num_layers"]
     if args.discriminator_blocks:
         blocks = sorted({int(b) for b in args.discriminator_blocks.split(",")})
@@ -217,7 +221,7 @@ def inspect_teacher(args) -> dict:
         raise ValueError(f"--discriminator_blocks {bad} out of range: the transformer has {num_layers} blocks.")
     return {"index": index, "transformer_config": transformer_config, "vae_factor": vae_factor, "patch_size": patch,
             "latent_size": args.resolution // vae_factor, "grid": grid, "discriminator_blocks": blocks,
-            "has_t5": index.get("text_encoder_3", [None])[0] is not None}
+            "has_t5": has_t5}
 
 
 def load_prompts(args) -> list[str]:

@@ -279,6 +279,17 @@ def test_error_bad_resolution_and_blocks(script, workdir):
     with pytest.raises(ValueError, match=r"--discriminator_blocks \[5\] out of range"):
         script.inspect_teacher(_args(script, workdir, "--pretrained_model_name_or_path", teacher,
                                      "--discriminator_blocks", "0,5"))
+    no_t5 = workdir / "sd3_no_t5"  # configs are all a check reads
+    for sub in ("transformer", "vae"):
+        (no_t5 / sub).mkdir(parents=True, exist_ok=True)
+        shutil.copy(workdir / "sd3" / sub / "config.json", no_t5 / sub / "config.json")
+    index = json.loads((workdir / "sd3" / "model_index.json").read_text())
+    (no_t5 / "model_index.json").write_text(json.dumps({**index, "text_encoder_3": [None, None],
+                                                        "tokenizer_3": [None, None]}))
+    with pytest.raises(ValueError, match="has no T5 encoder.*--drop_t5"):
+        script.inspect_teacher(_args(script, workdir, "--pretrained_model_name_or_path", str(no_t5)))
+    assert not script.inspect_teacher(_args(script, workdir, "--pretrained_model_name_or_path", str(no_t5),
+                                            "--drop_t5"))["has_t5"]
     info = script.inspect_teacher(_args(script, workdir, "--pretrained_model_name_or_path", teacher))
     assert info["discriminator_blocks"] == [0, 1] and info["grid"] == 8 and info["has_t5"]
 
