@@ -29,6 +29,7 @@ exactly this script's step; nothing runs at import time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import logging
@@ -595,34 +596,26 @@ class _Step:
         return heads(feats)
 
 
-def _accumulated_update(acc, args, module, name, models, micro_loss_fn, logs) -> None:
+def _accumulated_update(acc, args, module, name, models, micro_loss_fn, logs, log_weight: float = 1.0) -> None:
     """One optimizer update of ``module`` over ``--gradient_accumulation_steps`` micro-batches: every loss term is
-    checked for non-finite values before backward (stop naming it), then clip, step, LR-schedule step."""
+    checked for non-finite values before backward (stop naming it), then clip, step, LR-schedule step. Loss terms
+    are added to ``logs`` averaged over micro-batches and times ``log_weight`` (1 / update ratio)."""
     from dmdx.training.checkpointing import check_finite
 
     optimizer, k = models.optimizers[name], args.gradient_accumulation_steps
     optimizer.zero_grad(set_to_none=True)
     for i in range(k):
-        sync = acc.no_sync(module) if i < k - 1 else _null()
-        with sync:
+        with acc.no_sync(module) if i < k - 1 else contextlib.nullcontext():  # all-reduce on the last only
             loss, terms = micro_loss_fn()
             check_finite(terms, acc)
             acc.backward(loss / k)
         for key, value in terms.items():
-            logs[key] = logs.get(key, 0.0) + value.detach().float().item() / k
+            logs[key] = logs.get(key, 0.0) + value.detach().float().item() * log_weight / k
     params = [p for p in module.parameters() if p.requires_grad]
     logs[f"grad_norm_{name}"] = float(acc.clip_grad_norm_(params, args.max_grad_norm))
     optimizer.step()
     models.lr_schedulers[name].step()
     optimizer.zero_grad(set_to_none=True)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def train_iteration(args, accelerator, models: ADMModels, prompts: list[str], global_step: int) -> dict[str, float]:
@@ -656,7 +649,8 @@ def train_iteration(args, accelerator, models: ADMModels, prompts: list[str], gl
             return loss, {"fake_score_loss": loss}
 
         for _ in range(args.fake_score_update_ratio):
-            _accumulated_update(accelerator, args, m.fake_score, "fake_score", m, fake_loss, logs)
+            _accumulated_update(accelerator, args, m.fake_score, "fake_score", m, fake_loss, logs,
+                                1 / args.fake_score_update_ratio)
 
         # 2. Generator: x0 = G(z), x_t = add_noise(x0, eps, t); one PF-ODE step t -> s = t - dt from the same x_t
         #    with the teacher (CFG) and the fake score (frozen, gradient through its input); loss = -D(x_fake, s).
@@ -731,7 +725,8 @@ def train_iteration(args, accelerator, models: ADMModels, prompts: list[str], gl
                 return loss, {"discriminator_loss": loss}
 
             for _ in range(args.discriminator_update_ratio):
-                _accumulated_update(accelerator, args, m.heads, "discriminator", m, discriminator_loss, logs)
+                _accumulated_update(accelerator, args, m.heads, "discriminator", m, discriminator_loss, logs,
+                                    1 / args.discriminator_update_ratio)
             logs.update(diagnostics)
 
     for name, scheduler in m.lr_schedulers.items():
