@@ -1,0 +1,241 @@
+"""The embedded default (`make demo`): DMDX and DMD2 distillation of a real (tiny) SDXL-architecture digits teacher,
+end to end with the project's real scripts, then a measured comparison.
+
+    python distill_scripts/demo.py [--output_dir demo_output] [--quick] [--teacher sdxl]
+
+Stages (each one a subprocess, exactly the command a user would type; all of them are written to
+``<output_dir>/commands.sh``):
+
+  0. the teacher: the committed ``distill_scripts/digits/assets/digits-sdxl-teacher`` (trained on scikit-learn's
+     real handwritten digits by ``digits/train_digits_teacher.py``), trained here if it is missing;
+  1. ``collect_ode_pairs.py``: the teacher's deterministic 25-step CFG samples (noise, latent) for ADP;
+  2. ``train_adp_sdxl.py``: Adversarial Distillation Pre-training of the one-step student (DMDX stage 1);
+  3. ``train_adm_sdxl.py --distribution_loss adm`` from the ADP student: DMDX stage 2 -> ``<output_dir>/student``;
+  4. ``train_adm_sdxl.py --distribution_loss dmd`` from the same ADP student with a matched training-time budget:
+     the DMD2 baseline -> ``<output_dir>/dmd2``;
+  5. ``evaluate.py``: teacher (25 steps, CFG = 50 NFE), DMD2 (1 step) and DMDX (1 step) through stock diffusers ->
+     ``report.json``, ``report.md``, ``samples.png``.
+
+Everything runs offline on CPU. A rerun into the same folder reuses finished stages when the recipe is unchanged
+(``--overwrite`` starts afresh). ``--quick`` runs the same stages with tiny budgets (a smoke test, not a result).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+DIGITS = os.path.join(HERE, "digits")
+COMMITTED_TEACHERS = {"sdxl": os.path.join(DIGITS, "assets", "digits-sdxl-teacher")}
+
+sys.path.insert(0, DIGITS)
+from digits_data import CLASS_FREE_PROMPT, evaluation_prompts  # noqa: E402
+
+# The recipe. Budgets were chosen on a 2-core CPU so the whole default run stays within ~20 minutes; the DMD2
+# step count gives it about the same training time as DMDX's ADM stage (DMD2 makes 5 fake-score updates per
+# generator update, ADM 1 plus a discriminator update). Measured times are written to report.json.
+RECIPES = {
+    "default": {
+        "teacher_guidance_scale": 3.0, "teacher_steps": 25,
+        "num_pairs": 2000, "pairs_batch_size": 250,
+        "adp": {"max_train_steps": 600, "train_batch_size": 64, "generator_lr": 2e-4, "discriminator_lr": 2e-4,
+                "velocity_mse_weight": 1.0, "ema_decay": 0.99},
+        "adm": {"max_train_steps": 300, "train_batch_size": 32, "generator_lr": 5e-6, "fake_score_lr": 1e-4,
+                "discriminator_lr": 1e-4, "discriminator_warmup_steps": 100, "ode_step_dt": 1 / 64,
+                "ema_decay": 0.99},
+        "dmd": {"max_train_steps": 150, "train_batch_size": 32, "generator_lr": 5e-6, "fake_score_lr": 1e-4,
+                "ema_decay": 0.99},
+        "eval_images_per_prompt": 50, "eval_class_free_images": 200,
+    },
+    "quick": {
+        "teacher_guidance_scale": 3.0, "teacher_steps": 25,
+        "num_pairs": 32, "pairs_batch_size": 32,
+        "adp": {"max_train_steps": 4, "train_batch_size": 8, "generator_lr": 2e-4, "discriminator_lr": 2e-4,
+                "velocity_mse_weight": 1.0, "ema_decay": 0.99},
+        "adm": {"max_train_steps": 3, "train_batch_size": 4, "generator_lr": 5e-6, "fake_score_lr": 1e-4,
+                "discriminator_lr": 1e-4, "discriminator_warmup_steps": 1, "ode_step_dt": 1 / 64,
+                "ema_decay": 0.99},
+        "dmd": {"max_train_steps": 2, "train_batch_size": 4, "generator_lr": 5e-6, "fake_score_lr": 1e-4,
+                "ema_decay": 0.99},
+        "eval_images_per_prompt": 4, "eval_class_free_images": 10,
+    },
+}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Run DMDX and DMD2 on the embedded digits teacher and compare them.")
+    parser.add_argument("--output_dir", default="demo_output")
+    parser.add_argument("--teacher", default="sdxl", choices=["sdxl"],
+                        help="Teacher architecture (the one-step DMDX path is SDXL's).")
+    parser.add_argument("--quick", action="store_true", help="Tiny budgets: a smoke run of every stage.")
+    parser.add_argument("--overwrite", action="store_true", help="Delete --output_dir first.")
+    parser.add_argument("--num_threads", type=int, default=1,
+                        help="Threads per process (OMP_NUM_THREADS); 1 is fastest for these tiny models on a "
+                             "shared 2-core machine.")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+class Runner:
+    """Runs the stages as subprocesses, records commands and wall times, and reuses finished stages."""
+
+    def __init__(self, args, recipe_name: str):
+        self.args = args
+        self.out = os.path.abspath(args.output_dir)
+        self.env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+                        OMP_NUM_THREADS=str(args.num_threads), MKL_NUM_THREADS=str(args.num_threads),
+                        ACCELERATE_USE_CPU=os.environ.get("ACCELERATE_USE_CPU", "true"), PYTHONWARNINGS="ignore")
+        self.timings_path = os.path.join(self.out, "timings.json")
+        self.timings = json.load(open(self.timings_path)) if os.path.isfile(self.timings_path) else {}
+        self.commands = []
+        self.recipe_name = recipe_name
+
+    def python(self, script, *args):
+        return [sys.executable, script, *map(str, args)]
+
+    def accelerate(self, script, *args):
+        return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no", os.path.join(HERE, script), *map(str, args)]
+
+    def stage(self, index: int, total: int, name: str, cmd: list[str], done_marker: str | None = None):
+        self.commands.append(cmd)
+        if done_marker is not None and os.path.exists(done_marker) and name in self.timings:
+            print(f"\n[{index}/{total}] {name}: reusing {os.path.dirname(done_marker)}", flush=True)
+            return
+        print(f"\n[{index}/{total}] {name}\n$ {shlex.join(cmd)}", flush=True)
+        start = time.perf_counter()
+        result = subprocess.run(cmd, env=self.env, cwd=REPO)
+        if result.returncode != 0:
+            raise SystemExit(f"Stage '{name}' failed (exit code {result.returncode}); see the output above. "
+                             f"Finished stages are kept in {self.out} and reused by a rerun.")
+        self.timings[name] = round(time.perf_counter() - start, 1)
+        with open(self.timings_path, "w") as f:
+            json.dump(self.timings, f, indent=2)
+        print(f"[{index}/{total}] {name}: {self.timings[name]:.1f} s", flush=True)
+
+    def write_commands(self):
+        with open(os.path.join(self.out, "commands.sh"), "w") as f:
+            f.write(f"#!/bin/sh\n# The commands this demo ran (recipe: {self.recipe_name}).\nset -e\n")
+            f.write("export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false "
+                    f"OMP_NUM_THREADS={self.args.num_threads} ACCELERATE_USE_CPU=true\n")
+            for cmd in self.commands:
+                f.write(shlex.join(cmd) + "\n")
+
+
+def flags(options: dict) -> list[str]:
+    out = []
+    for key, value in options.items():
+        out += [f"--{key}", repr(value) if isinstance(value, float) else str(value)]
+    return out
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    recipe_name = "quick" if args.quick else "default"
+    recipe = RECIPES[recipe_name]
+    out = os.path.abspath(args.output_dir)
+    if args.overwrite and os.path.isdir(out):
+        shutil.rmtree(out)
+    os.makedirs(out, exist_ok=True)
+    recipe_path = os.path.join(out, "recipe.json")
+    stored = {"recipe": recipe_name, "teacher": args.teacher, "seed": args.seed, **recipe}
+    if os.path.isfile(recipe_path):
+        with open(recipe_path) as f:
+            if json.load(f) != json.loads(json.dumps(stored)):
+                raise SystemExit(f"{out} holds a run with another recipe; use --overwrite or another --output_dir.")
+    with open(recipe_path, "w") as f:
+        json.dump(stored, f, indent=2)
+
+    run = Runner(args, recipe_name)
+    total = 6
+    start = time.perf_counter()
+    g = recipe["teacher_guidance_scale"]
+
+    # 0. the teacher (committed; trained on first use if missing) and the prompts
+    teacher = COMMITTED_TEACHERS[args.teacher]
+    if not os.path.isfile(os.path.join(teacher, "model_index.json")):
+        teacher = os.path.join(out, "teacher")
+        cmd = run.python(os.path.join(DIGITS, "train_digits_teacher.py"), "--architecture", args.teacher,
+                         "--output_dir", teacher, "--num_threads", args.num_threads)
+        if args.quick:
+            cmd += ["--vae_train_steps", 20, "--max_train_steps", 20, "--num_validation_images", 2]
+        run.stage(0, total, "teacher", list(map(str, cmd)), os.path.join(teacher, "model_index.json"))
+    else:
+        print(f"[0/{total}] teacher: using the committed {os.path.relpath(teacher, REPO)}", flush=True)
+    prompts_file = os.path.join(out, "prompts.txt")
+    with open(prompts_file, "w") as f:  # the class-free prompt twice: about the share it had in the teacher's data
+        f.write("\n".join(evaluation_prompts() + [CLASS_FREE_PROMPT]) + "\n")
+
+    # 1. teacher ODE pairs (25-step deterministic DDIM with CFG)
+    pairs = os.path.join(out, "ode_pairs")
+    run.stage(1, total, "collect_ode_pairs", run.accelerate(
+        "collect_ode_pairs.py", "--pretrained_model_name_or_path", teacher, "--prompts_file", prompts_file,
+        "--resolution", 16, "--num_pairs", recipe["num_pairs"], "--shard_size", recipe["num_pairs"],
+        "--batch_size", recipe["pairs_batch_size"], "--num_inference_steps", recipe["teacher_steps"],
+        "--guidance_scale", g, "--save_dtype", "float32", "--seed", args.seed, "--output_dir", pairs),
+        os.path.join(pairs, "shard-00000.safetensors"))
+
+    common = ["--pretrained_model_name_or_path", teacher, "--resolution", 16, "--seed", args.seed,
+              "--lr_scheduler", "constant", "--use_ema", "--checkpointing_steps", 10**9]
+    # 2. ADP (DMDX stage 1). No SAM checkpoint can be downloaded here: latent discriminator only, plus the
+    #    ODE-pair velocity regression that speeds up this short run.
+    adp = os.path.join(out, "adp")
+    run.stage(2, total, "adp", run.accelerate(
+        "train_adp_sdxl.py", *common, "--ode_pairs_dir", pairs, "--pixel_discriminator_model", "none",
+        *flags(recipe["adp"]), "--output_dir", adp), os.path.join(adp, "model_index.json"))
+
+    # 3. ADM from the ADP student (DMDX stage 2) -> student/
+    student = os.path.join(out, "student")
+    run.stage(3, total, "adm", run.accelerate(
+        "train_adm_sdxl.py", *common, "--pretrained_generator_name_or_path", adp, "--prompts_file", prompts_file,
+        "--distribution_loss", "adm", "--guidance_scale", g, *flags(recipe["adm"]), "--output_dir", student),
+        os.path.join(student, "model_index.json"))
+
+    # 4. DMD2 baseline from the same ADP student, about the same training time
+    dmd2 = os.path.join(out, "dmd2")
+    run.stage(4, total, "dmd", run.accelerate(
+        "train_adm_sdxl.py", *common, "--pretrained_generator_name_or_path", adp, "--prompts_file", prompts_file,
+        "--distribution_loss", "dmd", "--guidance_scale", g, *flags(recipe["dmd"]), "--output_dir", dmd2),
+        os.path.join(dmd2, "model_index.json"))
+
+    # 5. evaluation through stock diffusers
+    steps = recipe["teacher_steps"]
+    run.stage(5, total, "evaluate", run.python(
+        os.path.join(HERE, "evaluate.py"), "--pipeline", f"teacher={teacher}:{steps}:{g}",
+        "--pipeline", f"dmd2={dmd2}:1:0", "--pipeline", f"dmdx={student}:1:0",
+        "--num_images_per_prompt", recipe["eval_images_per_prompt"],
+        "--num_class_free_images", recipe["eval_class_free_images"], "--seed", args.seed, "--output_dir", out))
+    run.write_commands()
+
+    # training cost per pipeline, next to the metrics
+    t = run.timings
+    training = {"teacher": None, "dmd2": {"adp_seconds": t.get("adp"), "distillation_seconds": t.get("dmd")},
+                "dmdx": {"adp_seconds": t.get("adp"), "distillation_seconds": t.get("adm")}}
+    report_path = os.path.join(out, "report.json")
+    with open(report_path) as f:
+        report = json.load(f)
+    for name, cost in training.items():
+        report[name]["training_cost"] = cost
+    with open(report_path, "w") as f:
+        json.dump(report, f, indent=2)
+    with open(os.path.join(out, "report.md"), "a") as f:
+        f.write(f"\nRecipe `{recipe_name}`; training wall time on this machine: ODE pairs "
+                f"{t.get('collect_ode_pairs')} s, "
+                f"ADP {t.get('adp')} s (shared init), ADM (DMDX) {t.get('adm')} s, DMD2 {t.get('dmd')} s. "
+                f"Whole demo: {time.perf_counter() - start:.0f} s this run.\n")
+    teacher_fid, dmdx = report["teacher"]["digit_fid"], report["dmdx"]
+    print(f"\nDone in {time.perf_counter() - start:.0f} s. DMDX 1-step: digit_fid {dmdx['digit_fid']:.2f} "
+          f"({dmdx['digit_fid'] / teacher_fid:.2f}x the teacher's {teacher_fid:.2f}), prompt_accuracy "
+          f"{dmdx['prompt_accuracy']:.3f}. See {out}/report.md, samples.png; the student is {student}.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""`make demo`'s script in its --quick form: every stage runs (the real scripts, as subprocesses) and the outputs
+a user looks for are there and load with stock diffusers."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "distill_scripts"))
+
+pytestmark = pytest.mark.slow
+
+
+def test_demo_quick_end_to_end(tmp_path):
+    import evaluate
+
+    out = tmp_path / "demo_output"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               HF_HOME=str(tmp_path / "hf"))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "distill_scripts", "demo.py"), "--quick",
+                           "--output_dir", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    for stage in ("[1/6] collect_ode_pairs", "[2/6] adp", "[3/6] adm", "[4/6] dmd", "[5/6] evaluate"):
+        assert stage in proc.stdout
+
+    report = json.loads((out / "report.json").read_text())
+    assert list(report) == ["teacher", "dmd2", "dmdx"]
+    for name, r in report.items():
+        assert all(k in r for k in evaluate.METRIC_KEYS), name
+        assert 0 <= r["prompt_accuracy"] <= 1 and 0 <= r["mode_entropy"] <= 1
+    assert (report["teacher"]["nfe"], report["dmd2"]["nfe"], report["dmdx"]["nfe"]) == (50, 1, 1)
+    assert report["dmdx"]["training_cost"]["distillation_seconds"] > 0
+    assert (out / "samples.png").stat().st_size > 0 and "| dmdx |" in (out / "report.md").read_text()
+    commands = (out / "commands.sh").read_text()
+    for script in ("collect_ode_pairs.py", "train_adp_sdxl.py", "train_adm_sdxl.py", "evaluate.py"):
+        assert script in commands
+    assert "--distribution_loss adm" in commands and "--distribution_loss dmd" in commands
+
+    # the DMDX student is an ordinary diffusers pipeline that generates in one step
+    import torch
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(str(out / "student"))
+    images = pipe("a handwritten digit three", num_inference_steps=1, guidance_scale=0.0, output_type="np",
+                  generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (1, 16, 16, 3) and torch.isfinite(torch.from_numpy(images)).all()
