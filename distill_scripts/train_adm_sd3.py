@@ -458,9 +458,12 @@ def _update(accelerator, args, module, optimizer, lr_scheduler, micro_losses, lo
     # Start clean: a pass in which this network was frozen must not leave gradients behind (under FSDP2 a
     # requires_grad toggle on the sharded parameters need not reach the gathered ones).
     optimizer.zero_grad(set_to_none=True)
-    for i, (loss, terms) in enumerate(micro_losses):
-        check_finite(terms, accelerator)
+    micro_losses = iter(micro_losses)
+    for i in range(k):
+        # DDP decides in the forward whether the backward syncs: draw the micro-batch's loss inside no_sync
         with accelerator.no_sync(module) if i < k - 1 else nullcontext():
+            loss, terms = next(micro_losses)
+            check_finite(terms, accelerator)
             accelerator.backward(loss / k)
         for key, value in terms.items():
             logs[key] = logs.get(key, 0.0) + value.detach().float().item() / k
