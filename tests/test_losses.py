@@ -245,3 +245,11 @@ def test_dmd_update_reaches_only_the_generator():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in st.G.parameters())
     for module in (st.fake, st.heads, st.teacher):
         assert all(p.grad is None for p in module.parameters())
+
+
+def test_discriminator_accuracy_counts_zero_logits_as_chance():
+    from dmdx.training import discriminator_diagnostics
+
+    assert discriminator_diagnostics(torch.zeros(4), torch.zeros(4))["d_accuracy"] == 0.5
+    assert discriminator_diagnostics(torch.ones(4), -torch.ones(4))["d_accuracy"] == 1.0
+    assert discriminator_diagnostics(-torch.ones(4), torch.ones(4))["d_accuracy"] == 0.0

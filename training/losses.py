@@ -128,7 +128,10 @@ def discriminator_diagnostics(logits_real: torch.Tensor, logits_fake: torch.Tens
     """Mean logits, their gap, and the discriminator's accuracy (real > 0, fake < 0): the first thing to look at,
     since ADM's discriminator signal can sit near chance (DESIGN.md §2)."""
     real, fake = logits_real.float(), logits_fake.float()
-    accuracy = 0.5 * ((real > 0).float().mean() + (fake < 0).float().mean())
+    # A logit of exactly 0 (zero-initialised heads) is a coin flip, counted as half right, so chance reads 0.5.
+    right_real = (real > 0).float() + 0.5 * (real == 0).float()
+    right_fake = (fake < 0).float() + 0.5 * (fake == 0).float()
+    accuracy = 0.5 * (right_real.mean() + right_fake.mean())
     return {
         "logits_real": real.mean().item(),
         "logits_fake": fake.mean().item(),
