@@ -70,13 +70,13 @@ def parse_args(argv=None):
     g.add_argument("--weights", type=str, default=None, help="comma-separated mode weights w1,...,wK (default equal)")
     g.add_argument("--dim", type=int, default=2, help="data dimension D (modes live in the first two coordinates)")
     g.add_argument("--radius", type=float, default=2.0)
-    g.add_argument("--mode_std", type=float, default=0.08, help="std of every mode")
+    g.add_argument("--mode_std", type=float, default=0.15, help="std of every mode")
     g = p.add_argument_group("training")
     g.add_argument("--methods", type=str, default="adm,dmd", help="comma-separated subset of adm,dmd")
-    g.add_argument("--steps", type=int, default=2000, help="generator updates per method")
+    g.add_argument("--steps", type=int, default=3000, help="generator updates per method")
     g.add_argument("--batch_size", type=int, default=256)
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--init", choices=["poor", "good"], default="poor",
+    g.add_argument("--init", choices=["poor", "good"], default="good",
                    help="poor: randomly initialised generator (outputs collapsed near the origin); good: the "
                         "generator is first regressed briefly onto teacher ODE pairs (noise -> x0), like ADP")
     g.add_argument("--init_steps", type=int, default=300, help="regression steps of --init good")
