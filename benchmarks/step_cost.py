@@ -74,6 +74,9 @@ def parse_args(argv=None):
     p.add_argument("--memory_plan", action="store_true",
                    help="Also run ADM with --mixed_precision bf16, --gradient_checkpointing and the other fake-score "
                         "kind (LoRA r=8 / full), each in its own process, for the memory-plan table.")
+    p.add_argument("--no_paired", action="store_true",
+                   help="Skip the process that builds ADM and DMD2 side by side and alternates their iterations "
+                        "(automatically skipped for --size full: two sets of real-size models do not fit).")
     p.add_argument("--device", default=None, help="Default: cuda if available, else cpu.")
     p.add_argument("--num_threads", type=int, default=None, help="torch.set_num_threads in every worker.")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
@@ -324,7 +327,29 @@ def script_argv(spec: dict, teacher: str, prompts_file: str, output_dir: str) ->
     return argv
 
 
-def run_worker(spec: dict) -> dict:
+def _setup(mod, spec: dict, accelerator, tmp: str, loss: str):
+    """The script's own models, optimizers and ``train_iteration`` for ``loss``; returns (parts, iterate)."""
+    os.makedirs(tmp, exist_ok=True)
+    prompts_file = os.path.join(tmp, "prompts.txt")
+    with open(prompts_file, "w") as f:
+        f.write("\n".join(PROMPTS) + "\n")
+    spec = {**spec, "distribution_loss": loss}
+    args = mod.parse_args(script_argv(spec, spec["teacher_dir"], prompts_file, os.path.join(tmp, "out")))
+    if spec["script"] == "sdxl":
+        args.num_processes = 1
+        models = mod.build_models(args, accelerator)
+        mod.create_optimizers(args, models)
+        mod.prepare(accelerator, models)
+        state = SdxlParts(mod, args, accelerator, models, PROMPTS)
+        return state, lambda step: mod.train_iteration(args, accelerator, models, PROMPTS, step)
+    models = mod.build_models(args, accelerator, mod.inspect_teacher(args), _weight_dtype(args.mixed_precision))
+    source = mod.build_prompt_source(args, models, PROMPTS, accelerator.device)
+    opt = mod.prepare_training(args, accelerator, models)
+    state = Sd3Parts(mod, args, accelerator, models, opt, source)
+    return state, lambda step: mod.train_iteration(models, opt, args, accelerator, source, step)
+
+
+def _worker_setup(spec: dict):
     if spec.get("num_threads"):
         torch.set_num_threads(spec["num_threads"])
     if SCRIPTS_DIR not in sys.path:
@@ -334,30 +359,38 @@ def run_worker(spec: dict) -> dict:
     import transformers  # noqa: F401
     from accelerate import Accelerator
 
-    device = spec["device"]
-    tmp = tempfile.mkdtemp(prefix="step_cost_")
-    prompts_file = os.path.join(tmp, "prompts.txt")
-    with open(prompts_file, "w") as f:
-        f.write("\n".join(PROMPTS) + "\n")
-    args = mod.parse_args(script_argv(spec, spec["teacher_dir"], prompts_file, os.path.join(tmp, "out")))
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not device.startswith("cuda"))
+    accelerator = Accelerator(mixed_precision=spec["mixed_precision"], cpu=not spec["device"].startswith("cuda"))
     torch.manual_seed(0)
+    return mod, accelerator, tempfile.mkdtemp(prefix="step_cost_")
+
+
+def run_paired_worker(spec: dict) -> dict:
+    """ADM and DMD2 built side by side in one process, their iterations timed alternately: the update-cost ratio
+    is then immune to the machine's load drifting between processes."""
+    mod, accelerator, tmp = _worker_setup(spec)
+    runs = {loss: _setup(mod, spec, accelerator, os.path.join(tmp, loss), loss) for loss in ("adm", "dmd")}
+    for _, iterate in runs.values():
+        for step in range(spec["warmup"]):
+            iterate(step)
+    times = {loss: [] for loss in runs}
+    for r in range(spec["repeats"]):
+        order = ["adm", "dmd"] if r % 2 == 0 else ["dmd", "adm"]
+        for loss in order:
+            times[loss].append(timed(lambda it=runs[loss][1], st=spec["warmup"] + r: it(st), spec["device"]))
+    return {"iteration_seconds": times,
+            "adm_over_dmd_median_of_pairs": statistics.median(a / d for a, d in zip(times["adm"], times["dmd"])),
+            "adm_over_dmd_ratio_of_medians": statistics.median(times["adm"]) / statistics.median(times["dmd"])}
+
+
+def run_worker(spec: dict) -> dict:
+    if spec.get("paired"):
+        return run_paired_worker(spec)
+    mod, accelerator, tmp = _worker_setup(spec)
+    device = spec["device"]
     meter = MemoryMeter(device)
     meter.reset()
-
-    if spec["script"] == "sdxl":
-        args.num_processes = 1
-        models = mod.build_models(args, accelerator)
-        mod.create_optimizers(args, models)
-        mod.prepare(accelerator, models)
-        state = SdxlParts(mod, args, accelerator, models, PROMPTS)
-        iterate = lambda step: mod.train_iteration(args, accelerator, models, PROMPTS, step)
-    else:
-        models = mod.build_models(args, accelerator, mod.inspect_teacher(args), _weight_dtype(args.mixed_precision))
-        source = mod.build_prompt_source(args, models, PROMPTS, accelerator.device)
-        opt = mod.prepare_training(args, accelerator, models)
-        state = Sd3Parts(mod, args, accelerator, models, opt, source)
-        iterate = lambda step: mod.train_iteration(models, opt, args, accelerator, source, step)
+    state, iterate = _setup(mod, spec, accelerator, tmp, spec["distribution_loss"])
+    args = state.args
 
     step = 0
     for _ in range(spec["warmup"]):
@@ -689,6 +722,10 @@ def launch_worker(spec: dict, tmp: str) -> dict:
     with open(out_path) as f:
         result = json.load(f)
     result["worker_wall_seconds"] = time.perf_counter() - start
+    if spec.get("paired"):
+        print(f"  {spec['name']}: ADM / DMD2 iteration time, alternating in one process: "
+              f"{result['adm_over_dmd_median_of_pairs']:.2f} ({result['worker_wall_seconds']:.0f} s)", flush=True)
+        return result
     print(f"  {spec['name']}: {result['iteration_seconds_median']:.3f} s/iteration, iteration/sum of parts "
           f"{result['iteration_over_sum_of_parts']:.2f}, peak {result['peak_memory_bytes'] / MB:.0f} MB vs held "
           f"{result['bytes_held']['total'] / MB:.0f} MB ({result['worker_wall_seconds']:.0f} s)", flush=True)
@@ -729,10 +766,13 @@ def main(argv=None):
         specs.append({**adm, "name": "plan_fake_lora" if fake_rank == 0 else "plan_fake_full",
                       "fake_score_lora_rank": 8 if fake_rank == 0 else 0})
     results = {}
+    if len(losses) == 2 and not args.no_paired and args.size != "full":
+        specs.append({**base, "name": "paired", "paired": True, "distribution_loss": "adm"})
     for spec in specs:
         results[spec["name"]] = launch_worker(spec, tmp)
+    paired = results.pop("paired", None)
 
-    summary = summarize(args, teacher_info, results)
+    summary = summarize(args, teacher_info, results, paired)
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"step_cost_{args.script}_{args.size}")
     with open(stem + ".json", "w") as f:
@@ -745,7 +785,7 @@ def main(argv=None):
     return summary
 
 
-def summarize(args, teacher_info: dict, results: dict) -> dict:
+def summarize(args, teacher_info: dict, results: dict, paired: dict | None = None) -> dict:
     summary = {"command": "python benchmarks/step_cost.py " + " ".join(sys.argv[1:]) if sys.argv[1:] else "",
                "script": args.script, "size": args.size, "resolution": args.resolution,
                "batch_size": args.batch_size, "mixed_precision": args.mixed_precision,
@@ -758,6 +798,9 @@ def summarize(args, teacher_info: dict, results: dict) -> dict:
                                                         / dmd["iteration_seconds_median"])
         pred = adm["predicted_update_seconds"]
         summary["adm_over_dmd_update_cost_from_parts"] = pred["adm"] / pred["dmd"]
+    if paired:
+        summary["paired_iterations"] = paired
+        summary["adm_over_dmd_update_cost_paired"] = paired["adm_over_dmd_median_of_pairs"]
     plan = {k: v for k, v in results.items() if k.startswith("plan_")}
     if plan and "adm" in results:
         ref = results["adm"]
@@ -819,10 +862,13 @@ def markdown(summary: dict) -> str:
                      f"{run['iteration_over_sum_of_parts']:.2f} | {run['peak_memory_bytes'] / MB:.1f} | "
                      f"{run['bytes_held']['total'] / MB:.1f} | {run['peak_over_held']:.2f} |")
     if "adm_over_dmd_update_cost_measured" in summary:
-        lines += ["", f"ADM generator update (1:1) vs DMD2 generator update (5:1): "
-                      f"**{summary['adm_over_dmd_update_cost_measured']:.2f}x** measured "
-                      f"({summary['adm_over_dmd_update_cost_from_parts']:.2f}x predicted from the ADM run's own "
-                      f"parts); target <= 1.00."]
+        paired = summary.get("adm_over_dmd_update_cost_paired")
+        lines += ["", "ADM generator update (1:1) vs DMD2 generator update (5:1): "
+                  + (f"**{paired:.2f}x** (both built in one process, iterations alternated, median of "
+                     f"{len(summary['paired_iterations']['iteration_seconds']['adm'])} pairs); " if paired else "")
+                  + f"{summary['adm_over_dmd_update_cost_measured']:.2f}x from the two runs above (separate "
+                  f"processes); {summary['adm_over_dmd_update_cost_from_parts']:.2f}x predicted from the ADM run's "
+                  f"own parts. Target <= 1.00."]
     for name, run in summary["runs"].items():
         if name.startswith("plan_"):
             continue

@@ -18,7 +18,7 @@ def test_step_cost_tiny_sdxl(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, str(BENCHMARK), "--script", "sdxl", "--size", "tiny", "--repeats", "1",
-                           "--warmup", "1", "--device", "cpu", "--out", str(tmp_path)],
+                           "--warmup", "1", "--device", "cpu", "--no_paired", "--out", str(tmp_path)],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "step_cost_sdxl_tiny.json").read_text())
