@@ -59,7 +59,9 @@ def parse_args(argv=None):
     p.add_argument("--size", default="tiny", choices=["tiny", "small", "full"],
                    help="tiny: the tests' models (1 M parameters); small: a 24 M-parameter SDXL UNet / 6-block MMDiT "
                         "(CPU memory plan); full: SDXL / SD3-Medium real size (a GPU).")
-    p.add_argument("--teacher_dir", default=None, help="Benchmark this pipeline folder instead of building one.")
+    p.add_argument("--teacher_dir", default=None,
+                   help="Benchmark this pipeline folder; if it does not exist, build the --size teacher there and keep "
+                        "it (reuse it across runs, e.g. a batch-size sweep at full size).")
     p.add_argument("--distribution_loss", default="both", choices=["adm", "dmd", "both"])
     p.add_argument("--resolution", type=int, default=None, help="Pixels (default: 32 tiny/small, 1024 full).")
     p.add_argument("--batch_size", type=int, default=None, help="Per device (default: 2 tiny, 1 full).")
@@ -745,8 +747,8 @@ def main(argv=None):
     tmp = tempfile.mkdtemp(prefix="step_cost_")
     teacher_info = {"teacher": args.teacher_dir}
     teacher_dir = args.teacher_dir
-    if teacher_dir is None:
-        teacher_dir = os.path.join(tmp, "teacher")
+    if teacher_dir is None or not os.path.isdir(teacher_dir):
+        teacher_dir = teacher_dir or os.path.join(tmp, "teacher")
         print(f"Building the {args.size} {args.script} teacher in {teacher_dir} ...", flush=True)
         teacher_info = build_teacher(args.script, args.size, args.resolution, teacher_dir)
     base = {"script": args.script, "size": args.size, "teacher_dir": teacher_dir, "resolution": args.resolution,
