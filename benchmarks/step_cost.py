@@ -760,7 +760,8 @@ def main(argv=None):
     specs = [{**base, "name": loss, "distribution_loss": loss} for loss in losses]
     if args.memory_plan:
         adm = {**base, "distribution_loss": "adm"}
-        default_fake_rank = 0 if args.script == "sdxl" else 64
+        # the scripts' defaults: SDXL full fake score; SD3 the generator's LoRA rank (64 unless --lora_rank)
+        default_fake_rank = 0 if args.script == "sdxl" else (64 if args.lora_rank is None else args.lora_rank)
         fake_rank = args.fake_score_lora_rank if args.fake_score_lora_rank is not None else default_fake_rank
         specs += [{**adm, "name": "plan_bf16", "mixed_precision": "bf16"}] if args.mixed_precision != "bf16" else [
             {**adm, "name": "plan_fp32", "mixed_precision": "no"}]
@@ -806,7 +807,7 @@ def summarize(args, teacher_info: dict, results: dict, paired: dict | None = Non
     plan = {k: v for k, v in results.items() if k.startswith("plan_")}
     if plan and "adm" in results:
         ref = results["adm"]
-        rows = [{"variant": describe(ref["spec"], args), "peak_memory_bytes": ref["peak_memory_bytes"],
+        rows = [{"variant": describe(ref), "peak_memory_bytes": ref["peak_memory_bytes"],
                  "bytes_held": ref["bytes_held"]["total"], "peak_vs_reference": 1.0, "held_vs_reference": 1.0,
                  "iteration_seconds": ref["iteration_seconds_median"]}]
         second = ref["teacher_second_copy_bytes"]
@@ -817,7 +818,7 @@ def summarize(args, teacher_info: dict, results: dict, paired: dict | None = Non
                      "held_vs_reference": (ref["bytes_held"]["total"] + second) / ref["bytes_held"]["total"],
                      "iteration_seconds": None})
         for run in plan.values():
-            rows.append({"variant": describe(run["spec"], args), "peak_memory_bytes": run["peak_memory_bytes"],
+            rows.append({"variant": describe(run), "peak_memory_bytes": run["peak_memory_bytes"],
                          "bytes_held": run["bytes_held"]["total"],
                          "peak_vs_reference": run["peak_memory_bytes"] / ref["peak_memory_bytes"],
                          "held_vs_reference": run["bytes_held"]["total"] / ref["bytes_held"]["total"],
@@ -826,10 +827,8 @@ def summarize(args, teacher_info: dict, results: dict, paired: dict | None = Non
     return summary
 
 
-def describe(spec: dict, args) -> str:
-    fake = spec.get("fake_score_lora_rank")
-    if fake is None:
-        fake = 0 if args.script == "sdxl" else 64
+def describe(run: dict) -> str:
+    spec, fake = run["spec"], run["script_args"]["fake_score_lora_rank"]
     return (f"frozen modules {'fp32' if spec['mixed_precision'] == 'no' else spec['mixed_precision']}, gradient "
             f"checkpointing {'on' if spec['gradient_checkpointing'] else 'off'}, fake score "
             f"{'full' if fake == 0 else f'LoRA r={fake}'}, teacher shared as D backbone")

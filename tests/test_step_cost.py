@@ -1,4 +1,5 @@
-"""benchmarks/step_cost.py on the tiny SDXL teacher, one repeat, as a subprocess: the JSON it writes is complete,
+"""benchmarks/step_cost.py on the tiny SDXL teacher, one repeat, as a subprocess (ADM, DMD2 and the side-by-side
+process): the JSON it writes is complete,
 memory and bytes held are positive, every ratio is finite. Timings are recorded, never asserted."""
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ def test_step_cost_tiny_sdxl(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, str(BENCHMARK), "--script", "sdxl", "--size", "tiny", "--repeats", "1",
-                           "--warmup", "1", "--device", "cpu", "--no_paired", "--out", str(tmp_path)],
+                           "--warmup", "1", "--device", "cpu", "--out", str(tmp_path)],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "step_cost_sdxl_tiny.json").read_text())
@@ -47,3 +48,7 @@ def test_step_cost_tiny_sdxl(tmp_path):
     assert "discriminator_update_fwd_bwd" not in summary["runs"]["dmd"]["part_counts_last_iteration"]
     assert math.isfinite(summary["adm_over_dmd_update_cost_measured"])
     assert math.isfinite(summary["adm_over_dmd_update_cost_from_parts"])
+    # ADM and DMD2 side by side in one process, iterations alternated
+    paired = summary["paired_iterations"]["iteration_seconds"]
+    assert len(paired["adm"]) == len(paired["dmd"]) == 1
+    assert math.isfinite(summary["adm_over_dmd_update_cost_paired"]) and summary["adm_over_dmd_update_cost_paired"] > 0
