@@ -720,7 +720,13 @@ def launch_worker(spec: dict, tmp: str) -> dict:
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", spec_path], env=env,
                           capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"worker {spec['name']} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+        message = f"worker {spec['name']} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
+        if spec["name"].startswith("plan_"):  # e.g. out of memory: a row of the plan, not the end of the run
+            oom = "out of memory" in proc.stderr.lower()
+            print(f"  {spec['name']}: FAILED{' (out of memory)' if oom else ''}; see the JSON", flush=True)
+            return {"spec": {k: v for k, v in spec.items() if k != "teacher_dir"}, "error": message,
+                    "out_of_memory": oom}
+        raise RuntimeError(message)
     with open(out_path) as f:
         result = json.load(f)
     result["worker_wall_seconds"] = time.perf_counter() - start
@@ -818,6 +824,11 @@ def summarize(args, teacher_info: dict, results: dict, paired: dict | None = Non
                      "held_vs_reference": (ref["bytes_held"]["total"] + second) / ref["bytes_held"]["total"],
                      "iteration_seconds": None})
         for run in plan.values():
+            if "error" in run:
+                rows.append({"variant": describe(run), "peak_memory_bytes": None, "bytes_held": None,
+                             "peak_vs_reference": None, "held_vs_reference": None, "iteration_seconds": None,
+                             "error": "out of memory" if run["out_of_memory"] else "failed"})
+                continue
             rows.append({"variant": describe(run), "peak_memory_bytes": run["peak_memory_bytes"],
                          "bytes_held": run["bytes_held"]["total"],
                          "peak_vs_reference": run["peak_memory_bytes"] / ref["peak_memory_bytes"],
@@ -828,7 +839,10 @@ def summarize(args, teacher_info: dict, results: dict, paired: dict | None = Non
 
 
 def describe(run: dict) -> str:
-    spec, fake = run["spec"], run["script_args"]["fake_score_lora_rank"]
+    spec = run["spec"]
+    fake = run["script_args"]["fake_score_lora_rank"] if "script_args" in run else spec["fake_score_lora_rank"]
+    if fake is None:  # the script's default
+        fake = 0 if spec["script"] == "sdxl" else (64 if spec.get("lora_rank") is None else spec["lora_rank"])
     return (f"frozen modules {'fp32' if spec['mixed_precision'] == 'no' else spec['mixed_precision']}, gradient "
             f"checkpointing {'on' if spec['gradient_checkpointing'] else 'off'}, fake score "
             f"{'full' if fake == 0 else f'LoRA r={fake}'}, teacher shared as D backbone")
@@ -885,6 +899,9 @@ def markdown(summary: dict) -> str:
                   "| configuration | peak memory (MB) | peak vs first | held (MB) | held vs first | s / iteration |",
                   "|---|---|---|---|---|---|"]
         for row in summary["memory_plan"]:
+            if row.get("error"):
+                lines.append(f"| {row['variant']} | {row['error']} | - | - | - | - |")
+                continue
             lines.append(f"| {row['variant']} | {row['peak_memory_bytes'] / MB:.1f} | {row['peak_vs_reference']:.2f}"
                          f" | {row['bytes_held'] / MB:.1f} | {row['held_vs_reference']:.2f} | "
                          f"{_fmt(row['iteration_seconds'], 3)} |")

@@ -1,6 +1,6 @@
 """benchmarks/step_cost.py on the tiny SDXL teacher, one repeat, as a subprocess (ADM, DMD2 and the side-by-side
-process): the JSON it writes is complete,
-memory and bytes held are positive, every ratio is finite. Timings are recorded, never asserted."""
+process): the JSON it writes is complete, memory and bytes held are positive, every ratio is finite. Timings are
+recorded, never asserted."""
 
 from __future__ import annotations
 
