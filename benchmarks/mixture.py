@@ -99,6 +99,9 @@ def parse_args(argv=None):
                         "which removes the x_t component the two predictions share")
     g.add_argument("--discriminator_condition_on_xt", action="store_true",
                    help="also feed x_t to the discriminator")
+    g.add_argument("--discriminator_zero_init", action="store_true",
+                   help="zero-initialise D's output layer (as DiscriminatorHeads do), so its first generator "
+                        "gradients are zero instead of random")
     g = p.add_argument_group("DMD")
     g.add_argument("--dmd_t_min", type=float, default=0.02, help="DMD noise levels U[t_min, t_max] (fractions of T)")
     g.add_argument("--dmd_t_max", type=float, default=0.98)
@@ -309,6 +312,9 @@ class Trainer:
         a = self.args
         G, F = Generator(self.dim, a.hidden), ScoreNet(self.dim, a.hidden)
         D = Discriminator(self.dim, a.hidden, a.discriminator_condition_on_xt)
+        if a.discriminator_zero_init:
+            nn.init.zeros_(D.net[-1].weight)
+            nn.init.zeros_(D.net[-1].bias)
         info = {}
         if a.init == "good":
             # Teacher ODE pairs (noise -> x0) with 64 Euler steps of the exact teacher, then a brief regression.

@@ -20,7 +20,7 @@ def run(tmp_path, *args):
 
 
 def test_default_ring(tmp_path):
-    proc = run(tmp_path, *TINY, "--init", "good", "--discriminator_warmup_steps", "2",
+    proc = run(tmp_path, *TINY, "--init", "good", "--discriminator_warmup_steps", "2", "--discriminator_zero_init",
                "--discriminator_condition_on_xt", "--discriminator_input", "step_difference")
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads((tmp_path / "mixture.json").read_text())
