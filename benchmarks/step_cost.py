@@ -62,6 +62,9 @@ def parse_args(argv=None):
     p.add_argument("--teacher_dir", default=None,
                    help="Benchmark this pipeline folder; if it does not exist, build the --size teacher there and keep "
                         "it (reuse it across runs, e.g. a batch-size sweep at full size).")
+    p.add_argument("--reduced_denoiser", action="store_true",
+                   help="--size full only, a smoke test of the real-size path on a small machine: real text-encoder, "
+                        "VAE and conditioning widths, but a 1-block MMDiT / a UNet with channels 64/128/256.")
     p.add_argument("--distribution_loss", default="both", choices=["adm", "dmd", "both"])
     p.add_argument("--resolution", type=int, default=None, help="Pixels (default: 32 tiny/small, 1024 full).")
     p.add_argument("--batch_size", type=int, default=None, help="Per device (default: 2 tiny, 1 full).")
@@ -91,6 +94,8 @@ def parse_args(argv=None):
         args.batch_size = 1 if args.size == "full" else 2
     if args.mixed_precision is None:
         args.mixed_precision = "bf16" if args.device.startswith("cuda") else "no"
+    if args.reduced_denoiser and args.size != "full":
+        p.error("--reduced_denoiser is for --size full.")
     if min(args.repeats, args.batch_size, args.resolution) < 1 or args.warmup < 0:
         p.error("--repeats, --batch_size and --resolution must be >= 1, --warmup >= 0.")
     return args
@@ -99,7 +104,7 @@ def parse_args(argv=None):
 # ------------------------------------------------------------------------------------------------------------------
 # Teachers
 # ------------------------------------------------------------------------------------------------------------------
-def build_teacher(script: str, size: str, resolution: int, path: str) -> dict:
+def build_teacher(script: str, size: str, resolution: int, path: str, reduced: bool = False) -> dict:
     """Save a teacher pipeline folder at ``path``; returns what was built (parameter counts, stand-ins)."""
     from diffusers import StableDiffusion3Pipeline, StableDiffusionXLPipeline
 
@@ -118,10 +123,13 @@ def build_teacher(script: str, size: str, resolution: int, path: str) -> dict:
             pipe = StableDiffusion3Pipeline(**comps)
         note = f"dmdx.pipelines.tiny_components{' (small configuration)' if small else ''}, random weights"
     else:
-        comps = full_sdxl_components() if script == "sdxl" else full_sd3_components()
+        comps = full_sdxl_components(reduced) if script == "sdxl" else full_sd3_components(reduced)
         pipe = (StableDiffusionXLPipeline if script == "sdxl" else StableDiffusion3Pipeline)(**comps)
         note = ("real-size denoiser and VAE from the published configs (random weights); text encoders are 1-layer "
                 "stand-ins with the real hidden sizes")
+        if reduced:
+            note = ("REDUCED denoiser (smoke test: real conditioning widths, " + ("1 MMDiT block" if script == "sd3"
+                    else "UNet channels 64/128/256") + "); VAE from the published config; 1-layer text encoders")
     denoiser = pipe.unet if script == "sdxl" else pipe.transformer
     info = {"teacher": note, "denoiser_class": type(denoiser).__name__,
             "denoiser_parameters": sum(p.numel() for p in denoiser.parameters())}
@@ -143,18 +151,22 @@ def _stand_in_clip(hidden: int, projection: int, with_projection: bool):
     return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
 
 
-def full_sdxl_components() -> dict:
+def full_sdxl_components(reduced: bool = False) -> dict:
     """stabilityai/stable-diffusion-xl-base-1.0's UNet and VAE configs (random weights); 1-layer CLIP stand-ins with
     the real widths (768 and 1280, projection 1280) and byte-level tokenizers of length 77."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
 
     from dmdx.pipelines.tiny_components import byte_clip_tokenizer
 
+    size = {"layers_per_block": 2, "block_out_channels": (320, 640, 1280), "attention_head_dim": (5, 10, 20),
+            "transformer_layers_per_block": (1, 2, 10)}
+    if reduced:
+        size = {"layers_per_block": 1, "block_out_channels": (64, 128, 256), "attention_head_dim": (1, 2, 4),
+                "transformer_layers_per_block": (1, 1, 1)}
     unet = UNet2DConditionModel(
-        sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+        sample_size=128, in_channels=4, out_channels=4, **size,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048,
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=2048,
         use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
         projection_class_embeddings_input_dim=2816, norm_num_groups=32)
     vae = AutoencoderKL(
@@ -170,7 +182,7 @@ def full_sdxl_components() -> dict:
             "image_encoder": None, "feature_extractor": None}
 
 
-def full_sd3_components() -> dict:
+def full_sd3_components(reduced: bool = False) -> dict:
     """stabilityai/stable-diffusion-3-medium-diffusers' transformer and VAE configs (random weights); 1-layer stand-ins
     for CLIP-L (768), CLIP-G (1280) and T5-XXL (4096 wide, 256 tokens)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
@@ -179,9 +191,9 @@ def full_sd3_components() -> dict:
     from dmdx.pipelines.tiny_components import byte_clip_tokenizer, t5_tokenizer
 
     transformer = SD3Transformer2DModel(
-        sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
-        num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
-        pos_embed_max_size=192)
+        sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=1 if reduced else 24,
+        attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+        pooled_projection_dim=2048, pos_embed_max_size=192)
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2,
@@ -756,7 +768,7 @@ def main(argv=None):
     if teacher_dir is None or not os.path.isdir(teacher_dir):
         teacher_dir = teacher_dir or os.path.join(tmp, "teacher")
         print(f"Building the {args.size} {args.script} teacher in {teacher_dir} ...", flush=True)
-        teacher_info = build_teacher(args.script, args.size, args.resolution, teacher_dir)
+        teacher_info = build_teacher(args.script, args.size, args.resolution, teacher_dir, args.reduced_denoiser)
     base = {"script": args.script, "size": args.size, "teacher_dir": teacher_dir, "resolution": args.resolution,
             "batch_size": args.batch_size, "mixed_precision": args.mixed_precision,
             "gradient_checkpointing": args.gradient_checkpointing, "fake_score_lora_rank": args.fake_score_lora_rank,

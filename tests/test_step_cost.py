@@ -15,13 +15,16 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCHMARK = ROOT / "benchmarks" / "step_cost.py"
 
 
-def test_step_cost_tiny_sdxl(tmp_path):
+def _run(tmp_path, *args):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(BENCHMARK), "--script", "sdxl", "--size", "tiny", "--repeats", "1",
-                           "--warmup", "1", "--device", "cpu", "--out", str(tmp_path)],
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, str(BENCHMARK), *args, "--repeats", "1", "--warmup", "1", "--device", "cpu",
+                           "--out", str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_step_cost_tiny_sdxl(tmp_path):
+    _run(tmp_path, "--script", "sdxl", "--size", "tiny")
     summary = json.loads((tmp_path / "step_cost_sdxl_tiny.json").read_text())
     assert "iteration / sum of parts" in (tmp_path / "step_cost_sdxl_tiny.md").read_text()
 
@@ -52,3 +55,16 @@ def test_step_cost_tiny_sdxl(tmp_path):
     paired = summary["paired_iterations"]["iteration_seconds"]
     assert len(paired["adm"]) == len(paired["dmd"]) == 1
     assert math.isfinite(summary["adm_over_dmd_update_cost_paired"]) and summary["adm_over_dmd_update_cost_paired"] > 0
+
+
+def test_step_cost_full_path_reduced_sd3(tmp_path):
+    """The --size full path (real text-encoder / conditioning widths, T5's 256 tokens, 1024-px VAE config) with a
+    one-block MMDiT, at 128 px in bf16: it builds, iterates and reports."""
+    _run(tmp_path, "--script", "sd3", "--size", "full", "--reduced_denoiser", "--resolution", "128",
+         "--mixed_precision", "bf16", "--distribution_loss", "adm")
+    summary = json.loads((tmp_path / "step_cost_sd3_full.json").read_text())
+    assert "REDUCED" in summary["teacher"]["teacher"] and set(summary["runs"]) == {"adm"}
+    run = summary["runs"]["adm"]
+    assert run["script_args"]["max_sequence_length"] == 256 and run["script_args"]["mixed_precision"] == "bf16"
+    assert run["teacher_second_copy_bytes"] == 2 * run["parameters"]["teacher"]  # frozen teacher kept in bf16
+    assert run["bytes_held"]["total"] > 0 and math.isfinite(run["iteration_over_sum_of_parts"])
