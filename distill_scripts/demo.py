@@ -13,7 +13,8 @@ Stages (each one a subprocess, exactly the command a user would type; all of the
   3. ``train_adm_sdxl.py --distribution_loss adm`` from the ADP student: DMDX stage 2 -> ``<output_dir>/student``;
   4. ``train_adm_sdxl.py --distribution_loss dmd`` from the same ADP student with a matched training-time budget:
      the DMD2 baseline -> ``<output_dir>/dmd2``;
-  5. ``evaluate.py``: teacher (25 steps, CFG = 50 NFE), DMD2 (1 step) and DMDX (1 step) through stock diffusers ->
+  5. ``evaluate.py``: teacher (25 steps, CFG = 50 NFE), the ADP student both distillations start from (1 step,
+     shown so that what ADM/DMD add is visible), DMD2 (1 step) and DMDX (1 step) through stock diffusers ->
      ``report.json``, ``report.md``, ``samples.png``.
 
 Everything runs offline on CPU. A rerun into the same folder reuses finished stages when the recipe is unchanged
@@ -41,7 +42,8 @@ from digits_data import CLASS_FREE_PROMPT, evaluation_prompts  # noqa: E402
 
 # The recipe. Budgets were chosen on a 2-core CPU so the whole default run stays within ~20 minutes; the DMD2
 # step count gives it about the same training time as DMDX's ADM stage (DMD2 makes 5 fake-score updates per
-# generator update, ADM 1 plus a discriminator update). Measured times are written to report.json.
+# generator update; ADM 1 plus a discriminator update, and its first 100 updates train only the fake score and D).
+# Measured times are written to report.json and report.md.
 RECIPES = {
     "default": {
         "teacher_guidance_scale": 3.0, "teacher_steps": 25,
@@ -51,7 +53,7 @@ RECIPES = {
         "adm": {"max_train_steps": 300, "train_batch_size": 32, "generator_lr": 5e-6, "fake_score_lr": 1e-4,
                 "discriminator_lr": 1e-4, "discriminator_warmup_steps": 100, "ode_step_dt": 1 / 64,
                 "ema_decay": 0.99},
-        "dmd": {"max_train_steps": 150, "train_batch_size": 32, "generator_lr": 5e-6, "fake_score_lr": 1e-4,
+        "dmd": {"max_train_steps": 225, "train_batch_size": 32, "generator_lr": 5e-6, "fake_score_lr": 1e-4,
                 "ema_decay": 0.99},
         "eval_images_per_prompt": 50, "eval_class_free_images": 200,
     },
@@ -210,14 +212,15 @@ def main(argv=None):
     steps = recipe["teacher_steps"]
     run.stage(5, total, "evaluate", run.python(
         os.path.join(HERE, "evaluate.py"), "--pipeline", f"teacher={teacher}:{steps}:{g}",
-        "--pipeline", f"dmd2={dmd2}:1:0", "--pipeline", f"dmdx={student}:1:0",
+        "--pipeline", f"adp={adp}:1:0", "--pipeline", f"dmd2={dmd2}:1:0", "--pipeline", f"dmdx={student}:1:0",
         "--num_images_per_prompt", recipe["eval_images_per_prompt"],
         "--num_class_free_images", recipe["eval_class_free_images"], "--seed", args.seed, "--output_dir", out))
     run.write_commands()
 
     # training cost per pipeline, next to the metrics
     t = run.timings
-    training = {"teacher": None, "dmd2": {"adp_seconds": t.get("adp"), "distillation_seconds": t.get("dmd")},
+    training = {"teacher": None, "adp": {"adp_seconds": t.get("adp"), "distillation_seconds": 0.0},
+                "dmd2": {"adp_seconds": t.get("adp"), "distillation_seconds": t.get("dmd")},
                 "dmdx": {"adp_seconds": t.get("adp"), "distillation_seconds": t.get("adm")}}
     report_path = os.path.join(out, "report.json")
     with open(report_path) as f:

@@ -27,7 +27,7 @@ def test_demo_quick_end_to_end(tmp_path):
         assert stage in proc.stdout
 
     report = json.loads((out / "report.json").read_text())
-    assert list(report) == ["teacher", "dmd2", "dmdx"]
+    assert list(report) == ["teacher", "adp", "dmd2", "dmdx"]
     for name, r in report.items():
         assert all(k in r for k in evaluate.METRIC_KEYS), name
         assert 0 <= r["prompt_accuracy"] <= 1 and 0 <= r["mode_entropy"] <= 1

@@ -76,3 +76,25 @@ def test_committed_classifier_accuracy_and_features():
     with torch.no_grad():
         conf_real = model(x_held[:32]).softmax(1).max(1).values.mean()
     assert conf_real > 0.8
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("architecture", ["sd3"])
+def test_teacher_trainer_smoke(architecture, tmp_path):
+    """A few steps of the teacher trainer: a stock pipeline folder with a fitted VAE scaling and its check.
+    (The SDXL path is exercised in full by the committed teacher, which test_evaluate.py runs.)"""
+    import subprocess
+
+    out = tmp_path / f"digits-{architecture}"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               OMP_NUM_THREADS="1", HF_HOME=str(tmp_path / "hf"))
+    proc = subprocess.run([sys.executable, os.path.join(DIGITS_DIR, "train_digits_teacher.py"), "--architecture",
+                           architecture, "--output_dir", str(out), "--vae_train_steps", "3", "--max_train_steps", "3",
+                           "--validation_steps", "2", "--num_validation_images", "1"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = json.loads((out / "digits_teacher_info.json").read_text())
+    assert info["pipeline_class"] == "StableDiffusion3Pipeline" and 0 <= info["prompt_accuracy"] <= 1
+    vae = json.loads((out / "vae" / "config.json").read_text())
+    assert vae["scaling_factor"] != 1.0 and vae["shift_factor"] != 0.0  # fitted to the latents
+    assert not (tmp_path / f"digits-{architecture}.tmp").exists()

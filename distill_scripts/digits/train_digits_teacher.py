@@ -110,7 +110,7 @@ def build_pipeline(args):
     else:
         comps = sd3_components(sample_size=latent_size, num_layers=args.sd3_num_layers,
                                num_attention_heads=args.sd3_num_attention_heads, vae_block_out_channels=(32, 64),
-                               shift=args.sd3_shift, with_t5=False, seed=args.seed)
+                               shift=args.sd3_shift, with_t5=True, seed=args.seed)
         pipe = StableDiffusion3Pipeline(**comps)
     for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
         if getattr(pipe, name, None) is not None:
