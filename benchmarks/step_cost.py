@@ -16,11 +16,13 @@ features + heads) with a gradient through its input, the discriminator update (b
 and fake, heads forward/backward), and each optimizer step (gradient clipping + AdamW). ``iteration / sum of parts``
 = measured iteration / sum over parts of (median time x how often the iteration does it).
 
-Teachers: ``--size tiny`` saves ``dmdx.pipelines.tiny_components`` pipelines to a temporary folder; ``--size full``
-builds the real-size SDXL UNet / SD3-Medium transformer (and real-size VAE) from their published config values with
-random weights. Their text encoders are 1-layer stand-ins with the real hidden sizes (frozen, and for SD3
-precomputed, so they only produce inputs of the right shapes); say so when quoting memory. ``--teacher_dir``
-benchmarks any existing pipeline folder instead.
+Teachers: ``--size tiny`` saves ``dmdx.pipelines.tiny_components`` pipelines to a temporary folder (``small``: a 24
+M-parameter UNet / 6-block MMDiT from the same module, for the CPU memory plan); ``--size full`` builds the real-
+size SDXL UNet / SD3-Medium transformer (and real-size VAE) from their published config values with random weights
+(``--reduced_denoiser`` keeps every other width real but shrinks the denoiser: a smoke test on a CPU). Their text
+encoders are 1-layer stand-ins with the real hidden sizes (frozen, and for SD3 precomputed, so they only produce
+inputs of the right shapes); say so when quoting memory. ``--teacher_dir`` benchmarks any existing pipeline folder
+instead.
 
 Each configuration runs in its own process (peak memory must not carry over): CPU peak = the process's resident-set
 high-water mark (``/proc/self/status`` VmHWM, reset through ``/proc/self/clear_refs`` once the libraries are
