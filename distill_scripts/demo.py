@@ -53,7 +53,7 @@ RECIPES = {
         "adm": {"max_train_steps": 300, "train_batch_size": 32, "generator_lr": 5e-6, "fake_score_lr": 1e-4,
                 "discriminator_lr": 1e-4, "discriminator_warmup_steps": 100, "ode_step_dt": 1 / 64,
                 "ema_decay": 0.99},
-        "dmd": {"max_train_steps": 225, "train_batch_size": 32, "generator_lr": 5e-6, "fake_score_lr": 1e-4,
+        "dmd": {"max_train_steps": 190, "train_batch_size": 32, "generator_lr": 5e-6, "fake_score_lr": 1e-4,
                 "ema_decay": 0.99},
         "eval_images_per_prompt": 50, "eval_class_free_images": 200,
     },
