@@ -7,7 +7,8 @@
         --prompts_file prompts.txt --output_dir sd3-medium-adm --lora_rank 64 --max_train_steps 4000
 
 Recipes (launch commands + accelerate configs): distill_scripts/recipes/sd3_medium (LoRA, DDP) and
-distill_scripts/recipes/sd35_large (full fine-tuning, FSDP2 or DeepSpeed ZeRO-2); docs/sd3.md explains them.
+distill_scripts/recipes/sd35_large (full fine-tuning, FSDP2 or DeepSpeed ZeRO-2); the README sections "SD3-Medium"
+and "SD3.5-Large" explain them.
 
 The method (paper_spec §2, §5, §12), one iteration:
   0. the student's input at one of its own K timesteps, by backward simulation of its earlier steps (DMD2 style);
@@ -19,7 +20,7 @@ The method (paper_spec §2, §5, §12), one iteration:
   3. discriminator D = the frozen teacher (the same object as the real score) + small heads on the hidden states
      of chosen transformer blocks: hinge loss on the detached x_real / x_fake of step 2.
 
-Choices where the paper is silent are marked "Choice:" below and in docs/sd3.md. The per-iteration work lives in
+Choices where the paper is silent are marked "Choice:" below and in the README. The per-iteration work lives in
 importable functions (``build_models``, ``train_iteration``) so a benchmark can time exactly this script's
 iteration; nothing runs at import time.
 """

@@ -1,7 +1,7 @@
 """Subprocess smoke tests of the SDXL DMDX scripts on a tiny SDXL teacher (CPU, `accelerate launch`).
 
-Few, larger tests: every launch pays ~5 s of imports on 2 cores. The commands are the ones docs/sdxl.md gives, with
-tiny models and a few steps.
+Few, larger tests: every launch pays ~5 s of imports on 2 cores. The commands are the ones the README section
+"SDXL one-step (DMDX)" gives, with tiny models and a few steps.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Four-step ADM student of SD3-Medium, LoRA (as in the paper's Table 2). See docs/sd3.md for every value's source.
+# Four-step ADM student of SD3-Medium, LoRA (as in the paper's Table 2). See the README section "SD3-Medium" for every value's source.
 # Needs: prompts.txt (one prompt per line; the paper uses JourneyDB captions), 8 x 80 GB GPUs (DDP).
 # Run from anywhere; TEACHER / PROMPTS / OUTPUT_DIR / CONFIG override the defaults. Extra flags are appended
 # ("$@") and later flags win (tests/test_sd3_script.py runs this file on tiny models exactly so): e.g. `bash train.sh --max_train_steps 100`.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# DMDX for one-step SDXL: ODE pairs -> ADP -> ADM. See docs/sdxl.md for where every value comes from.
+# DMDX for one-step SDXL: ODE pairs -> ADP -> ADM. See the README section "SDXL one-step (DMDX)" for where every value comes from.
 # Needs: prompts.txt (one prompt per line; the paper uses JourneyDB captions), 8 x 80 GB GPUs.
 set -euo pipefail
 CONFIG=distill_scripts/recipes/sdxl/accelerate_ddp_bf16.yaml
