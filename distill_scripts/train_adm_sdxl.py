@@ -336,6 +336,21 @@ def log_validation(accelerator, args, unet, vae, text_encoders, tokenizers, sche
     return grid
 
 
+def validate_student(accelerator, args, models, num_inference_steps: int, step: int):
+    """Main process: ``log_validation`` on the generator (its EMA weights when ``--use_ema``, then the training
+    weights are put back), into ``output_dir/validation/step-N.png``."""
+    generator = accelerator.unwrap_model(models.generator)
+    if models.ema is not None:
+        models.ema.store(generator.parameters())
+        models.ema.copy_to(generator.parameters())
+    log_validation(accelerator, args, generator, models.vae, models.text_encoders, models.tokenizers,
+                   models.student_scheduler, num_inference_steps, step,
+                   os.path.join(args.output_dir, "validation", f"step-{step:06d}.png"),
+                   models.force_zeros_for_empty_prompt)
+    if models.ema is not None:
+        models.ema.restore(generator.parameters())
+
+
 def load_student_scheduler(generator_path: str, teacher_path: str, num_student_steps: int, **kwargs):
     """The scheduler the student will ship with: the generator folder's own (an ADP output) or, for a generator
     initialised from the teacher, an LCMScheduler on the teacher's betas with trailing timesteps
@@ -883,16 +898,7 @@ def main(args=None):
         if global_step % args.checkpointing_steps == 0:
             save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
         if args.validation_prompts and global_step % args.validation_steps == 0 and accelerator.is_main_process:
-            generator = accelerator.unwrap_model(models.generator)
-            if models.ema is not None:  # validate the EMA weights, then put the training weights back
-                models.ema.store(generator.parameters())
-                models.ema.copy_to(generator.parameters())
-            log_validation(accelerator, args, generator, models.vae, models.text_encoders, models.tokenizers,
-                           models.student_scheduler, len(models.student_timesteps), global_step,
-                           os.path.join(args.output_dir, "validation", f"step-{global_step:06d}.png"),
-                           models.force_zeros_for_empty_prompt)
-            if models.ema is not None:
-                models.ema.restore(generator.parameters())
+            validate_student(accelerator, args, models, len(models.student_timesteps), global_step)
     progress.close()
 
     # 4. Export a stock StableDiffusionXLPipeline with the student's scheduler, model card, optional upload.

@@ -46,13 +46,13 @@ from train_adm_sdxl import (
     export_student,
     feature_shapes,
     log_step,
-    log_validation,
     make_optimizer,
     record_rank_checksums,
     scheduler_config,
     training_config,
     unet_output,
     validate_common_args,
+    validate_student,
 )
 
 logger = logging.getLogger("train_adp_sdxl")
@@ -451,16 +451,7 @@ def main(args=None):
         if global_step % args.checkpointing_steps == 0:
             save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
         if args.validation_prompts and global_step % args.validation_steps == 0 and accelerator.is_main_process:
-            generator = accelerator.unwrap_model(models.generator)
-            if models.ema is not None:
-                models.ema.store(generator.parameters())
-                models.ema.copy_to(generator.parameters())
-            log_validation(accelerator, args, generator, models.vae, models.text_encoders, models.tokenizers,
-                           models.student_scheduler, 1, global_step,
-                           os.path.join(args.output_dir, "validation", f"step-{global_step:06d}.png"),
-                           models.force_zeros_for_empty_prompt)
-            if models.ema is not None:
-                models.ema.restore(generator.parameters())
+            validate_student(accelerator, args, models, 1, global_step)
     progress.close()
 
     # 4. Export: a stock SDXL pipeline with the flow scheduler (the ADM stage's generator), model card.
