@@ -29,7 +29,6 @@ import json
 import math
 import os
 import time
-from contextlib import contextmanager
 from fractions import Fraction
 
 import numpy as np
@@ -43,6 +42,7 @@ from dmdx.training import (
     discriminator_diagnostics,
     dmd_loss,
     fake_score_denoising_loss,
+    frozen_parameters,
     generator_adversarial_loss,
     hinge_discriminator_loss,
     uniform_timesteps,
@@ -239,20 +239,6 @@ class Discriminator(nn.Module):
         return self.net(torch.cat(inputs, dim=1)).squeeze(-1)
 
 
-@contextmanager
-def frozen(*modules: nn.Module):
-    """Network parameters frozen (requires_grad False) while gradients still flow through their inputs."""
-    params = [p for m in modules for p in m.parameters()]
-    flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, f in zip(params, flags):
-            p.requires_grad_(f)
-
-
 # ---- metrics -----------------------------------------------------------------------------------------------------
 def energy_distance(x: torch.Tensor, y: torch.Tensor) -> float:
     x, y = x.double(), y.double()
@@ -391,7 +377,7 @@ class Trainer:
                 t = uniform_timesteps(len(x0), dt, T_TRAIN)
                 s = t - dt
                 x_t = sch.add_noise(x0, torch.randn_like(x0), t)
-                with frozen(F, D):
+                with frozen_parameters(F, D):
                     x_fake = sch.ode_step(x_t, fake_x0(x_t, t), t, s)
                     g_loss = generator_adversarial_loss(self.discriminate(D, x_fake, x_t, s, dt)).mean()
             else:

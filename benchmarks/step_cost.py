@@ -33,7 +33,6 @@ imported) minus the resident set at that moment; CUDA peak = ``torch.cuda.max_me
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import importlib
 import json
@@ -46,6 +45,8 @@ import tempfile
 import time
 
 import torch
+
+from dmdx.training import frozen_parameters
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS_DIR = os.path.join(ROOT, "distill_scripts")
@@ -293,20 +294,6 @@ def _count(module, trainable: bool | None = None) -> int:
                if trainable is None or getattr(p, "_dmdx_trainable", p.requires_grad) == trainable)
 
 
-@contextlib.contextmanager
-def frozen(*modules):
-    """Parameters without gradients for a pass whose gradient only flows through the input (restored after)."""
-    params = [p for m in modules if m is not None for p in m.parameters()]
-    flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in zip(params, flags):
-            p.requires_grad_(flag)
-
-
 def optimizer_step_part(acc, module, optimizer, max_grad_norm):
     """A part: clip + AdamW step + zero_grad of ``module`` (the gradients are filled before timing)."""
     params = [p for p in module.parameters() if p.requires_grad]
@@ -536,7 +523,7 @@ class SdxlParts(_Parts):
             st.real_x0(x_t, t, cond, uncond)
 
         def fake_input_grad():
-            with frozen(fake_plain):
+            with frozen_parameters(fake_plain):
                 st.fake_x0(fake_plain, x_t.detach().requires_grad_(True), t, cond).sum().backward()
 
         def fake_nograd():
@@ -550,7 +537,7 @@ class SdxlParts(_Parts):
         self.fills = {}
         if m.heads is not None:
             def d_input_grad():
-                with frozen(heads_plain):
+                with frozen_parameters(heads_plain):
                     st.discriminate(heads_plain, x_s.detach().requires_grad_(True), s, cond,
                                     backbone_grad=True).float().mean().backward()
 
@@ -650,7 +637,7 @@ class Sd3Parts(_Parts):
                 schedule.to_x0_noise(apply_cfg(out_c, out_u, args.guidance_scale), x_t, t)
 
         def fake_input_grad():
-            with frozen(fake_plain):
+            with frozen_parameters(fake_plain):
                 x = x_t.detach().requires_grad_(True)
                 schedule.to_x0_noise(mod._call(fake_plain, x, t, cond, f_dtype), x, t)[0].sum().backward()
 
@@ -663,7 +650,7 @@ class Sd3Parts(_Parts):
             return [tokens_to_map(f, m.grid, m.grid) for f in feats]
 
         def d_input_grad():
-            with frozen(heads_plain):
+            with frozen_parameters(heads_plain):
                 x = x_t.detach().requires_grad_(True)
                 heads_plain(features(x, s, cond)).float().mean().backward()
 

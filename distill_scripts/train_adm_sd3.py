@@ -426,11 +426,6 @@ def text_for(prompt_source, models, idx, args, device):
     return cond, (neg[0].expand(b, -1, -1), neg[1].expand(b, -1))
 
 
-def _set_trainable(params, flag: bool):
-    for p in params:
-        p.requires_grad_(flag)
-
-
 def _param_dtype(module) -> torch.dtype:
     """The dtype a model's inputs are cast to: that of its (first) weights (frozen LoRA bases: the mixed-precision
     dtype; full fp32 master weights: fp32, computed under autocast; DeepSpeed engines: their own dtype)."""
@@ -486,6 +481,7 @@ def train_iteration(models, opt, args, accelerator, prompt_source, step: int) ->
         discriminator_diagnostics,
         dmd_loss,
         fake_score_denoising_loss,
+        frozen_parameters,
         generator_adversarial_loss,
         hinge_discriminator_loss,
         tokens_to_map,
@@ -594,9 +590,7 @@ def train_iteration(models, opt, args, accelerator, prompt_source, step: int) ->
         for m in micro:
             yield generator_loss(m)
 
-    frozen = [p for p in list(fake_frozen.parameters()) + list(heads_frozen.parameters()) if p.requires_grad]
-    _set_trainable(frozen, False)
-    try:  # unfreeze only after backward: a checkpointed recomputation must see the same graph
+    with frozen_parameters(fake_frozen, heads_frozen):  # backward inside: checkpointed recomputation sees one graph
         if train_generator:
             _update(accelerator, args, opt.generator, opt.generator_optimizer, opt.generator_lr_scheduler,
                     generator_losses(), logs, "generator")
@@ -608,8 +602,6 @@ def train_iteration(models, opt, args, accelerator, prompt_source, step: int) ->
                     check_finite(terms, accelerator)
                     for key, value in terms.items():
                         logs[key] = logs.get(key, 0.0) + value.float().item() / k_micro
-    finally:
-        _set_trainable(frozen, True)
 
     # 3. discriminator heads: hinge loss on the detached x_real (teacher step) vs x_fake (fake-score step); the
     #    backbone runs without autograd, only the heads get gradients.

@@ -546,13 +546,6 @@ def prepare(accelerator, models: ADMModels) -> None:
         accelerator.register_for_checkpointing(models.ema)
 
 
-def _set_trainable(module, flag: bool) -> None:
-    for p in module.parameters():
-        if getattr(p, "_dmdx_trainable", None) is None:
-            p._dmdx_trainable = p.requires_grad
-        p.requires_grad_(flag and p._dmdx_trainable)
-
-
 class _Step:
     """Shared pieces of an iteration: prompt batches, conditioning, the three denoisers and D."""
 
@@ -640,6 +633,7 @@ def train_iteration(args, accelerator, models: ADMModels, prompts: list[str], gl
         discriminator_diagnostics,
         dmd_loss,
         fake_score_denoising_loss,
+        frozen_parameters,
         generator_adversarial_loss,
         hinge_discriminator_loss,
         uniform_timesteps,
@@ -669,10 +663,8 @@ def train_iteration(args, accelerator, models: ADMModels, prompts: list[str], gl
 
         # 2. Generator: x0 = G(z), x_t = add_noise(x0, eps, t); one PF-ODE step t -> s = t - dt from the same x_t
         #    with the teacher (CFG) and the fake score (frozen, gradient through its input); loss = -D(x_fake, s).
-        _set_trainable(m.fake_score, False)
         if m.heads is not None:
             heads_plain = accelerator.unwrap_model(m.heads)
-            _set_trainable(m.heads, False)
         saved = {}
 
         def generator_loss():
@@ -699,19 +691,18 @@ def train_iteration(args, accelerator, models: ADMModels, prompts: list[str], gl
             return loss, {"generator_loss": loss, "dmd_loss_monitor": dmd_monitor,
                           "latent_prediction_gap": (x_real - x_fake).detach().abs().mean()}
 
-        if warmup:  # D warm-up: the generator is frozen; losses are still computed for D's inputs and the logs
-            with torch.no_grad():
-                loss, terms = generator_loss()
-            logs.update({k: v.float().item() for k, v in terms.items()})
-        else:
-            _accumulated_update(accelerator, args, m.generator, "generator", m, generator_loss, logs)
-            if m.ema is not None:
-                m.ema.step(accelerator.unwrap_model(m.generator).parameters())
-        _set_trainable(m.fake_score, True)
+        with frozen_parameters(m.fake_score, m.heads):  # gradient flows through their inputs to G only
+            if warmup:  # D warm-up: the generator is frozen; losses still computed for D's inputs and the logs
+                with torch.no_grad():
+                    loss, terms = generator_loss()
+                logs.update({k: v.float().item() for k, v in terms.items()})
+            else:
+                _accumulated_update(accelerator, args, m.generator, "generator", m, generator_loss, logs)
+                if m.ema is not None:
+                    m.ema.step(accelerator.unwrap_model(m.generator).parameters())
 
         # 3. Discriminator heads: hinge loss on the detached x_real (teacher) vs x_fake (fake score) of step 2.
         if m.heads is not None:
-            _set_trainable(m.heads, True)
             diagnostics = {}
 
             def discriminator_loss():

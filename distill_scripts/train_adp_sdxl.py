@@ -37,7 +37,6 @@ import torch.nn.functional as F
 from train_adm_sdxl import (
     Cond,
     _accumulated_update,
-    _set_trainable,
     add_common_args,
     add_lora,
     check_sdxl_checkpoint,
@@ -300,6 +299,7 @@ def train_iteration(args, accelerator, models: ADPModels, pairs: ODEPairs, globa
         adp_generator_loss,
         cubic_timesteps,
         discriminator_diagnostics,
+        frozen_parameters,
         interpolate_ode_pair,
         ode_pair_velocity,
         uniform_timesteps,
@@ -323,8 +323,6 @@ def train_iteration(args, accelerator, models: ADPModels, pairs: ODEPairs, globa
 
     with accelerator.autocast():
         # 1. Generator: velocity model on the ODE pair's straight line at a cubic (high-noise) timestep.
-        _set_trainable(m.heads, False)
-
         def generator_loss():
             noise, x0_real, prompts = pairs.sample(args.train_batch_size)
             noise, x0_real = noise.to(device), x0_real.to(device)
@@ -354,10 +352,10 @@ def train_iteration(args, accelerator, models: ADPModels, pairs: ODEPairs, globa
             saved.update(fake_lat=fake_lat.detach(), real_lat=real_lat, tp=tp, cond=cond)
             return loss, {"generator_loss": loss, **terms}
 
-        _accumulated_update(accelerator, args, m.generator, "generator", m, generator_loss, logs)
+        with frozen_parameters(m.heads):  # D's gradient flows through its inputs to the generator only
+            _accumulated_update(accelerator, args, m.generator, "generator", m, generator_loss, logs)
         if m.ema is not None:
             m.ema.step(accelerator.unwrap_model(m.generator).parameters())
-        _set_trainable(m.heads, True)
 
         # 2. Discriminators: hinge on the generator's (detached) samples vs the teacher's ODE endpoints.
         def discriminator_loss():

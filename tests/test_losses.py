@@ -253,3 +253,16 @@ def test_discriminator_accuracy_counts_zero_logits_as_chance():
     assert discriminator_diagnostics(torch.zeros(4), torch.zeros(4))["d_accuracy"] == 0.5
     assert discriminator_diagnostics(torch.ones(4), -torch.ones(4))["d_accuracy"] == 1.0
     assert discriminator_diagnostics(-torch.ones(4), torch.ones(4))["d_accuracy"] == 0.0
+
+
+def test_frozen_parameters_routes_gradient_through_input_and_restores_flags():
+    from dmdx.training import frozen_parameters
+
+    generator, critic = nn.Linear(3, 3), nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 1))
+    critic[0].weight.requires_grad_(False)  # e.g. a frozen LoRA base: must stay frozen afterwards
+    with frozen_parameters(critic, None):
+        assert not any(p.requires_grad for p in critic.parameters())
+        critic(generator(torch.randn(5, 3))).sum().backward()
+    assert generator.weight.grad is not None and generator.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in critic.parameters())
+    assert [p.requires_grad for p in critic.parameters()] == [False, True, True, True]

@@ -8,6 +8,7 @@ from .discriminator import (
     first_tensor,
     tokens_to_map,
 )
+from .freezing import frozen_parameters
 from .losses import (
     adm_latent_predictions,
     adp_discriminator_loss,
