@@ -320,15 +320,17 @@ def build_models(args, accelerator, teacher_info: dict, weight_dtype=torch.float
         for model in (teacher, generator, fake_score):
             model.enable_xformers_memory_efficient_attention()
 
-    # Discriminator: heads on hidden states of chosen teacher blocks. JointTransformerBlock returns
-    # (encoder_hidden_states, hidden_states): the image tokens are the second item.
-    block_names = [f"transformer_blocks.{i}" for i in teacher_info["discriminator_blocks"]]
-    features = BackboneFeatures(teacher, block_names, select=lambda out: out[1])
-    inner_dim = teacher.config.num_attention_heads * teacher.config.attention_head_dim
+    # Discriminator (ADM only; DMD2 has none): heads on hidden states of chosen teacher blocks. JointTransformerBlock
+    # returns (encoder_hidden_states, hidden_states): the image tokens are the second item.
     grid = teacher_info["grid"]
-    heads = DiscriminatorHeads([(inner_dim, grid, grid)] * len(block_names),
-                               hidden_channels=args.discriminator_head_channels).to(device)
-    heads.train()
+    heads = features = None
+    if args.distribution_loss == "adm":
+        block_names = [f"transformer_blocks.{i}" for i in teacher_info["discriminator_blocks"]]
+        features = BackboneFeatures(teacher, block_names, select=lambda out: out[1])
+        inner_dim = teacher.config.num_attention_heads * teacher.config.attention_head_dim
+        heads = DiscriminatorHeads([(inner_dim, grid, grid)] * len(block_names),
+                                   hidden_channels=args.discriminator_head_channels).to(device)
+        heads.train()
 
     # Text encoding with the stock pipeline's encode_prompt (no transformer weights needed beyond the teacher's
     # config for the T5-less zeros).
@@ -494,7 +496,7 @@ def train_iteration(models, opt, args, accelerator, prompt_source, step: int) ->
     direct = accelerator.distributed_type.name in ("NO", "MULTI_GPU", "MULTI_CPU", "MULTI_XPU", "MULTI_NPU",
                                                    "DEEPSPEED")
     fake_frozen = accelerator.unwrap_model(opt.fake_score) if direct else opt.fake_score
-    heads_frozen = accelerator.unwrap_model(opt.heads) if direct else opt.heads
+    heads_frozen = accelerator.unwrap_model(opt.heads) if direct and opt.heads is not None else opt.heads
     k_micro = args.gradient_accumulation_steps
     train_generator = step >= args.discriminator_warmup_steps
     logs: dict[str, float] = {}
@@ -754,7 +756,7 @@ def build_prompt_source(args, models, prompts: list[str], device) -> dict:
 
 
 def prepare_training(args, accelerator, models) -> SimpleNamespace:
-    """Optimizers (trainable parameters only: LoRA or full weights; the heads) and LR schedulers, prepared with
+    """Optimizers (trainable parameters only: LoRA or full weights; ADM's heads) and LR schedulers, prepared with
     accelerate network by network. Returns the namespace ``train_iteration`` takes as ``opt``."""
     from accelerate.utils import DistributedType
     from diffusers.optimization import get_scheduler
@@ -777,7 +779,6 @@ def prepare_training(args, accelerator, models) -> SimpleNamespace:
 
     g_opt = make_opt(models.generator, args.generator_lr)
     f_opt = make_opt(models.fake_score, args.fake_score_lr)
-    d_opt = make_opt(models.heads, args.discriminator_lr)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:  # no dataloader is prepared: say the batch size
         ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
         ds_config["train_micro_batch_size_per_gpu"] = args.train_batch_size
@@ -792,8 +793,11 @@ def prepare_training(args, accelerator, models) -> SimpleNamespace:
         models.generator, g_opt, make_sched(g_opt, 1))
     opt.fake_score, opt.fake_optimizer, opt.fake_lr_scheduler = accelerator.prepare(
         models.fake_score, f_opt, make_sched(f_opt, args.fake_score_update_ratio))
-    opt.heads, opt.discriminator_optimizer, opt.discriminator_lr_scheduler = accelerator.prepare(
-        models.heads, d_opt, make_sched(d_opt, args.discriminator_update_ratio))
+    opt.heads = opt.discriminator_optimizer = opt.discriminator_lr_scheduler = None
+    if models.heads is not None:
+        d_opt = make_opt(models.heads, args.discriminator_lr)
+        opt.heads, opt.discriminator_optimizer, opt.discriminator_lr_scheduler = accelerator.prepare(
+            models.heads, d_opt, make_sched(d_opt, args.discriminator_update_ratio))
     if models.ema is not None:
         models.ema.to(accelerator.device)
         accelerator.register_for_checkpointing(models.ema)
@@ -884,8 +888,10 @@ def main(args):
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
     models = build_models(args, accelerator, teacher_info, weight_dtype)
-    log.info(f"student timesteps {models.timesteps.tolist()}, sigmas {models.sigmas.tolist()}; "
-             f"discriminator on transformer_blocks {teacher_info['discriminator_blocks']}", main_process_only=True)
+    d_text = (f"discriminator on transformer_blocks {teacher_info['discriminator_blocks']}"
+              if models.heads is not None else "no discriminator (dmd)")
+    log.info(f"student timesteps {models.timesteps.tolist()}, sigmas {models.sigmas.tolist()}; {d_text}",
+             main_process_only=True)
 
     val_text = (encode_prompts(models.text_pipe, args.validation_prompts, args, accelerator.device)
                 if args.validation_prompts else None)

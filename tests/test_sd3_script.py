@@ -218,8 +218,11 @@ def test_dmd_baseline_runs(workdir):
     """--distribution_loss dmd (DMD2's loss, fake-score ratio 5 by default) on the SD3 teacher."""
     proc = _recipe(workdir, "sd3_medium", "sd3", "dmd", "--lora_rank", "4", "--fake_score_lora_rank", "4",
                    "--distribution_loss", "dmd", "--fake_score_update_ratio", "5", "--gradient_accumulation_steps",
-                   "1", "--max_train_steps", "1", "--validation_steps", "100")
-    assert "DMD distillation" in proc.stderr + proc.stdout
+                   "1", "--max_train_steps", "1", "--validation_steps", "100", "--checkpointing_steps", "1")
+    assert "DMD distillation" in proc.stderr + proc.stdout and "no discriminator (dmd)" in proc.stderr + proc.stdout
+    # DMD2 has no discriminator: the checkpoint holds the generator and the fake score only (no heads, no D optimizer)
+    checkpoint = workdir / "dmd" / "checkpoint-1"
+    assert (checkpoint / "model_1.safetensors").is_file() and not (checkpoint / "model_2.safetensors").exists()
     config = json.loads((workdir / "dmd" / "dmdx_training_config.json").read_text())
     assert config["fake_score_update_ratio"] == 5 and config["distribution_loss"] == "dmd"
     assert (workdir / "dmd" / "model_index.json").is_file()
