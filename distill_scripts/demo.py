@@ -1,10 +1,10 @@
-"""The embedded default (`make demo`): DMDX and DMD2 distillation of a real (tiny) SDXL-architecture digits teacher,
-end to end with the project's real scripts, then a measured comparison.
+"""The embedded default (`make demo`): DMDX and DMD2 distillation of a real (tiny) SDXL- or SD3-architecture digits
+teacher, end to end with the project's real scripts, then a measured comparison.
 
-    python distill_scripts/demo.py [--output_dir demo_output] [--quick] [--teacher sdxl]
+    python distill_scripts/demo.py [--output_dir demo_output] [--quick] [--teacher {sdxl,sd3}]
 
-Stages (each one a subprocess, exactly the command a user would type; all of them are written to
-``<output_dir>/commands.sh``):
+Stages with ``--teacher sdxl`` (the default; each one a subprocess, exactly the command a user would type; all of
+them are written to ``<output_dir>/commands.sh``):
 
   0. the teacher: the committed ``distill_scripts/digits/assets/digits-sdxl-teacher`` (trained on scikit-learn's
      real handwritten digits by ``digits/train_digits_teacher.py``), trained here if it is missing;
@@ -16,6 +16,11 @@ Stages (each one a subprocess, exactly the command a user would type; all of the
   5. ``evaluate.py``: teacher (25 steps, CFG = 50 NFE), the ADP student both distillations start from (1 step,
      shown so that what ADM/DMD add is visible), DMD2 (1 step) and DMDX (1 step) through stock diffusers ->
      ``report.json``, ``report.md``, ``samples.png``.
+
+With ``--teacher sd3`` (the paper's SD3 recipe: four steps, ADM alone): 0. the committed
+``digits-sd3-teacher``; 1. ``train_adm_sd3.py --distribution_loss adm`` from the teacher -> ``student``;
+2. ``train_adm_sd3.py --distribution_loss dmd`` (DMD2, same training time) -> ``dmd2``; 3. ``evaluate.py`` on the
+teacher (25 steps, CFG), DMD2 and DMDX (4 steps each).
 
 Everything runs offline on CPU. A rerun into the same folder reuses finished stages when the recipe is unchanged
 (``--overwrite`` starts afresh). ``--quick`` runs the same stages with tiny budgets (a smoke test, not a result).
@@ -35,16 +40,16 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 DIGITS = os.path.join(HERE, "digits")
-COMMITTED_TEACHERS = {"sdxl": os.path.join(DIGITS, "assets", "digits-sdxl-teacher")}
+COMMITTED_TEACHERS = {arch: os.path.join(DIGITS, "assets", f"digits-{arch}-teacher") for arch in ("sdxl", "sd3")}
 
 sys.path.insert(0, DIGITS)
 from digits_data import CLASS_FREE_PROMPT, evaluation_prompts  # noqa: E402
 
-# The recipe. Budgets were chosen on a 2-core CPU so the whole default run stays within ~20 minutes; the DMD2
-# step count gives it about the same training time as DMDX's ADM stage (DMD2 makes 5 fake-score updates per
-# generator update; ADM 1 plus a discriminator update, and its first 100 updates train only the fake score and D).
+# The recipes. Budgets were chosen on a 2-core CPU so that a default run stays within ~20 minutes; the DMD2 step
+# count gives it about the same training time as DMDX's ADM stage (DMD2 makes 5 fake-score updates per generator
+# update; ADM 1 plus a discriminator update, and its first updates train only the fake score and D).
 # Measured times are written to report.json and report.md.
-RECIPES = {
+SDXL_RECIPES = {
     "default": {
         "teacher_guidance_scale": 3.0, "teacher_steps": 25,
         "num_pairs": 2000, "pairs_batch_size": 250,
@@ -70,20 +75,46 @@ RECIPES = {
         "eval_images_per_prompt": 4, "eval_class_free_images": 10,
     },
 }
+# SD3 (the paper's SD3 recipe: ADM alone, 4 steps, no ADP stage): the students start from the teacher and are
+# fully fine-tuned (--lora_rank 0; the tiny MMDiT has no capacity to spare for a low-rank update).
+SD3_RECIPES = {
+    "default": {
+        "teacher_guidance_scale": 3.0, "teacher_steps": 25, "num_student_steps": 4,
+        "adm": {"max_train_steps": 300, "train_batch_size": 32, "generator_lr": 2e-5, "fake_score_lr": 1e-4,
+                "discriminator_lr": 1e-4, "discriminator_warmup_steps": 50, "ode_step_dt": 1 / 64,
+                "discriminator_head_channels": 64, "ema_decay": 0.99},
+        "dmd": {"max_train_steps": 200, "train_batch_size": 32, "generator_lr": 2e-5, "fake_score_lr": 1e-4,
+                "ema_decay": 0.99},
+        "eval_images_per_prompt": 50, "eval_class_free_images": 200,
+    },
+    "quick": {
+        "teacher_guidance_scale": 3.0, "teacher_steps": 25, "num_student_steps": 4,
+        "adm": {"max_train_steps": 3, "train_batch_size": 4, "generator_lr": 2e-5, "fake_score_lr": 1e-4,
+                "discriminator_lr": 1e-4, "discriminator_warmup_steps": 1, "ode_step_dt": 1 / 64,
+                "discriminator_head_channels": 64, "ema_decay": 0.99},
+        "dmd": {"max_train_steps": 2, "train_batch_size": 4, "generator_lr": 2e-5, "fake_score_lr": 1e-4,
+                "ema_decay": 0.99},
+        "eval_images_per_prompt": 4, "eval_class_free_images": 10,
+    },
+}
+RECIPES = {"sdxl": SDXL_RECIPES, "sd3": SD3_RECIPES}
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Run DMDX and DMD2 on the embedded digits teacher and compare them.")
-    parser.add_argument("--output_dir", default="demo_output")
-    parser.add_argument("--teacher", default="sdxl", choices=["sdxl"],
-                        help="Teacher architecture (the one-step DMDX path is SDXL's).")
+    parser.add_argument("--output_dir", default=None, help="Default: demo_output (sdxl), demo_output_sd3 (sd3).")
+    parser.add_argument("--teacher", default="sdxl", choices=["sdxl", "sd3"],
+                        help="Teacher architecture: sdxl (one-step DMDX: ADP then ADM) or sd3 (four-step ADM).")
     parser.add_argument("--quick", action="store_true", help="Tiny budgets: a smoke run of every stage.")
     parser.add_argument("--overwrite", action="store_true", help="Delete --output_dir first.")
     parser.add_argument("--num_threads", type=int, default=1,
                         help="Threads per process (OMP_NUM_THREADS); 1 is fastest for these tiny models on a "
                              "shared 2-core machine.")
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.output_dir is None:
+        args.output_dir = "demo_output" if args.teacher == "sdxl" else f"demo_output_{args.teacher}"
+    return args
 
 
 class Runner:
@@ -139,29 +170,8 @@ def flags(options: dict) -> list[str]:
     return out
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    recipe_name = "quick" if args.quick else "default"
-    recipe = RECIPES[recipe_name]
-    out = os.path.abspath(args.output_dir)
-    if args.overwrite and os.path.isdir(out):
-        shutil.rmtree(out)
-    os.makedirs(out, exist_ok=True)
-    recipe_path = os.path.join(out, "recipe.json")
-    stored = {"recipe": recipe_name, "teacher": args.teacher, "seed": args.seed, **recipe}
-    if os.path.isfile(recipe_path):
-        with open(recipe_path) as f:
-            if json.load(f) != json.loads(json.dumps(stored)):
-                raise SystemExit(f"{out} holds a run with another recipe; use --overwrite or another --output_dir.")
-    with open(recipe_path, "w") as f:
-        json.dump(stored, f, indent=2)
-
-    run = Runner(args, recipe_name)
-    total = 6
-    start = time.perf_counter()
-    g = recipe["teacher_guidance_scale"]
-
-    # 0. the teacher (committed; trained on first use if missing) and the prompts
+def prepare_teacher(run, args, out: str, total: int) -> tuple[str, str]:
+    """Stage 0: the committed teacher (trained here if missing) and the prompts file; returns their paths."""
     teacher = COMMITTED_TEACHERS[args.teacher]
     if not os.path.isfile(os.path.join(teacher, "model_index.json")):
         teacher = os.path.join(out, "teacher")
@@ -175,6 +185,14 @@ def main(argv=None):
     prompts_file = os.path.join(out, "prompts.txt")
     with open(prompts_file, "w") as f:  # the class-free prompt twice: about the share it had in the teacher's data
         f.write("\n".join(evaluation_prompts() + [CLASS_FREE_PROMPT]) + "\n")
+    return teacher, prompts_file
+
+
+def run_sdxl(run, args, recipe: dict, out: str):
+    """One-step DMDX: ODE pairs -> ADP -> ADM (and DMD2 from the same ADP student) -> evaluation."""
+    total = 6
+    g = recipe["teacher_guidance_scale"]
+    teacher, prompts_file = prepare_teacher(run, args, out, total)
 
     # 1. teacher ODE pairs (25-step deterministic DDIM with CFG)
     pairs = os.path.join(out, "ode_pairs")
@@ -215,13 +233,73 @@ def main(argv=None):
         "--pipeline", f"adp={adp}:1:0", "--pipeline", f"dmd2={dmd2}:1:0", "--pipeline", f"dmdx={student}:1:0",
         "--num_images_per_prompt", recipe["eval_images_per_prompt"],
         "--num_class_free_images", recipe["eval_class_free_images"], "--seed", args.seed, "--output_dir", out))
-    run.write_commands()
-
-    # training cost per pipeline, next to the metrics
     t = run.timings
     training = {"teacher": None, "adp": {"adp_seconds": t.get("adp"), "distillation_seconds": 0.0},
                 "dmd2": {"adp_seconds": t.get("adp"), "distillation_seconds": t.get("dmd")},
                 "dmdx": {"adp_seconds": t.get("adp"), "distillation_seconds": t.get("adm")}}
+    return training, student
+
+
+def run_sd3(run, args, recipe: dict, out: str):
+    """Four-step ADM (DMDX's SD3 recipe) and the DMD2 baseline, both from the teacher -> evaluation."""
+    total = 4
+    g, k = recipe["teacher_guidance_scale"], recipe["num_student_steps"]
+    teacher, prompts_file = prepare_teacher(run, args, out, total)
+    common = ["--pretrained_model_name_or_path", teacher, "--prompts_file", prompts_file, "--resolution", 16,
+              "--seed", args.seed, "--num_student_steps", k, "--lora_rank", 0, "--use_ema", "--guidance_scale", g,
+              "--lr_scheduler", "constant", "--checkpointing_steps", 10**9, "--mixed_precision", "no"]
+
+    # 1. ADM (DMDX for SD3) -> student/
+    student = os.path.join(out, "student")
+    run.stage(1, total, "adm", run.accelerate(
+        "train_adm_sd3.py", *common, "--distribution_loss", "adm", *flags(recipe["adm"]), "--output_dir", student),
+        os.path.join(student, "model_index.json"))
+
+    # 2. DMD2 baseline from the same teacher, about the same training time
+    dmd2 = os.path.join(out, "dmd2")
+    run.stage(2, total, "dmd", run.accelerate(
+        "train_adm_sd3.py", *common, "--distribution_loss", "dmd", *flags(recipe["dmd"]), "--output_dir", dmd2),
+        os.path.join(dmd2, "model_index.json"))
+
+    # 3. evaluation through stock diffusers
+    steps = recipe["teacher_steps"]
+    run.stage(3, total, "evaluate", run.python(
+        os.path.join(HERE, "evaluate.py"), "--pipeline", f"teacher={teacher}:{steps}:{g}",
+        "--pipeline", f"dmd2={dmd2}:{k}:0", "--pipeline", f"dmdx={student}:{k}:0",
+        "--num_images_per_prompt", recipe["eval_images_per_prompt"],
+        "--num_class_free_images", recipe["eval_class_free_images"], "--seed", args.seed, "--output_dir", out))
+    t = run.timings
+    training = {"teacher": None, "dmd2": {"distillation_seconds": t.get("dmd")},
+                "dmdx": {"distillation_seconds": t.get("adm")}}
+    return training, student
+
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    recipe_name = "quick" if args.quick else "default"
+    recipe = RECIPES[args.teacher][recipe_name]
+    out = os.path.abspath(args.output_dir)
+    if args.overwrite and os.path.isdir(out):
+        shutil.rmtree(out)
+    os.makedirs(out, exist_ok=True)
+    recipe_path = os.path.join(out, "recipe.json")
+    stored = {"recipe": recipe_name, "teacher": args.teacher, "seed": args.seed, **recipe}
+    if os.path.isfile(recipe_path):
+        with open(recipe_path) as f:
+            if json.load(f) != json.loads(json.dumps(stored)):
+                raise SystemExit(f"{out} holds a run with another recipe; use --overwrite or another --output_dir.")
+    with open(recipe_path, "w") as f:
+        json.dump(stored, f, indent=2)
+
+    run = Runner(args, recipe_name)
+    start = time.perf_counter()
+    stages = run_sdxl if args.teacher == "sdxl" else run_sd3
+    training, student = stages(run, args, recipe, out)
+    run.write_commands()
+
+    # training cost per pipeline, next to the metrics
+    t = run.timings
     report_path = os.path.join(out, "report.json")
     with open(report_path) as f:
         report = json.load(f)
@@ -230,12 +308,13 @@ def main(argv=None):
     with open(report_path, "w") as f:
         json.dump(report, f, indent=2)
     with open(os.path.join(out, "report.md"), "a") as f:
-        f.write(f"\nRecipe `{recipe_name}`; training wall time on this machine: ODE pairs "
-                f"{t.get('collect_ode_pairs')} s, "
-                f"ADP {t.get('adp')} s (shared init), ADM (DMDX) {t.get('adm')} s, DMD2 {t.get('dmd')} s. "
+        stages_text = (f"ODE pairs {t.get('collect_ode_pairs')} s, ADP {t.get('adp')} s (shared init), "
+                       if args.teacher == "sdxl" else "")
+        f.write(f"\nTeacher `{args.teacher}`, recipe `{recipe_name}`; training wall time on this machine: {stages_text}"
+                f"ADM (DMDX) {t.get('adm')} s, DMD2 {t.get('dmd')} s. "
                 f"Whole demo: {time.perf_counter() - start:.0f} s this run.\n")
     teacher_fid, dmdx = report["teacher"]["digit_fid"], report["dmdx"]
-    print(f"\nDone in {time.perf_counter() - start:.0f} s. DMDX 1-step: digit_fid {dmdx['digit_fid']:.2f} "
+    print(f"\nDone in {time.perf_counter() - start:.0f} s. DMDX {dmdx['nfe']}-step: digit_fid {dmdx['digit_fid']:.2f} "
           f"({dmdx['digit_fid'] / teacher_fid:.2f}x the teacher's {teacher_fid:.2f}), prompt_accuracy "
           f"{dmdx['prompt_accuracy']:.3f}. See {out}/report.md, samples.png; the student is {student}.")
 

@@ -117,6 +117,7 @@ def t5_tokenizer(model_max_length: int = 32):
 def sd3_components(
     sample_size: int = 16,
     num_layers: int = 2,
+    patch_size: int = 1,
     attention_head_dim: int = 8,
     num_attention_heads: int = 4,
     latent_channels: int = 16,
@@ -136,7 +137,7 @@ def sd3_components(
     torch.manual_seed(seed)
     kwargs = {"qk_norm": qk_norm} if qk_norm else {}
     transformer = SD3Transformer2DModel(
-        sample_size=sample_size, patch_size=1, in_channels=latent_channels, out_channels=latent_channels,
+        sample_size=sample_size, patch_size=patch_size, in_channels=latent_channels, out_channels=latent_channels,
         num_layers=num_layers, attention_head_dim=attention_head_dim, num_attention_heads=num_attention_heads,
         caption_projection_dim=attention_head_dim * num_attention_heads, joint_attention_dim=text_hidden,
         pooled_projection_dim=2 * text_hidden, pos_embed_max_size=max(32, sample_size), **kwargs,

@@ -47,3 +47,40 @@ def test_demo_quick_end_to_end(tmp_path):
     images = pipe("a handwritten digit three", num_inference_steps=1, guidance_scale=0.0, output_type="np",
                   generator=torch.Generator().manual_seed(0)).images
     assert images.shape == (1, 16, 16, 3) and torch.isfinite(torch.from_numpy(images)).all()
+
+
+def test_demo_quick_sd3_end_to_end(tmp_path):
+    """`--teacher sd3`: four-step ADM (DMDX's SD3 recipe) and DMD2 with train_adm_sd3.py on the SD3 digits
+    teacher, evaluated by the same evaluate.py; the student is a stock StableDiffusion3Pipeline folder."""
+    import evaluate
+
+    out = tmp_path / "demo_output_sd3"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               HF_HOME=str(tmp_path / "hf"))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "distill_scripts", "demo.py"), "--quick",
+                           "--teacher", "sd3", "--output_dir", str(out)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    for stage in ("[1/4] adm", "[2/4] dmd", "[3/4] evaluate"):
+        assert stage in proc.stdout
+
+    report = json.loads((out / "report.json").read_text())
+    assert list(report) == ["teacher", "dmd2", "dmdx"]
+    for name, r in report.items():
+        assert all(k in r for k in evaluate.METRIC_KEYS), name
+    assert (report["teacher"]["nfe"], report["dmd2"]["nfe"], report["dmdx"]["nfe"]) == (50, 4, 4)
+    assert report["dmdx"]["pipeline_class"] == "StableDiffusion3Pipeline"
+    assert report["dmdx"]["scheduler_class"] == "FlowMatchEulerDiscreteScheduler"
+    assert report["dmdx"]["training_cost"]["distillation_seconds"] > 0
+    commands = (out / "commands.sh").read_text()
+    assert "train_adm_sd3.py" in commands and "train_adp_sdxl.py" not in commands
+    assert "--distribution_loss adm" in commands and "--distribution_loss dmd" in commands
+    assert "Teacher `sd3`" in (out / "report.md").read_text()
+
+    import torch
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(str(out / "student"))
+    images = pipe("a handwritten digit three", num_inference_steps=4, guidance_scale=0.0, output_type="np",
+                  generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (1, 16, 16, 3) and torch.isfinite(torch.from_numpy(images)).all()
