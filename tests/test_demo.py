@@ -65,10 +65,10 @@ def test_demo_quick_sd3_end_to_end(tmp_path):
         assert stage in proc.stdout
 
     report = json.loads((out / "report.json").read_text())
-    assert list(report) == ["teacher", "dmd2", "dmdx"]
+    assert list(report) == ["teacher", "init", "dmd2", "dmdx"]
     for name, r in report.items():
         assert all(k in r for k in evaluate.METRIC_KEYS), name
-    assert (report["teacher"]["nfe"], report["dmd2"]["nfe"], report["dmdx"]["nfe"]) == (50, 4, 4)
+    assert (report["teacher"]["nfe"], report["init"]["nfe"], report["dmdx"]["nfe"]) == (50, 4, 4)
     assert report["dmdx"]["pipeline_class"] == "StableDiffusion3Pipeline"
     assert report["dmdx"]["scheduler_class"] == "FlowMatchEulerDiscreteScheduler"
     assert report["dmdx"]["training_cost"]["distillation_seconds"] > 0
