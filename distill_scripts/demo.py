@@ -49,56 +49,55 @@ from digits_data import CLASS_FREE_PROMPT, evaluation_prompts  # noqa: E402
 # count gives it about the same training time as DMDX's ADM stage (DMD2 makes 5 fake-score updates per generator
 # update; ADM 1 plus a discriminator update, and its first updates train only the fake score and D).
 # Measured times are written to report.json and report.md.
-SDXL_RECIPES = {
-    "default": {
-        "teacher_guidance_scale": 3.0, "teacher_steps": 25,
-        "num_pairs": 2000, "pairs_batch_size": 250,
-        "adp": {"max_train_steps": 600, "train_batch_size": 64, "generator_lr": 2e-4, "discriminator_lr": 2e-4,
-                "velocity_mse_weight": 1.0, "ema_decay": 0.99},
-        "adm": {"max_train_steps": 300, "train_batch_size": 32, "generator_lr": 5e-6, "fake_score_lr": 1e-4,
-                "discriminator_lr": 1e-4, "discriminator_warmup_steps": 100, "ode_step_dt": 1 / 64,
-                "ema_decay": 0.99},
-        "dmd": {"max_train_steps": 190, "train_batch_size": 32, "generator_lr": 5e-6, "fake_score_lr": 1e-4,
-                "ema_decay": 0.99},
-        "eval_images_per_prompt": 50, "eval_class_free_images": 200,
-    },
-    "quick": {
-        "teacher_guidance_scale": 3.0, "teacher_steps": 25,
-        "num_pairs": 32, "pairs_batch_size": 32,
-        "adp": {"max_train_steps": 4, "train_batch_size": 8, "generator_lr": 2e-4, "discriminator_lr": 2e-4,
-                "velocity_mse_weight": 1.0, "ema_decay": 0.99},
-        "adm": {"max_train_steps": 3, "train_batch_size": 4, "generator_lr": 5e-6, "fake_score_lr": 1e-4,
-                "discriminator_lr": 1e-4, "discriminator_warmup_steps": 1, "ode_step_dt": 1 / 64,
-                "ema_decay": 0.99},
-        "dmd": {"max_train_steps": 2, "train_batch_size": 4, "generator_lr": 5e-6, "fake_score_lr": 1e-4,
-                "ema_decay": 0.99},
-        "eval_images_per_prompt": 4, "eval_class_free_images": 10,
-    },
+SDXL_DEFAULT = {
+    "teacher_guidance_scale": 3.0, "teacher_steps": 25,
+    "num_pairs": 2000, "pairs_batch_size": 250,
+    "adp": {"max_train_steps": 600, "train_batch_size": 64, "generator_lr": 2e-4, "discriminator_lr": 2e-4,
+            "velocity_mse_weight": 1.0, "ema_decay": 0.99},
+    "adm": {"max_train_steps": 300, "train_batch_size": 32, "generator_lr": 5e-6, "fake_score_lr": 1e-4,
+            "discriminator_lr": 1e-4, "discriminator_warmup_steps": 100, "ode_step_dt": 1 / 64, "ema_decay": 0.99},
+    "dmd": {"max_train_steps": 190, "train_batch_size": 32, "generator_lr": 5e-6, "fake_score_lr": 1e-4,
+            "ema_decay": 0.99},
+    "eval_images_per_prompt": 50, "eval_class_free_images": 200,
 }
 # SD3 (the paper's SD3 recipe: ADM alone, 4 steps, no ADP stage): the students start from the teacher and are
 # fully fine-tuned (--lora_rank 0; the tiny MMDiT has no capacity to spare for a low-rank update).
-SD3_RECIPES = {
-    "default": {
-        "teacher_guidance_scale": 5.0, "teacher_steps": 25, "num_student_steps": 4,
-        # dt = T/8 with 100 D warm-up updates: the best ADM setting of benchmarks/mixture.py; the literal
-        # dt = T/64 (generator lr 2e-5, 50 warm-up updates) left D at chance here and a far worse student (README)
-        "adm": {"max_train_steps": 300, "train_batch_size": 32, "generator_lr": 5e-6, "fake_score_lr": 1e-4,
-                "discriminator_lr": 1e-4, "discriminator_warmup_steps": 100, "ode_step_dt": 1 / 8,
-                "min_timestep_percent": 1 / 8, "discriminator_head_channels": 64, "ema_decay": 0.99},
-        "dmd": {"max_train_steps": 200, "train_batch_size": 32, "generator_lr": 2e-5, "fake_score_lr": 1e-4,
-                "ema_decay": 0.99},
-        "eval_images_per_prompt": 50, "eval_class_free_images": 200,
-    },
-    "quick": {
-        "teacher_guidance_scale": 5.0, "teacher_steps": 25, "num_student_steps": 4,
-        "adm": {"max_train_steps": 3, "train_batch_size": 4, "generator_lr": 5e-6, "fake_score_lr": 1e-4,
-                "discriminator_lr": 1e-4, "discriminator_warmup_steps": 1, "ode_step_dt": 1 / 8,
-                "min_timestep_percent": 1 / 8, "discriminator_head_channels": 64, "ema_decay": 0.99},
-        "dmd": {"max_train_steps": 2, "train_batch_size": 4, "generator_lr": 2e-5, "fake_score_lr": 1e-4,
-                "ema_decay": 0.99},
-        "eval_images_per_prompt": 4, "eval_class_free_images": 10,
-    },
+SD3_DEFAULT = {
+    "teacher_guidance_scale": 5.0, "teacher_steps": 25, "num_student_steps": 4,
+    # dt = T/8 with 100 D warm-up updates: the best ADM setting of benchmarks/mixture.py; the literal
+    # dt = T/64 (generator lr 2e-5, 50 warm-up updates) left D at chance here and a far worse student (README)
+    "adm": {"max_train_steps": 300, "train_batch_size": 32, "generator_lr": 5e-6, "fake_score_lr": 1e-4,
+            "discriminator_lr": 1e-4, "discriminator_warmup_steps": 100, "ode_step_dt": 1 / 8,
+            "min_timestep_percent": 1 / 8, "discriminator_head_channels": 64, "ema_decay": 0.99},
+    "dmd": {"max_train_steps": 200, "train_batch_size": 32, "generator_lr": 2e-5, "fake_score_lr": 1e-4,
+            "ema_decay": 0.99},
+    "eval_images_per_prompt": 50, "eval_class_free_images": 200,
 }
+# --quick: the same recipe with tiny budgets (a smoke run of every stage, not a result)
+QUICK_BUDGETS = {
+    "num_pairs": 32, "pairs_batch_size": 32,
+    "adp": {"max_train_steps": 4, "train_batch_size": 8},
+    "adm": {"max_train_steps": 3, "train_batch_size": 4, "discriminator_warmup_steps": 1},
+    "dmd": {"max_train_steps": 2, "train_batch_size": 4},
+    "eval_images_per_prompt": 4, "eval_class_free_images": 10,
+}
+
+
+def with_budgets(recipe: dict, budgets: dict) -> dict:
+    """``recipe`` with the entries of ``budgets`` that it has replaced (one level of nesting per stage)."""
+    out = {}
+    for key, value in recipe.items():
+        if key not in budgets:
+            out[key] = value
+        elif isinstance(value, dict):
+            out[key] = {**value, **budgets[key]}
+        else:
+            out[key] = budgets[key]
+    return out
+
+
+SDXL_RECIPES = {"default": SDXL_DEFAULT, "quick": with_budgets(SDXL_DEFAULT, QUICK_BUDGETS)}
+SD3_RECIPES = {"default": SD3_DEFAULT, "quick": with_budgets(SD3_DEFAULT, QUICK_BUDGETS)}
 RECIPES = {"sdxl": SDXL_RECIPES, "sd3": SD3_RECIPES}
 
 
@@ -190,6 +189,16 @@ def prepare_teacher(run, args, out: str, total: int) -> tuple[str, str]:
     return teacher, prompts_file
 
 
+def evaluate_stage(run, index: int, total: int, args, recipe: dict, out: str, pipelines: list[str]):
+    """The last stage: ``evaluate.py`` on ``NAME=PATH:STEPS:GUIDANCE`` pipelines through stock diffusers."""
+    cmd = [os.path.join(HERE, "evaluate.py")]
+    for spec in pipelines:
+        cmd += ["--pipeline", spec]
+    run.stage(index, total, "evaluate", run.python(
+        *cmd, "--num_images_per_prompt", recipe["eval_images_per_prompt"],
+        "--num_class_free_images", recipe["eval_class_free_images"], "--seed", args.seed, "--output_dir", out))
+
+
 def run_sdxl(run, args, recipe: dict, out: str):
     """One-step DMDX: ODE pairs -> ADP -> ADM (and DMD2 from the same ADP student) -> evaluation."""
     total = 6
@@ -230,11 +239,8 @@ def run_sdxl(run, args, recipe: dict, out: str):
 
     # 5. evaluation through stock diffusers
     steps = recipe["teacher_steps"]
-    run.stage(5, total, "evaluate", run.python(
-        os.path.join(HERE, "evaluate.py"), "--pipeline", f"teacher={teacher}:{steps}:{g}",
-        "--pipeline", f"adp={adp}:1:0", "--pipeline", f"dmd2={dmd2}:1:0", "--pipeline", f"dmdx={student}:1:0",
-        "--num_images_per_prompt", recipe["eval_images_per_prompt"],
-        "--num_class_free_images", recipe["eval_class_free_images"], "--seed", args.seed, "--output_dir", out))
+    evaluate_stage(run, 5, total, args, recipe, out, [f"teacher={teacher}:{steps}:{g}", f"adp={adp}:1:0",
+                                                      f"dmd2={dmd2}:1:0", f"dmdx={student}:1:0"])
     t = run.timings
     training = {"teacher": None, "adp": {"adp_seconds": t.get("adp"), "distillation_seconds": 0.0},
                 "dmd2": {"adp_seconds": t.get("adp"), "distillation_seconds": t.get("dmd")},
@@ -265,18 +271,13 @@ def run_sd3(run, args, recipe: dict, out: str):
 
     # 3. evaluation through stock diffusers
     steps = recipe["teacher_steps"]
-    run.stage(3, total, "evaluate", run.python(
-        os.path.join(HERE, "evaluate.py"), "--pipeline", f"teacher={teacher}:{steps}:{g}",
-        # the students' starting point: the teacher itself at their step count, without CFG
-        "--pipeline", f"init={teacher}:{k}:0",
-        "--pipeline", f"dmd2={dmd2}:{k}:0", "--pipeline", f"dmdx={student}:{k}:0",
-        "--num_images_per_prompt", recipe["eval_images_per_prompt"],
-        "--num_class_free_images", recipe["eval_class_free_images"], "--seed", args.seed, "--output_dir", out))
+    # "init": the students' starting point, the teacher itself at their step count without CFG
+    evaluate_stage(run, 3, total, args, recipe, out, [f"teacher={teacher}:{steps}:{g}", f"init={teacher}:{k}:0",
+                                                      f"dmd2={dmd2}:{k}:0", f"dmdx={student}:{k}:0"])
     t = run.timings
     training = {"teacher": None, "init": None, "dmd2": {"distillation_seconds": t.get("dmd")},
                 "dmdx": {"distillation_seconds": t.get("adm")}}
     return training, student
-
 
 
 def main(argv=None):
