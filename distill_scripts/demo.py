@@ -15,7 +15,8 @@ them are written to ``<output_dir>/commands.sh``):
      the DMD2 baseline -> ``<output_dir>/dmd2``;
   5. ``evaluate.py``: teacher (25 steps, CFG = 50 NFE), the ADP student both distillations start from (1 step,
      shown so that what ADM/DMD add is visible), DMD2 (1 step) and DMDX (1 step) through stock diffusers ->
-     ``report.json``, ``report.md``, ``samples.png``.
+     ``report.json``, ``report.md``, ``samples.png``. The students are judged first by their distance to the
+     teacher's own samples (same prompts and seeds), then against the real digits.
 
 With ``--teacher sd3`` (the paper's SD3 recipe: four steps, ADM alone): 0. the committed
 ``digits-sd3-teacher``; 1. ``train_adm_sd3.py --distribution_loss adm`` from the teacher -> ``student``;
@@ -196,7 +197,8 @@ def evaluate_stage(run, index: int, total: int, args, recipe: dict, out: str, pi
         cmd += ["--pipeline", spec]
     run.stage(index, total, "evaluate", run.python(
         *cmd, "--num_images_per_prompt", recipe["eval_images_per_prompt"],
-        "--num_class_free_images", recipe["eval_class_free_images"], "--seed", args.seed, "--output_dir", out))
+        "--num_class_free_images", recipe["eval_class_free_images"], "--reference", "teacher", "--seed", args.seed,
+        "--output_dir", out))
 
 
 def run_sdxl(run, args, recipe: dict, out: str):
@@ -280,6 +282,25 @@ def run_sd3(run, args, recipe: dict, out: str):
     return training, student
 
 
+def summary_table(report: dict) -> str:
+    """The closing table: distance to the teacher's samples first (what judges a distillation), then real-data
+    FID and prompt accuracy (a student can beat its teacher there by departing from it)."""
+    columns = (("FID to teacher", "fid_to_teacher", ".2f"), ("class-hist TV", "class_hist_tv_to_teacher", ".3f"),
+               ("mode-hist TV", "mode_hist_tv_to_teacher", ".3f"), ("digit-FID (real)", "digit_fid", ".2f"),
+               ("prompt acc.", "prompt_accuracy", ".3f"))
+    width = max(len(name) for name in report) + 2
+    teacher_keys = [key for _, key, _ in columns[:3]]
+    lines = [f"{'pipeline':<{width}}{'NFE':>4}" + "".join(f"{h:>18}" for h, _, _ in columns)]
+    for name, r in report.items():
+        if "error" in r:
+            lines.append(f"{name:<{width}}failed: {r['error']}")
+            continue
+        cells = ["(reference)" if name == r.get("reference_pipeline") and key in teacher_keys
+                 else "-" if r.get(key) is None else format(r[key], fmt) for _, key, fmt in columns]
+        lines.append(f"{name:<{width}}{r['nfe']:>4}" + "".join(f"{c:>18}" for c in cells))
+    return "\n".join(lines)
+
+
 def main(argv=None):
     args = parse_args(argv)
     recipe_name = "quick" if args.quick else "default"
@@ -318,10 +339,8 @@ def main(argv=None):
         f.write(f"\nTeacher `{args.teacher}`, recipe `{recipe_name}`; training wall time on this machine: {stages_text}"
                 f"ADM (DMDX) {t.get('adm')} s, DMD2 {t.get('dmd')} s. "
                 f"Whole demo: {time.perf_counter() - start:.0f} s this run.\n")
-    teacher_fid, dmdx = report["teacher"]["digit_fid"], report["dmdx"]
-    print(f"\nDone in {time.perf_counter() - start:.0f} s. DMDX {dmdx['nfe']}-step: digit_fid {dmdx['digit_fid']:.2f} "
-          f"({dmdx['digit_fid'] / teacher_fid:.2f}x the teacher's {teacher_fid:.2f}), prompt_accuracy "
-          f"{dmdx['prompt_accuracy']:.3f}. See {out}/report.md, samples.png; the student is {student}.")
+    print(f"\n{summary_table(report)}\nDone in {time.perf_counter() - start:.0f} s. See {out}/report.md, "
+          f"samples.png; the student is {student}.")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,27 @@
-"""Evaluate text-to-image pipelines trained on the digits: quality, prompt adherence, mode coverage, diversity, cost.
+"""Evaluate text-to-image pipelines trained on the digits: distance to the teacher, quality, prompt adherence, mode
+coverage, diversity, cost.
 
 Every pipeline is loaded with stock ``DiffusionPipeline.from_pretrained`` and called as a user would call it
 (its own scheduler and VAE, ``output_type="pt"``). For each prompt ("a handwritten digit zero" ... "nine", and the
 class-free "a handwritten digit") it generates ``--num_images_per_prompt`` samples with fixed seeds (the same
 seeds for every pipeline) and scores them with the digit classifier trained on the real digits
-(``distill_scripts/digits/digit_classifier.py``):
+(``distill_scripts/digits/digit_classifier.py``).
+
+Distillation is judged against the teacher first (a student can beat its teacher on real-data FID, and then any
+faithful distillation makes that figure worse). Against the ``--reference`` pipeline's samples (default: the one
+named ``teacher``, else the first), for the same prompts and seeds:
+
+* ``fid_to_teacher``: Frechet distance between classifier features of the ten class prompts' samples and the
+  reference's;
+* ``class_hist_tv_to_teacher``: total-variation distance between the predicted-class histograms of the samples of
+  one class prompt and the reference's (0 = identical, 1 = disjoint), averaged over the ten class prompts
+  (``per_class_hist_tv_to_teacher`` lists them);
+* ``mode_hist_tv_to_teacher``: the same for the class-free prompt's samples (how far the mode mix is from the
+  teacher's).
+  The reference's own row holds ``null`` for these; ``reference_pipeline`` names it. Sampling noise alone makes them
+  positive, so compare pipelines at the same sample counts.
+
+Against the real digits and on their own:
 
 * ``digit_fid``: Frechet distance between classifier features (64-d penultimate layer) of the samples of the ten
   class prompts and of the 360 held-out real digits (lower is better; small sample sizes bias it upwards, so compare
@@ -13,9 +30,12 @@ seeds for every pipeline) and scores them with the digit classifier trained on t
 * ``mode_entropy``: normalised entropy of the predicted classes of the class-free prompt's samples (1.0 = uniform
   over the ten digits) and ``modes_covered``: digits holding >= 5% of those samples;
 * ``diversity``: mean pairwise feature distance between samples of one prompt, averaged over prompts, relative to
-  the first pipeline given (the teacher); ``diversity_raw`` is the absolute value;
+  the reference pipeline (the teacher); ``diversity_raw`` is the absolute value;
 * ``nfe``: network evaluations per image (steps, doubled with CFG), and ``seconds_per_image`` measured in this run
   after a warm-up call, so all pipelines are timed on the same hardware under the same load.
+
+A pipeline that fails to load or generate does not cost the others: its entry is ``{"error": ..., path, steps,
+guidance}``, the rest are evaluated and written, and the exit code is 1.
 
 Usage:
 
@@ -26,6 +46,13 @@ Usage:
 or ``--spec spec.json`` holding ``[{"name": ..., "path": ..., "num_inference_steps": ..., "guidance_scale": ...}]``.
 Writes ``report.json`` (one entry per pipeline name), ``report.md`` (a Markdown table) and ``samples.png``
 (rows: pipelines, columns: prompts).
+
+Several runs (e.g. one per training seed) combine into mean ± sd per metric and pipeline:
+
+    python distill_scripts/evaluate.py --aggregate seed0/report.json seed1/report.json seed2/report.json \
+        --output_dir eval_seeds
+
+writes ``report.json`` (``{pipeline: {metric: {"mean", "sd", "n"}}}``) and ``report.md`` with ``mean ± sd`` cells.
 """
 
 from __future__ import annotations
@@ -36,6 +63,7 @@ import math
 import os
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,8 +74,22 @@ from digit_classifier import ASSETS_DIR, load_classifier  # noqa: E402
 from digits_data import CLASS_FREE_PROMPT, evaluation_prompts, load_digits_split  # noqa: E402
 
 MODE_SHARE = 0.05
-METRIC_KEYS = ("digit_fid", "prompt_accuracy", "mode_entropy", "modes_covered", "diversity", "nfe",
-               "seconds_per_image")
+NUM_CLASSES = 10
+TEACHER_METRIC_KEYS = ("fid_to_teacher", "class_hist_tv_to_teacher", "mode_hist_tv_to_teacher")
+METRIC_KEYS = TEACHER_METRIC_KEYS + ("digit_fid", "prompt_accuracy", "mode_entropy", "modes_covered", "diversity",
+                                     "nfe", "seconds_per_image")
+# report.md columns after pipeline / steps / guidance / NFE: teacher-referenced first, then against real digits, cost
+COLUMNS = (
+    ("FID to teacher ↓", "fid_to_teacher", ".2f"),
+    ("class-hist TV to teacher ↓", "class_hist_tv_to_teacher", ".3f"),
+    ("mode-hist TV to teacher ↓", "mode_hist_tv_to_teacher", ".3f"),
+    ("digit-FID (real) ↓", "digit_fid", ".2f"),
+    ("prompt acc. ↑", "prompt_accuracy", ".3f"),
+    ("mode entropy ↑", "mode_entropy", ".3f"),
+    ("modes covered", "modes_covered", "d"),
+    ("diversity (rel.)", "diversity", ".3f"),
+    ("s / image", "seconds_per_image", ".4f"),
+)
 
 
 @dataclass
@@ -76,15 +118,29 @@ def parse_pipeline_arg(value: str) -> PipelineSpec:
         raise argparse.ArgumentTypeError(f"Bad steps or guidance in {value!r}: {err}") from err
 
 
+def select_reference(names: list[str], requested: str | None = None) -> str:
+    """The pipeline the others are measured against: ``requested``, else the one named ``teacher``, else the first."""
+    if requested is not None:
+        if requested not in names:
+            raise ValueError(f"--reference {requested!r} is not one of the pipelines {names}.")
+        return requested
+    return "teacher" if "teacher" in names else names[0]
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Digit-FID, prompt accuracy, mode coverage, diversity and speed "
-                                                 "of digits pipelines.")
+    parser = argparse.ArgumentParser(description="Distance to the teacher, digit-FID, prompt accuracy, mode coverage, "
+                                                 "diversity and speed of digits pipelines.")
     parser.add_argument("--pipeline", action="append", type=parse_pipeline_arg, default=[],
                         metavar="NAME=PATH:STEPS:GUIDANCE",
-                        help="A pipeline folder with its step count and guidance scale (repeatable; the first is "
-                             "the reference for relative diversity).")
+                        help="A pipeline folder with its step count and guidance scale (repeatable).")
     parser.add_argument("--spec", default=None, help="JSON file: a list of {name, path, num_inference_steps, "
                                                      "guidance_scale} (appended after --pipeline entries).")
+    parser.add_argument("--reference", default=None, metavar="NAME",
+                        help="The pipeline whose samples the teacher-referenced distances and relative diversity "
+                             "are measured against (default: the one named 'teacher', else the first).")
+    parser.add_argument("--aggregate", nargs="+", default=None, metavar="REPORT_JSON",
+                        help="Instead of evaluating: combine several report.json files (e.g. one per training seed) "
+                             "into mean ± sd per metric, written to --output_dir.")
     parser.add_argument("--output_dir", default="eval_output")
     parser.add_argument("--num_images_per_prompt", type=int, default=50)
     parser.add_argument("--num_class_free_images", type=int, default=None,
@@ -102,6 +158,13 @@ def parse_args(argv=None):
         with open(args.spec) as f:
             specs += [PipelineSpec(d["name"], d["path"], int(d["num_inference_steps"]), float(d["guidance_scale"]))
                       for d in json.load(f)]
+    if args.aggregate is not None:
+        if specs:
+            parser.error("--aggregate combines existing reports; it takes no --pipeline or --spec.")
+        for path in args.aggregate:
+            if not os.path.isfile(path):
+                parser.error(f"--aggregate: {path!r} is not a file.")
+        return args
     if not specs:
         parser.error("Give at least one --pipeline NAME=PATH:STEPS:GUIDANCE or a --spec file.")
     names = [s.name for s in specs]
@@ -112,6 +175,10 @@ def parse_args(argv=None):
             parser.error(f"{s.name}: {s.path!r} is not a diffusers pipeline folder (no model_index.json).")
         if s.num_inference_steps < 1:
             parser.error(f"{s.name}: num_inference_steps must be >= 1.")
+    try:
+        args.reference = select_reference(names, args.reference)
+    except ValueError as err:
+        parser.error(str(err))
     args.num_class_free_images = args.num_class_free_images or args.num_images_per_prompt
     if min(args.num_images_per_prompt, args.num_class_free_images) < 2:
         parser.error("--num_images_per_prompt and --num_class_free_images must be >= 2 (diversity needs pairs).")
@@ -132,7 +199,8 @@ def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
         eps = np.eye(cov_a.shape[0]) * 1e-6
         covmean = linalg.sqrtm((cov_a + eps) @ (cov_b + eps))
     covmean = covmean.real
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(covmean))
+    # clipped at 0: identical sets give -1e-7 from sqrtm's rounding
+    return max(0.0, float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(covmean)))
 
 
 def mean_pairwise_distance(feats: torch.Tensor) -> float:
@@ -147,18 +215,46 @@ def normalised_entropy(counts: torch.Tensor) -> float:
     return max(0.0, float(-(p * p.log()).sum() / math.log(len(counts))))
 
 
+def total_variation(counts_a, counts_b) -> float:
+    """Total-variation distance between two histograms given as counts (normalised here): 0 same, 1 disjoint."""
+    p, q = np.asarray(counts_a, dtype=np.float64), np.asarray(counts_b, dtype=np.float64)
+    return float(0.5 * np.abs(p / p.sum() - q / q.sum()).sum())
+
+
+def class_counts(preds: torch.Tensor) -> torch.Tensor:
+    return torch.bincount(preds.flatten().long(), minlength=NUM_CLASSES)
+
+
+def teacher_distances(feats: list[torch.Tensor], preds: list[torch.Tensor], ref_feats: list[torch.Tensor],
+                      ref_preds: list[torch.Tensor]) -> dict:
+    """Distances of one pipeline's samples to the reference's (per prompt: ten class prompts, then the class-free
+    one; both generated from the same prompts and seeds)."""
+    per_class = [total_variation(class_counts(p), class_counts(r)) for p, r in zip(preds[:10], ref_preds[:10])]
+    return {
+        "fid_to_teacher": frechet_distance(torch.cat(feats[:10]).double().numpy(),
+                                           torch.cat(ref_feats[:10]).double().numpy()),
+        "class_hist_tv_to_teacher": float(np.mean(per_class)),
+        "mode_hist_tv_to_teacher": total_variation(class_counts(preds[10]), class_counts(ref_preds[10])),
+        "per_class_hist_tv_to_teacher": [round(v, 4) for v in per_class],
+    }
+
+
 @torch.no_grad()
-def score_samples(classifier, images_by_prompt: list[torch.Tensor], real_feats: torch.Tensor) -> dict:
-    """Metrics of one pipeline's samples (images in [0, 1], one tensor per evaluation prompt)."""
+def classify(classifier, images_by_prompt: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Classifier features and predicted classes (on the CPU), one tensor per evaluation prompt."""
     feats, preds = [], []
     for images in images_by_prompt:
-        x = images.float() * 2 - 1
-        f = classifier.features(x)
+        f = classifier.features(images.float() * 2 - 1)
         feats.append(f.cpu())
         preds.append(classifier.head(f).argmax(1).cpu())
+    return feats, preds
+
+
+def score_features(feats: list[torch.Tensor], preds: list[torch.Tensor], real_feats: torch.Tensor) -> dict:
+    """Metrics of one pipeline's samples against the real digits and on their own."""
     class_feats = torch.cat(feats[:10])
     accuracy = [float((p == k).float().mean()) for k, p in enumerate(preds[:10])]
-    counts = torch.bincount(preds[10], minlength=10)
+    counts = class_counts(preds[10])
     return {
         "digit_fid": frechet_distance(class_feats.double().numpy(), real_feats.double().numpy()),
         "prompt_accuracy": float(np.mean(accuracy)),
@@ -168,6 +264,57 @@ def score_samples(classifier, images_by_prompt: list[torch.Tensor], real_feats: 
         "class_free_class_counts": counts.tolist(),
         "diversity_raw": float(np.mean([mean_pairwise_distance(f) for f in feats])),
     }
+
+
+def score_samples(classifier, images_by_prompt: list[torch.Tensor], real_feats: torch.Tensor) -> dict:
+    """Metrics of one pipeline's samples (images in [0, 1], one tensor per evaluation prompt)."""
+    return score_features(*classify(classifier, images_by_prompt), real_feats)
+
+
+# ---- multi-seed aggregation -------------------------------------------------------------------------------------
+def _flatten(row: dict, prefix: str = "") -> dict:
+    """Nested dicts (e.g. the demo's ``training_cost``) as ``parent.child`` keys."""
+    out = {}
+    for key, value in row.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def aggregate_reports(reports: list[dict]) -> dict:
+    """Mean and sd of every numeric metric per pipeline over several report.json dicts (one per training seed).
+
+    Returns ``{pipeline: {metric: {"mean", "sd", "n"}, ..., "num_runs", "failed_runs"}}``; sd is the sample standard
+    deviation (ddof 1; None from a single value). Runs where a pipeline failed (``"error"``) are left out of its
+    statistics and counted; a metric that is None in every run (the reference's distance to itself) stays None;
+    strings are kept where all runs agree; lists are dropped.
+    """
+    names = list(dict.fromkeys(name for report in reports for name in report))
+    out = {}
+    for name in names:
+        rows = [report[name] for report in reports if name in report]
+        ok = [_flatten(row) for row in rows if "error" not in row]
+        keys = list(dict.fromkeys([k for k in METRIC_KEYS if any(k in row for row in ok)]
+                                  + [k for row in ok for k in row]))
+        entry = {}
+        for key in keys:
+            values = [row.get(key) for row in ok]
+            numbers = [v for v in values if _is_number(v)]
+            if numbers:
+                sd = float(np.std(numbers, ddof=1)) if len(numbers) > 1 else None
+                entry[key] = {"mean": float(np.mean(numbers)), "sd": sd, "n": len(numbers)}
+            elif all(v is None for v in values):
+                entry[key] = None
+            elif all(isinstance(v, str) for v in values) and len(set(values)) == 1:
+                entry[key] = values[0]
+        out[name] = entry | {"num_runs": len(ok), "failed_runs": len(rows) - len(ok)}
+    return out
 
 
 # ---- generation -------------------------------------------------------------------------------------------------
@@ -186,6 +333,152 @@ def generate(pipe, spec: PipelineSpec, prompt: str, num_images: int, batch_size:
 def synchronize(device):
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def run_pipelines(specs: list[PipelineSpec], evaluate_one) -> tuple[dict, dict]:
+    """``evaluate_one(spec)`` for every spec; a failure is recorded (``{name: message}``) and the rest still run,
+    so hours of finished evaluation are never lost to the last pipeline."""
+    results, errors = {}, {}
+    for spec in specs:
+        try:
+            results[spec.name] = evaluate_one(spec)
+        except Exception as err:  # any failure of one pipeline must not cost the others
+            traceback.print_exc()
+            errors[spec.name] = f"{type(err).__name__}: {err}"
+            print(f"{spec.name}: FAILED ({errors[spec.name]}); continuing with the others.", file=sys.stderr,
+                  flush=True)
+    return results, errors
+
+
+def diversity_base(results: dict, reference: str) -> float:
+    """Raw diversity that ``diversity`` is relative to: the reference's, or the first finished one's if it failed."""
+    row = results.get(reference) or next(iter(results.values()), None)
+    return row["metrics"]["diversity_raw"] if row else float("nan")
+
+
+def build_report(specs: list[PipelineSpec], results: dict, errors: dict, reference: str) -> dict:
+    """report.json: per pipeline, the metrics (teacher-referenced first), or its error. ``results[name]`` holds
+    ``metrics``, ``feats`` and ``preds`` of a finished pipeline."""
+    ref, base = results.get(reference), diversity_base(results, reference)
+    report = {}
+    for spec in specs:
+        if spec.name in errors:
+            report[spec.name] = {"error": errors[spec.name], "path": spec.path,
+                                 "num_inference_steps": spec.num_inference_steps,
+                                 "guidance_scale": spec.guidance_scale, "nfe": spec.nfe}
+            continue
+        r = results[spec.name]
+        m = dict(r["metrics"], reference_pipeline=reference,
+                 diversity=r["metrics"]["diversity_raw"] / base if base > 0 else float("nan"))
+        if ref is None or spec.name == reference:  # no distances to itself, or to a reference that failed
+            m.update(dict.fromkeys(TEACHER_METRIC_KEYS + ("per_class_hist_tv_to_teacher",)))
+        else:
+            m.update(teacher_distances(r["feats"], r["preds"], ref["feats"], ref["preds"]))
+        report[spec.name] = {k: m[k] for k in METRIC_KEYS} | {k: v for k, v in m.items() if k not in METRIC_KEYS}
+    return report
+
+
+# ---- reports ----------------------------------------------------------------------------------------------------
+def _cell(value, fmt: str, key: str) -> str:
+    """One table cell: a number, ``mean ± sd`` for an aggregated ``{"mean", "sd", "n"}``, or ``-``."""
+    if value is None:
+        return "-"
+    if isinstance(value, dict):
+        fmt = ".1f" if fmt == "d" else fmt
+        if value["sd"] is None:  # a single run
+            return f"{value['mean']:{fmt}} (n=1)"
+        return f"{value['mean']:{fmt}} ± {value['sd']:{fmt}}"
+    text = format(int(value), "d") if fmt == "d" else format(value, fmt)
+    return f"{text}/10" if key == "modes_covered" else text
+
+
+def _mean(value):
+    return value["mean"] if isinstance(value, dict) else value
+
+
+def _escape(text: str, limit: int = 100) -> str:
+    text = " ".join(str(text).split()).replace("|", "\\|")
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _rows(report: dict, reference: str | None, labels: dict | None = None) -> list[str]:
+    lines = []
+    for name, r in report.items():
+        steps, guidance, nfe = (_mean(r[k]) for k in ("num_inference_steps", "guidance_scale", "nfe"))
+        head = f"| {(labels or {}).get(name, name)} | {steps:g} | {guidance:g} | {nfe:g} |"
+        if "error" in r:
+            lines.append(f"{head} failed: {_escape(r['error'])} |" + " - |" * (len(COLUMNS) - 1))
+            continue
+        cells = ["ref." if name == reference and key in TEACHER_METRIC_KEYS else _cell(r.get(key), fmt, key)
+                 for _, key, fmt in COLUMNS]
+        lines.append(f"{head} {' | '.join(cells)} |")
+    return lines
+
+
+def _header() -> list[str]:
+    return ["| pipeline | steps | guidance | NFE | " + " | ".join(h for h, _, _ in COLUMNS) + " |",
+            "|---" * (4 + len(COLUMNS)) + "|"]
+
+
+def _teacher_note(reference: str, failed: bool) -> str:
+    if failed:
+        return (f"The reference pipeline `{reference}` failed, so there are no teacher-referenced distances in this "
+                "report.")
+    return (f"FID to teacher, class-hist / mode-hist TV to teacher: distances to `{reference}`'s samples for the same "
+            "prompts and seeds (classifier-feature FID over the ten class prompts; total-variation distance between "
+            "predicted-class histograms, averaged over the class prompts, and for the class-free prompt: 0 = same, "
+            "1 = disjoint; sampling noise alone makes them positive). These judge a distillation; digit-FID (real) "
+            "can favour a student that departs from its teacher.")
+
+
+def markdown_table(report: dict, real_row: dict, reference: str | None = None) -> str:
+    """report.md: teacher-referenced columns first, then real-data FID and the rest; real train digits as a floor."""
+    reference = reference or next(iter(report))
+    lines = _header() + _rows(report, reference)
+    real_cells = ["-", "-", "-", f"{real_row['digit_fid']:.2f}", "-", f"{real_row['mode_entropy']:.3f}",
+                  f"{real_row['modes_covered']}/10", f"{real_row['diversity']:.3f}", "-"]
+    lines.append("| real digits (train split, reference) | - | - | - | " + " | ".join(real_cells) + " |")
+    done = [r for r in report.values() if "error" not in r]
+    n, n_free = (done[0]["num_images_per_prompt"], done[0]["num_class_free_images"]) if done else ("?", "?")
+    failed = reference not in report or "error" in report[reference]
+    return ("\n".join(lines) + f"\n\n{_teacher_note(reference, failed)} {n} samples per class prompt, {n_free} for the "
+            f"class-free prompt (mode entropy, modes covered: classes with >= {MODE_SHARE:.0%} of them); digit-FID "
+            "(real) against the 360 held-out real digits (classifier features); diversity relative to "
+            f"`{reference}`.\n")
+
+
+def aggregate_markdown(aggregate: dict, num_reports: int) -> str:
+    """report.md of ``--aggregate``: ``mean ± sd`` cells in the single-run column order."""
+    references = {r.get("reference_pipeline") for r in aggregate.values()} - {None}
+    reference = references.pop() if len(references) == 1 else None
+    lines = _header()
+    for name, r in aggregate.items():
+        if not r["num_runs"]:
+            failed = f"| {name} | - | - | - | failed in all {r['failed_runs']} runs |"
+            lines.append(failed + " - |" * (len(COLUMNS) - 1))
+            continue
+        label = f"{name} ({r['failed_runs']} of {r['failed_runs'] + r['num_runs']} runs failed)"
+        lines += _rows({name: r}, reference, {name: label} if r["failed_runs"] else None)
+    note = (_teacher_note(reference, False) + " ") if reference else ""
+    return ("\n".join(lines) + f"\n\nmean ± sd (sample standard deviation) over {num_reports} reports. {note}"
+            "digit-FID (real) against the 360 held-out real digits.\n")
+
+
+def write_aggregate(paths: list[str], output_dir: str) -> dict:
+    reports = []
+    for path in paths:
+        with open(path) as f:
+            reports.append(json.load(f))
+    aggregate = aggregate_reports(reports)
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, "report.json"), "w") as f:
+        json.dump(aggregate, f, indent=2)
+    table = aggregate_markdown(aggregate, len(reports))
+    with open(os.path.join(output_dir, "report.md"), "w") as f:
+        f.write(table)
+    print(table)
+    print(f"Wrote report.json and report.md (mean ± sd over {len(reports)} reports) to {output_dir}")
+    return aggregate
 
 
 def save_grid(path: str, names: list[str], specs: list[PipelineSpec], samples: dict, per_cell: int):
@@ -222,97 +515,87 @@ def save_grid(path: str, names: list[str], specs: list[PipelineSpec], samples: d
     plt.close(fig)
 
 
-def markdown_table(report: dict, reference: dict) -> str:
-    lines = [
-        "| pipeline | steps | guidance | NFE | digit-FID ↓ | prompt acc. ↑ | mode entropy ↑ | modes covered | "
-        "diversity (rel.) | s / image |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for name, r in report.items():
-        lines.append(
-            f"| {name} | {r['num_inference_steps']} | {r['guidance_scale']:g} | {r['nfe']} | {r['digit_fid']:.2f} | "
-            f"{r['prompt_accuracy']:.3f} | {r['mode_entropy']:.3f} | {r['modes_covered']}/10 | "
-            f"{r['diversity']:.3f} | {r['seconds_per_image']:.4f} |")
-    lines.append(
-        f"| real digits (train split, reference) | - | - | - | {reference['digit_fid']:.2f} | - | "
-        f"{reference['mode_entropy']:.3f} | {reference['modes_covered']}/10 | {reference['diversity']:.3f} | - |")
-    first = next(iter(report.values()))
-    n, n_free = first["num_images_per_prompt"], first["num_class_free_images"]
-    return ("\n".join(lines) + f"\n\n{n} samples per class prompt, {n_free} for the class-free prompt (mode entropy, "
-            f"modes covered: classes with >= {MODE_SHARE:.0%} of them); digit-FID against the 360 held-out real digits "
-            "(classifier features); diversity relative to the first row.\n")
-
-
-def main(argv=None):
+def evaluate_pipeline(spec: PipelineSpec, classifier, real_feats: torch.Tensor, args, device) -> dict:
+    """Load, warm up, generate every prompt's samples (timed) and score them: ``metrics``, ``images``, ``feats``,
+    ``preds`` (the last two feed the distances to the reference)."""
     from diffusers import DiffusionPipeline
     from tqdm.auto import tqdm
 
-    args = parse_args(argv)
-    os.makedirs(args.output_dir, exist_ok=True)
-    device = torch.device(args.device)
-    classifier = load_classifier(args.classifier_dir, device=device)
-    prompts = evaluation_prompts()
-    n = args.num_images_per_prompt
+    prompts, n, n_free = evaluation_prompts(), args.num_images_per_prompt, args.num_class_free_images
+    pipe = DiffusionPipeline.from_pretrained(spec.path).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    generate(pipe, spec, prompts[0], 1, 1, args.seed, device)  # warm-up (not timed)
+    images_by_prompt, seconds = [], 0.0
+    for i, prompt in enumerate(tqdm(prompts, desc=f"{spec.name} ({spec.nfe} NFE)")):
+        synchronize(device)
+        start = time.perf_counter()
+        num = n_free if prompt == CLASS_FREE_PROMPT else n
+        # the same seeds for every pipeline, so distances to the reference compare like with like
+        images_by_prompt.append(generate(pipe, spec, prompt, num, args.batch_size, args.seed * 10000 + 1000 * i,
+                                         device))
+        synchronize(device)
+        seconds += time.perf_counter() - start
+    feats, preds = classify(classifier, [x.to(device) for x in images_by_prompt])
+    metrics = score_features(feats, preds, real_feats)
+    metrics.update(
+        pipeline_class=type(pipe).__name__, scheduler_class=type(pipe.scheduler).__name__, path=spec.path,
+        num_inference_steps=spec.num_inference_steps, guidance_scale=spec.guidance_scale, nfe=spec.nfe,
+        seconds_per_image=seconds / sum(len(x) for x in images_by_prompt), num_images_per_prompt=n,
+        num_class_free_images=n_free,
+        resolution=list(images_by_prompt[0].shape[-2:]),
+    )
+    print(f"{spec.name}: digit_fid {metrics['digit_fid']:.2f}, prompt_accuracy {metrics['prompt_accuracy']:.3f}, "
+          f"mode_entropy {metrics['mode_entropy']:.3f}, modes_covered {metrics['modes_covered']}, "
+          f"{metrics['seconds_per_image']:.4f} s/image", flush=True)
+    return {"metrics": metrics, "images": images_by_prompt, "feats": feats, "preds": preds}
 
+
+def real_digits_floor(classifier, args, device) -> tuple[torch.Tensor, dict]:
+    """Features of the held-out real digits, and real train digits scored like a pipeline (the metric's floor at
+    this sample size)."""
+    n, n_free = args.num_images_per_prompt, args.num_class_free_images
     with torch.no_grad():
         held_images, _ = load_digits_split("held_out")
         real_feats = classifier.features(held_images.to(device)).cpu()
-        # floor of the metric at this sample size: real train digits scored like a pipeline
         train_images, train_labels = load_digits_split("train")
         gen = torch.Generator().manual_seed(args.seed)
-        ref_by_prompt = []
+        by_prompt = []
         for k in range(10):
             idx = torch.nonzero(train_labels == k).flatten()
-            ref_by_prompt.append(train_images[idx[torch.randperm(len(idx), generator=gen)[:n]]].add(1).div(2))
-        n_free = args.num_class_free_images
-        ref_by_prompt.append(train_images[torch.randperm(len(train_images), generator=gen)[:n_free]].add(1).div(2))
-    reference = score_samples(classifier, [x.to(device) for x in ref_by_prompt], real_feats)
+            by_prompt.append(train_images[idx[torch.randperm(len(idx), generator=gen)[:n]]].add(1).div(2))
+        by_prompt.append(train_images[torch.randperm(len(train_images), generator=gen)[:n_free]].add(1).div(2))
+    return real_feats, score_samples(classifier, [x.to(device) for x in by_prompt], real_feats)
 
-    report, samples = {}, {}
-    for spec in args.specs:
-        pipe = DiffusionPipeline.from_pretrained(spec.path).to(device)
-        pipe.set_progress_bar_config(disable=True)
-        generate(pipe, spec, prompts[0], 1, 1, args.seed, device)  # warm-up (not timed)
-        images_by_prompt, seconds = [], 0.0
-        for i, prompt in enumerate(tqdm(prompts, desc=f"{spec.name} ({spec.nfe} NFE)")):
-            synchronize(device)
-            start = time.perf_counter()
-            num = n_free if prompt == CLASS_FREE_PROMPT else n
-            images_by_prompt.append(generate(pipe, spec, prompt, num, args.batch_size, args.seed * 10000 + 1000 * i,
-                                             device))
-            synchronize(device)
-            seconds += time.perf_counter() - start
-        metrics = score_samples(classifier, [x.to(device) for x in images_by_prompt], real_feats)
-        metrics.update(
-            pipeline_class=type(pipe).__name__, scheduler_class=type(pipe.scheduler).__name__, path=spec.path,
-            num_inference_steps=spec.num_inference_steps, guidance_scale=spec.guidance_scale, nfe=spec.nfe,
-            seconds_per_image=seconds / sum(len(x) for x in images_by_prompt), num_images_per_prompt=n,
-            num_class_free_images=n_free,
-            resolution=list(images_by_prompt[0].shape[-2:]),
-        )
-        report[spec.name] = metrics
-        samples[spec.name] = images_by_prompt
-        print(f"{spec.name}: digit_fid {metrics['digit_fid']:.2f}, prompt_accuracy {metrics['prompt_accuracy']:.3f}, "
-              f"mode_entropy {metrics['mode_entropy']:.3f}, modes_covered {metrics['modes_covered']}, "
-              f"{metrics['seconds_per_image']:.4f} s/image", flush=True)
-        del pipe
 
-    base = next(iter(report.values()))["diversity_raw"]
-    for r in report.values():
-        r["diversity"] = r["diversity_raw"] / base if base > 0 else float("nan")
-    reference["diversity"] = reference["diversity_raw"] / base if base > 0 else float("nan")
-    report = {name: {k: r[k] for k in METRIC_KEYS} | {k: v for k, v in r.items() if k not in METRIC_KEYS}
-              for name, r in report.items()}
+def main(argv=None):
+    args = parse_args(argv)
+    if args.aggregate is not None:
+        return write_aggregate(args.aggregate, args.output_dir)
+    os.makedirs(args.output_dir, exist_ok=True)
+    device = torch.device(args.device)
+    classifier = load_classifier(args.classifier_dir, device=device)
+    real_feats, real_row = real_digits_floor(classifier, args, device)
+
+    results, errors = run_pipelines(args.specs, lambda spec: evaluate_pipeline(spec, classifier, real_feats, args,
+                                                                               device))
+    report = build_report(args.specs, results, errors, args.reference)
+    base = diversity_base(results, args.reference)
+    real_row["diversity"] = real_row["diversity_raw"] / base if base > 0 else float("nan")
 
     with open(os.path.join(args.output_dir, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
-    table = markdown_table(report, reference)
+    table = markdown_table(report, real_row, args.reference)
     with open(os.path.join(args.output_dir, "report.md"), "w") as f:
         f.write(table)
-    save_grid(os.path.join(args.output_dir, "samples.png"), list(report), args.specs, samples,
-              args.grid_images_per_cell)
+    done = [s for s in args.specs if s.name in results]
+    if done:
+        save_grid(os.path.join(args.output_dir, "samples.png"), [s.name for s in done], done,
+                  {s.name: results[s.name]["images"] for s in done}, args.grid_images_per_cell)
     print(table)
-    print(f"Wrote report.json, report.md and samples.png to {args.output_dir}")
+    print(f"Wrote report.json, report.md{' and samples.png' if done else ''} to {args.output_dir}")
+    if errors:
+        raise SystemExit(f"{len(errors)} of {len(args.specs)} pipelines failed ({', '.join(errors)}); report.json "
+                         "holds the others and marks these with 'error'.")
     return report
 
 
