@@ -1,21 +1,88 @@
-"""Uploading a finished student folder to the Hugging Face Hub (huggingface_hub's create_repo + upload_folder)."""
+"""Uploading a finished student folder to the Hugging Face Hub (huggingface_hub's create_repo + upload_folder).
+
+Everything before the two network calls is checked offline (``check_upload_folder``): the folder holds a pipeline
+or LoRA weights and a ``README.md`` model card, and every file the card shows (its ``widget`` outputs, its images)
+is among the files that will be uploaded."""
 
 from __future__ import annotations
 
 import os
+import re
+
+from .model_card import LOCAL_NOTE
+
+DEFAULT_IGNORE_PATTERNS = ("checkpoint-*", "checkpoint-*/**", ".export-*", "logs/**", "*.tmp")
+
+
+def upload_file_list(output_dir: str, ignore_patterns=DEFAULT_IGNORE_PATTERNS) -> list[str]:
+    """The files (relative, ``/``-separated) that ``upload_folder(..., ignore_patterns=...)`` sends."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    try:  # what upload_folder always leaves out (.git/, .cache/huggingface/)
+        from huggingface_hub.utils._paths import DEFAULT_IGNORE_PATTERNS as hub_defaults
+    except ImportError:
+        hub_defaults = []
+    files = sorted(os.path.relpath(os.path.join(root, name), output_dir).replace(os.sep, "/")
+                   for root, _, names in os.walk(output_dir) for name in names)
+    return list(filter_repo_objects(files, ignore_patterns=[*ignore_patterns, *hub_defaults]))
+
+
+def card_references(readme_path: str) -> list[str]:
+    """Files of the repo a model card shows: its ``widget`` output urls and its relative Markdown images."""
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(readme_path, ignore_metadata_errors=True)
+    refs = [w["output"]["url"] for w in card.data.get("widget") or []
+            if isinstance(w, dict) and isinstance(w.get("output"), dict) and w["output"].get("url")]
+    refs += re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", card.text)
+    return list(dict.fromkeys(r[2:] if r.startswith("./") else r for r in refs
+                              if not re.match(r"^[a-z]+://", r)))
+
+
+def check_upload_folder(output_dir: str, ignore_patterns=DEFAULT_IGNORE_PATTERNS) -> list[str]:
+    """Raise ``FileNotFoundError`` unless ``output_dir`` is ready to publish; return the files to upload."""
+    files = upload_file_list(output_dir, ignore_patterns)
+    if "model_index.json" not in files and "pytorch_lora_weights.safetensors" not in files:
+        raise FileNotFoundError(f"{output_dir} holds no exported pipeline or LoRA weights to upload.")
+    if "README.md" not in files:
+        raise FileNotFoundError(f"{output_dir} holds no README.md model card (write_model_card writes it).")
+    missing = [r for r in card_references(os.path.join(output_dir, "README.md")) if r not in files]
+    if missing:
+        raise FileNotFoundError(f"The model card shows files that would not be uploaded: {missing}.")
+    return files
+
+
+def point_card_at_repo(output_dir: str, repo_id: str, hub_model_id: str | None = None) -> bool:
+    """Make the card's usage snippet load ``repo_id``: a snippet written for the local folder (or for
+    ``hub_model_id`` before the Hub added the namespace) is rewritten in place. Returns whether it changed."""
+    path = os.path.join(output_dir, "README.md")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    refs = [hub_model_id] if hub_model_id and hub_model_id != repo_id else []
+    if LOCAL_NOTE in text:
+        refs.append(os.path.basename(os.path.normpath(os.path.abspath(output_dir))))
+    new = text.replace(LOCAL_NOTE, "")
+    for ref in refs:
+        for call in ("from_pretrained(", "load_lora_weights("):
+            new = new.replace(f'{call}"{ref}"', f'{call}"{repo_id}"')
+    if new == text:
+        return False
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(new)
+    return True
 
 
 def push_to_hub(output_dir: str, hub_model_id: str, token: str | None = None, private: bool = False,
-                commit_message: str = "Upload DMDX student",
-                ignore_patterns=("checkpoint-*", "checkpoint-*/**", ".export-*", "logs/**", "*.tmp")) -> str:
-    """Create (or reuse) the model repo ``hub_model_id`` and upload ``output_dir`` without training checkpoints or
-    logs. Returns the repo id. The token defaults to the logged-in one (``huggingface-cli login`` / ``HF_TOKEN``)."""
+                commit_message: str = "Upload DMDX student", ignore_patterns=DEFAULT_IGNORE_PATTERNS) -> str:
+    """Create (or reuse) the model repo ``hub_model_id`` and upload ``output_dir`` (pipeline or LoRA weights, the
+    model card and its sample images) without training checkpoints or logs. The folder is checked before any
+    network call (``check_upload_folder``) and the card's usage snippet is pointed at the repo. Returns the repo id.
+    The token defaults to the logged-in one (``hf auth login`` / ``HF_TOKEN``)."""
     import huggingface_hub
 
-    if not os.path.isfile(os.path.join(output_dir, "model_index.json")) and \
-            not os.path.isfile(os.path.join(output_dir, "pytorch_lora_weights.safetensors")):
-        raise FileNotFoundError(f"{output_dir} holds no exported pipeline or LoRA weights to upload.")
+    check_upload_folder(output_dir, ignore_patterns)
     repo_id = huggingface_hub.create_repo(hub_model_id, token=token, private=private, exist_ok=True).repo_id
+    point_card_at_repo(output_dir, repo_id, hub_model_id)
     huggingface_hub.upload_folder(repo_id=repo_id, folder_path=output_dir, token=token,
                                   commit_message=commit_message, ignore_patterns=list(ignore_patterns))
     return repo_id

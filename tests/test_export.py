@@ -27,8 +27,10 @@ def _tiny_student(teacher: str, out: str):
     return save_student_pipeline(teacher, out, {"unet": unet}, scheduler=scheduler)
 
 
-def test_export_and_model_card_usage_runs(tiny_sdxl, tmp_path):
+def test_export_and_model_card_usage_runs(tiny_sdxl, tmp_path, monkeypatch):
     from dmdx.pipelines.model_card import write_model_card
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the teacher's licence is not looked up on the Hub
 
     out = str(tmp_path / "student")
     _tiny_student(tiny_sdxl, out)
@@ -45,8 +47,10 @@ def test_export_and_model_card_usage_runs(tiny_sdxl, tmp_path):
     assert "DMDX (ADP pre-training + ADM fine-tuning)" in text and "`[999]`" in text
     assert "![Samples](samples.png)" in text and "arxiv.org/abs/2507.18569" in text
     snippet = re.search(r"```python\n(.*?)```", text, re.S).group(1)
-    assert f'from_pretrained("{os.path.abspath(out)}")' in snippet and "num_inference_steps=1" in snippet
-    # The usage snippet runs as written (stock diffusers, CPU) and writes its image.
+    # no machine path: the snippet loads the folder by its name, from its parent (the Hub id once pushed)
+    assert 'from_pretrained("student")' in snippet and "num_inference_steps=1" in snippet
+    assert os.path.abspath(out) not in text and str(tmp_path) not in text
+    # The usage snippet runs as written (stock diffusers, CPU, from the folder's parent) and writes its image.
     result = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, env=script_env(), capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -88,6 +92,9 @@ def test_push_to_hub_calls(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="no exported pipeline"):
         push_to_hub(str(tmp_path), "me/sdxl-dmdx")
     (tmp_path / "model_index.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="README.md"):  # a student is never published without its card
+        push_to_hub(str(tmp_path), "me/sdxl-dmdx")
+    (tmp_path / "README.md").write_text("---\nlibrary_name: diffusers\n---\n# A student\n")
     assert push_to_hub(str(tmp_path), "me/sdxl-dmdx", token="tok", private=True) == "me/sdxl-dmdx"
     assert calls["create_repo"] == ("me/sdxl-dmdx", {"token": "tok", "private": True, "exist_ok": True})
     upload = calls["upload_folder"]

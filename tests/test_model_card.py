@@ -1,0 +1,353 @@
+"""Model cards: metadata that parses back with a stock ``ModelCard.load``, sample files and widgets, no machine path,
+the teacher's licence, the comparison table, the schedule, the usage snippet and the upload folder (mocked Hub)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+PROMPTS = ["a handwritten digit three", "a handwritten digit seven", "a handwritten digit"]
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    """No test may reach the Hub: offline as in CI, and the Hub cache never holds the teacher's card."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)
+
+
+def _images(n: int, size=(32, 32)):
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def _teacher(tmp_path, card: str | None = "license: openrail++") -> str:
+    path = tmp_path / "machine-specific-dir" / "my-teacher"
+    path.mkdir(parents=True)
+    (path / "model_index.json").write_text("{}")
+    if card is not None:
+        (path / "README.md").write_text(f"---\n{card}\n---\n\n# A teacher\n")
+    return str(path)
+
+
+def _student(tmp_path, name="student", scheduler=None) -> str:
+    out = tmp_path / "runs" / name
+    out.mkdir(parents=True)
+    (out / "model_index.json").write_text("{}")
+    if scheduler is not None:
+        scheduler.save_pretrained(str(out / "scheduler"))
+    return str(out)
+
+
+def _snippet(text: str, index: int = 0) -> str:
+    return re.findall(r"```python\n(.*?)```", text, re.S)[index]
+
+
+def _assert_no_machine_path(text: str, *paths: str):
+    for p in paths:
+        for spelling in {p, os.path.abspath(p), os.path.realpath(p)}:
+            assert spelling not in text, spelling
+    assert "machine-specific-dir" not in text and "/runs/" not in text
+
+
+def test_hub_base_model(tmp_path, monkeypatch):
+    from dmdx.pipelines.model_card import hub_base_model
+
+    assert hub_base_model("stabilityai/stable-diffusion-xl-base-1.0") == "stabilityai/stable-diffusion-xl-base-1.0"
+    local = tmp_path / "org"
+    (local / "name").mkdir(parents=True)
+    assert hub_base_model(str(local / "name")) is None  # exists locally: a folder, not a Hub id
+    monkeypatch.chdir(tmp_path)
+    assert hub_base_model("org/name") is None  # the relative path exists
+    snapshot = tmp_path / "hub" / "models--THUDM--CogVideoX-2b" / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    assert hub_base_model(str(snapshot)) == "THUDM/CogVideoX-2b"  # a Hub cache snapshot names its repo
+    for not_an_id in ("/abs/missing/teacher", "teacher", "a/b/c", "./x/y", "~/x", "org/bad--name", "", None):
+        assert hub_base_model(not_an_id) is None, not_an_id
+
+
+def test_image_card_local_teacher(tmp_path):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from huggingface_hub import ModelCard
+
+    from dmdx.pipelines.model_card import student_schedule, write_model_card
+
+    teacher = _teacher(tmp_path)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, shift_terminal=0.25)
+    out = _student(tmp_path, scheduler=scheduler)
+    images = _images(4)
+    argv = [os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "distill_scripts",
+                         "train_adm_sd3.py"),
+            "--pretrained_model_name_or_path", teacher, f"--output_dir={out}", "--hub_token", "hf_SECRET",
+            "--validation_prompts", *PROMPTS, "--cache_dir", str(tmp_path / "machine-specific-dir" / "cache"),
+            "--generator_lr", "1e-06"]
+    kwargs = dict(base_model=teacher, pipeline_class="StableDiffusion3Pipeline", num_inference_steps=4,
+                  guidance_scale=0.0, method="adm", training_command=argv,
+                  hyperparameters={"generator lr": 1e-6, "teacher guidance scale": 7.0, "hub_token": "hf_SECRET",
+                                   "cache dir": str(tmp_path / "machine-specific-dir" / "cache"), "unset": None},
+                  teacher_num_inference_steps=28, teacher_guidance_scale=7.0, teacher_seconds_per_image=2.0,
+                  student_seconds_per_image=0.25, hardware="1x test CPU")
+    write_model_card(out, sample_images=images, sample_prompts=["old"] * 4, **kwargs)  # an earlier card
+    text = write_model_card(out, sample_images=images[:3], sample_prompts=PROMPTS, **kwargs)
+    assert text == open(os.path.join(out, "README.md")).read()
+
+    card = ModelCard.load(os.path.join(out, "README.md"))  # a stock loader reads the metadata back
+    data = card.data.to_dict()
+    assert "base_model" not in data  # a local folder is no Hub id
+    assert data["pipeline_tag"] == "text-to-image" and data["library_name"] == "diffusers"
+    assert data["license"] == "openrail++"  # inherited from the teacher's card
+    assert {"distillation", "dmdx", "adm", "few-step"} <= set(data["tags"]) and "lora" not in data["tags"]
+    assert "dmd2" not in data["tags"]
+    assert data["widget"] == [{"text": p, "output": {"url": f"samples/{i}.png"}} for i, p in enumerate(PROMPTS)]
+    for i, w in enumerate(data["widget"]):  # each sample its own file, at the student's resolution
+        with Image.open(os.path.join(out, w["output"]["url"])) as im:
+            assert im.size == (32, 32) and np.array_equal(np.asarray(im.convert("RGB")), np.asarray(images[i]))
+    assert not os.path.exists(os.path.join(out, "samples", "3.png"))  # stale sample of the earlier card removed
+    with Image.open(os.path.join(out, "samples", "grid.png")) as grid:
+        assert grid.width > 3 * 32  # tiny samples are shown enlarged
+
+    _assert_no_machine_path(text, teacher, out, str(tmp_path))
+    assert "a local teacher (`my-teacher`)" in text and "# ADM 4-step student of a local teacher" in text
+    assert "![Samples](samples/grid.png)" in text
+    snippet = _snippet(text)
+    assert f'pipe("{PROMPTS[0]}", num_inference_steps=4, guidance_scale=0.0)' in snippet
+    assert 'DiffusionPipeline.from_pretrained("student")' in snippet and "a photo of a cat" not in text
+    # the schedule is the saved scheduler's
+    schedule = student_schedule(scheduler, 4)
+    assert "`FlowMatchEulerDiscreteScheduler`" in text
+    assert f"timesteps: `{[int(t) if t.is_integer() else round(t, 4) for t in schedule['timesteps']]}`" in text
+    assert f"sigmas: `{[int(s) if s.is_integer() else round(s, 4) for s in schedule['sigmas']]}`" in text
+    assert '"shift_terminal": 0.25' in text
+    # the comparison table without a report: steps, NFE (CFG doubles), guidance, seconds, and what is missing
+    assert "| teacher (local) | 28 | 56 | 7 | 2 |" in text and "| **this student** | 4 | 4 | 0 | 0.25 |" in text
+    assert "14x fewer network evaluations" in text and "8x faster" in text
+    assert "python distill_scripts/evaluate.py --pipeline teacher=<teacher>:STEPS:GUIDANCE --pipeline " \
+           "student=<output_dir>:4:0.0" in text
+    # the training command: placeholders for machine paths, no secret, the script as a repo path
+    command = re.search(r"```bash\n(accelerate launch .*?)```", text, re.S).group(1)
+    assert command.startswith("accelerate launch distill_scripts/train_adm_sd3.py \\\n")
+    assert "--pretrained_model_name_or_path <teacher>" in command and "--output_dir=<output_dir>" in command
+    assert "--hub_token <token>" in command and "hf_SECRET" not in text and "<cache>" in command
+    assert "'a handwritten digit three'" in command and "--generator_lr 1e-06" in command
+    assert "| generator lr | `1e-06` |" in text and "| cache dir | `<cache>` |" in text
+    assert "| hub_token |" not in text and "| unset |" not in text
+
+
+def test_image_lora_card_hub_teacher(tmp_path, monkeypatch):
+    from huggingface_hub import ModelCard
+
+    from dmdx.pipelines import model_card
+    from dmdx.pipelines.model_card import write_model_card
+
+    def no_network(*args, **kwargs):
+        raise AssertionError(f"ModelCard.load{args} offline")
+
+    out = _student(tmp_path, "sdxl-lora")
+    (tmp_path / "runs" / "sdxl-lora" / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    with monkeypatch.context() as m:
+        m.setattr(ModelCard, "load", no_network)
+        text = write_model_card(out, base_model="stabilityai/stable-diffusion-xl-base-1.0",
+                                pipeline_class="StableDiffusionXLPipeline", num_inference_steps=4,
+                                timesteps=[999, 749, 499, 249], guidance_scale=0.0, method="dmd", lora=True,
+                                scheduler_class="LCMScheduler", sample_images=[np.asarray(i) for i in _images(2)],
+                                sample_prompts=PROMPTS[:2], repo_id="me/sdxl-dmd2-lora")
+    data = ModelCard.load(os.path.join(out, "README.md")).data.to_dict()
+    assert data["base_model"] == "stabilityai/stable-diffusion-xl-base-1.0" and data["license"] == "other"
+    assert {"lora", "dmd2", "few-step", "distillation"} <= set(data["tags"]) and "adm" not in data["tags"]
+    assert [w["output"]["url"] for w in data["widget"]] == ["samples/0.png", "samples/1.png"]
+    assert all(os.path.isfile(os.path.join(out, w["output"]["url"])) for w in data["widget"])
+    lora = _snippet(text)
+    assert 'StableDiffusionXLPipeline.from_pretrained("stabilityai/stable-diffusion-xl-base-1.0")' in lora
+    assert 'pipe.load_lora_weights("me/sdxl-dmd2-lora")' in lora
+    assert 'pipe.scheduler = LCMScheduler.from_pretrained("me/sdxl-dmd2-lora", subfolder="scheduler")' in lora
+    assert f'pipe("{PROMPTS[0]}", num_inference_steps=4' in lora and "LoRA adapter" in text
+    full = _snippet(text, 1)  # the folder is also a full pipeline (model_index.json): that usage too
+    assert 'DiffusionPipeline.from_pretrained("me/sdxl-dmd2-lora")' in full
+    _assert_no_machine_path(text, out, str(tmp_path))
+
+    # A local base: the snippet names no path, the metadata no base model.
+    teacher = _teacher(tmp_path, card=None)
+    text = write_model_card(out, base_model=teacher, pipeline_class="StableDiffusionXLPipeline",
+                            num_inference_steps=1, timesteps=[999], guidance_scale=0.0, method="dmdx", lora=True,
+                            full_pipeline=False, prompt="a handwritten digit five")
+    assert 'StableDiffusionXLPipeline.from_pretrained("<path to the teacher>")' in _snippet(text)
+    assert "base_model" not in ModelCard.load(os.path.join(out, "README.md")).data.to_dict()
+    assert len(re.findall(r"```python", text)) == 1 and "a handwritten digit five" in _snippet(text)
+    _assert_no_machine_path(text, teacher, out, str(tmp_path))
+    assert model_card.hub_offline()
+
+
+def test_video_card_with_evaluation_report(tmp_path):
+    from huggingface_hub import ModelCard
+
+    from dmdx.pipelines.model_card import write_model_card
+
+    out = _student(tmp_path, "cogvideox-student")
+    teacher = _teacher(tmp_path, card="license: apache-2.0")
+    frames = [_images(3, (24, 16)), _images(5, (24, 16))]
+    report = {
+        "teacher": {"digit_fid": 1.25, "prompt_accuracy": 0.9, "mode_entropy": 0.98, "modes_covered": 10,
+                    "diversity": 1.0, "nfe": 100, "seconds_per_image": 3.5, "num_inference_steps": 50,
+                    "guidance_scale": 6.0, "path": teacher, "per_class_accuracy": [0.9] * 10,
+                    "diversity_raw": 2.0, "num_images_per_prompt": 20, "training_cost": None},
+        "dmd2": {"digit_fid": 3.5, "prompt_accuracy": 0.7, "nfe": 8, "seconds_per_image": 0.3,
+                 "num_inference_steps": 8, "guidance_scale": 0.0, "path": str(tmp_path / "runs" / "dmd2")},
+        "dmdx": {"digit_fid": 2.75, "prompt_accuracy": 0.8, "mode_entropy": 0.95, "modes_covered": 9,
+                 "diversity": 0.9, "nfe": 8, "seconds_per_image": 0.3, "num_inference_steps": 8,
+                 "guidance_scale": 0.0, "path": out, "training_cost": {"distillation_seconds": 120.0}},
+    }
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    text = write_model_card(out, base_model=teacher, pipeline_class="CogVideoXPipeline", num_inference_steps=8,
+                            timesteps=[999, 874, 749, 624, 499, 374, 249, 124], guidance_scale=0.0, method="adm",
+                            scheduler_class="CogVideoXDDIMScheduler", video=True, fps=4, sample_images=frames,
+                            sample_prompts=PROMPTS[:2], evaluation_report=str(tmp_path / "report.json"))
+    data = ModelCard.load(os.path.join(out, "README.md")).data.to_dict()
+    assert data["pipeline_tag"] == "text-to-video" and data["license"] == "apache-2.0"
+    assert "text-to-video" in data["tags"] and "base_model" not in data
+    assert [w["output"]["url"] for w in data["widget"]] == ["samples/0.gif", "samples/1.gif"]
+    for w, clip in zip(data["widget"], frames):
+        with Image.open(os.path.join(out, w["output"]["url"])) as gif:
+            assert gif.n_frames == len(clip)
+    with Image.open(os.path.join(out, "samples", "grid.gif")) as strip:  # the samples side by side, per frame
+        assert strip.n_frames == 5 and strip.width > 2 * strip.height
+    assert "![Samples](samples/grid.gif)" in text and "video student" in text
+    snippet = _snippet(text)
+    assert f'pipe("{PROMPTS[0]}", num_inference_steps=8, guidance_scale=0.0).frames[0]' in snippet
+    assert 'export_to_gif(frames, "sample.gif", fps=4)' in snippet and ".images[0]" not in snippet
+    # the report's rows and metric columns; machine paths and per-class lists stay out
+    assert "| pipeline | steps | NFE | guidance | s / image | digit-FID ↓ | prompt acc. ↑ | mode entropy ↑ |" in text
+    assert "| teacher | 50 | 100 | 6 | 3.5 | 1.25 | 0.9 | 0.98 | 10 | 1 | – |" in text
+    assert "| **dmdx** (this model) | 8 | 8 | 0 | 0.3 | 2.75 | 0.8 | 0.95 | 9 | 0.9 | 120 |" in text
+    assert "| dmd2 | 8 | 8 | 0 | 0.3 | 3.5 | 0.7 | – |" in text and "(20 samples per prompt)" in text
+    assert "diversity_raw" not in text and "per_class" not in text and "evaluate.py --pipeline" not in text
+    assert "python distill_scripts/evaluate.py --pipeline" not in text  # measured: no hint how to measure
+    _assert_no_machine_path(text, teacher, out, str(tmp_path))
+    with pytest.raises(ValueError, match="not a row"):
+        write_model_card(out, base_model=teacher, pipeline_class="CogVideoXPipeline", num_inference_steps=8,
+                         timesteps=[999], guidance_scale=0.0, method="adm", video=True, evaluation_report=report,
+                         evaluation_name="student")
+
+
+def test_licence_inheritance(tmp_path, monkeypatch):
+    from huggingface_hub import ModelCard, constants
+
+    from dmdx.pipelines.model_card import teacher_license, write_model_card
+
+    sd3 = _teacher(tmp_path, card="license: other\nlicense_name: stabilityai-ai-community\nlicense_link: LICENSE.md")
+    assert teacher_license(sd3) == {"license": "other", "license_name": "stabilityai-ai-community"}  # local link
+    out = _student(tmp_path)
+    common = dict(pipeline_class="StableDiffusion3Pipeline", num_inference_steps=4, timesteps=[1000, 750, 500, 250],
+                  guidance_scale=0.0, method="adm")
+    text = write_model_card(out, base_model=sd3, **common)
+    data = ModelCard.load(os.path.join(out, "README.md")).data.to_dict()
+    assert data["license"] == "other" and data["license_name"] == "stabilityai-ai-community"
+    assert "`stabilityai-ai-community`" in text and "as its model card declares" in text
+    # an explicit licence wins; no card means "other"
+    write_model_card(out, base_model=sd3, license="mit", **common)
+    assert ModelCard.load(os.path.join(out, "README.md")).data.license == "mit"
+    bare = tmp_path / "bare-teacher"
+    bare.mkdir()
+    assert teacher_license(str(bare)) is None and teacher_license("org/model") is None  # offline: no lookup
+
+    # online, a Hub teacher's card is read and its relative licence link made absolute
+    hub_card = ModelCard("---\nlicense: other\nlicense_name: custom\nlicense_link: LICENSE.md\n---\n# t\n")
+    loaded = []
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(ModelCard, "load", classmethod(lambda cls, repo, **kw: loaded.append(repo) or hub_card))
+    assert teacher_license("org/model") == {"license": "other", "license_name": "custom",
+                                            "license_link": "https://huggingface.co/org/model/blob/main/LICENSE.md"}
+    assert loaded == ["org/model"]
+    monkeypatch.setattr(ModelCard, "load", classmethod(lambda cls, repo, **kw: (_ for _ in ()).throw(OSError())))
+    assert teacher_license("org/model") is None  # unreachable: the fallback applies, no error
+
+
+def test_training_command_and_legacy_arguments(tmp_path):
+    from dmdx.pipelines.model_card import format_training_command, write_model_card
+
+    out = str(tmp_path / "out")
+    cmd = format_training_command(["train.py", "--output_dir", out, "--resume_from_checkpoint",
+                                   os.path.join(out, "checkpoint-5"), "--api_key=abc", "--scale", "-1",
+                                   "--prompt", "it's"], output_dir=out, teacher=None)
+    assert cmd.split(" \\\n  ") == ["accelerate launch train.py", "--output_dir <output_dir>",
+                                    "--resume_from_checkpoint <output_dir>/checkpoint-5", "--api_key=<token>",
+                                    "--scale -1", "--prompt 'it'\"'\"'s'"]
+    os.makedirs(out)
+    with pytest.raises(ValueError, match="one prompt per sample"):
+        write_model_card(out, base_model="org/base", pipeline_class="P", num_inference_steps=1, timesteps=[999],
+                         guidance_scale=0.0, method="adm", sample_images=_images(2), sample_prompts=["one"])
+    with pytest.raises(ValueError, match="No timesteps"):
+        write_model_card(out, base_model="org/base", pipeline_class="P", num_inference_steps=1, guidance_scale=0.0,
+                         method="adm")
+    # sample paths: one inside the folder stays, one outside is copied in
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "outside.png")
+    os.makedirs(os.path.join(out, "validation"))
+    Image.new("RGB", (8, 8), "blue").save(os.path.join(out, "validation", "step-10.png"))
+    text = write_model_card(out, base_model="org/base", pipeline_class="P", num_inference_steps=1, timesteps=[999],
+                            guidance_scale=2.0, method="dmdx", template="image",
+                            sample_images=[str(tmp_path / "outside.png"), "validation/step-10.png"],
+                            sample_prompts=["red", "blue"], training_details={"resolution": 8})
+    assert "url: samples/0.png" in text and "url: validation/step-10.png" in text
+    assert os.path.isfile(os.path.join(out, "samples", "0.png")) and "| resolution | `8` |" in text
+    assert "Use it with `guidance_scale=2.0`" in text and "| **this student** | 1 | 2 | 2 |" in text
+    _assert_no_machine_path(text, out, str(tmp_path))
+
+
+def test_push_to_hub_uploads_card_and_samples(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from dmdx.pipelines.hub import push_to_hub, upload_file_list
+    from dmdx.pipelines.model_card import LOCAL_NOTE, write_model_card
+
+    out = _student(tmp_path, "sdxl-dmdx")
+    os.makedirs(os.path.join(out, "checkpoint-10"))
+    open(os.path.join(out, "checkpoint-10", "model.safetensors"), "w").write("x")
+    calls = {}
+
+    class Repo:
+        repo_id = "me/sdxl-dmdx"
+
+    def fake_create_repo(repo_id, **kwargs):
+        calls["create_repo"] = (repo_id, kwargs)
+        return Repo()
+
+    def fake_upload_folder(**kwargs):  # what would be sent, as upload_folder filters it
+        calls["uploaded"] = upload_file_list(kwargs["folder_path"], kwargs["ignore_patterns"])
+        calls["readme"] = open(os.path.join(kwargs["folder_path"], "README.md")).read()
+
+    monkeypatch.setattr(huggingface_hub, "create_repo", fake_create_repo)
+    monkeypatch.setattr(huggingface_hub, "upload_folder", fake_upload_folder)
+    with pytest.raises(FileNotFoundError, match="README.md"):
+        push_to_hub(out, "sdxl-dmdx")
+    text = write_model_card(out, base_model="org/base", pipeline_class="StableDiffusionXLPipeline",
+                            num_inference_steps=1, timesteps=[999], guidance_scale=0.0, method="dmdx",
+                            sample_images=_images(2), sample_prompts=PROMPTS[:2])  # no repo id: the local folder
+    assert LOCAL_NOTE in text
+    os.remove(os.path.join(out, "samples", "1.png"))
+    with pytest.raises(FileNotFoundError, match="samples/1.png"):
+        push_to_hub(out, "sdxl-dmdx")
+    assert "create_repo" not in calls  # checked before any network call
+    write_model_card(out, base_model="org/base", pipeline_class="StableDiffusionXLPipeline", num_inference_steps=1,
+                     timesteps=[999], guidance_scale=0.0, method="dmdx", sample_images=_images(2),
+                     sample_prompts=PROMPTS[:2])
+
+    assert push_to_hub(out, "sdxl-dmdx", token="tok") == "me/sdxl-dmdx"
+    assert calls["create_repo"] == ("sdxl-dmdx", {"token": "tok", "private": False, "exist_ok": True})
+    uploaded = set(calls["uploaded"])
+    assert {"README.md", "model_index.json", "samples/0.png", "samples/1.png", "samples/grid.png"} <= uploaded
+    assert not any(f.startswith("checkpoint-") for f in uploaded)
+    readme = calls["readme"]  # the snippet now loads the Hub repo
+    assert 'DiffusionPipeline.from_pretrained("me/sdxl-dmdx")' in readme and LOCAL_NOTE not in readme
+    from huggingface_hub import ModelCard
+
+    widget = ModelCard.load(os.path.join(out, "README.md")).data.widget
+    assert {w["output"]["url"] for w in widget} <= uploaded
