@@ -12,10 +12,11 @@ setup(
     version="0.1.0",
     description="Adversarial Distribution Matching (ADM) and DMDX distillation for diffusers models",
     python_requires=">=3.10",
-    packages=["dmdx.training", "dmdx.pipelines", "dmdx.model_cards"],
+    packages=["dmdx.training", "dmdx.pipelines", "dmdx.pipelines.teachers", "dmdx.model_cards"],
     package_dir={
         "dmdx.training": "training",
         "dmdx.pipelines": "pipelines",
+        "dmdx.pipelines.teachers": "pipelines/teachers",
         "dmdx.model_cards": "model_cards",
     },
     package_data={"dmdx.model_cards": ["*.md"], "dmdx.pipelines": ["assets/*"]},

@@ -39,6 +39,7 @@ def parse_args(argv=None):
 
 
 def student_steps_from_config(path: str) -> int | None:
+    """The step count the student was trained for, from the training_config.json every dmdx script writes."""
     config_path = os.path.join(path, "training_config.json")
     if os.path.isfile(config_path):
         with open(config_path) as f:
@@ -80,8 +81,12 @@ def main(argv=None):
         return lambda: pipes[name]([args.prompt] * args.batch_size, num_inference_steps=steps,
                                    guidance_scale=guidance, generator=generator, output_type="pt", **size)
 
-    for name in runs:  # warm-up
+    calls = {}
+    for name in runs:  # warm-up, counting the denoiser's forward calls (CFG batches both halves into one call)
+        denoiser = getattr(pipes[name], "unet", None) or pipes[name].transformer
+        handle = denoiser.register_forward_hook(lambda *_, n=name: calls.__setitem__(n, calls.get(n, 0) + 1))
         call(name)()
+        handle.remove()
     times = {name: [] for name in runs}
     for _ in range(args.repeats):
         for name in runs:
@@ -92,7 +97,7 @@ def main(argv=None):
         median = statistics.median(times[name])
         result[name] = {
             "path": path, "steps": steps, "guidance_scale": guidance,
-            "nfe": steps * (2 if guidance > 1.0 else 1),
+            "nfe": steps * (2 if guidance > 1.0 else 1), "denoiser_calls": calls[name],
             "seconds_per_batch": median, "seconds_per_image": median / args.batch_size,
         }
     result["speedup"] = result["teacher"]["seconds_per_image"] / result["student"]["seconds_per_image"]

@@ -5,10 +5,11 @@
         --pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 \
         --prompts_file prompts.txt --num_pairs 10000 --output_dir sdxl-ode-pairs
 
-Any text-to-image teacher pipeline works (loaded with ``DiffusionPipeline.from_pretrained``). The teacher's sampler
-is made deterministic so every latent is the probability-flow ODE solution of its noise: DDPM-family teachers
-(SDXL) sample with ``DDIMScheduler`` (eta 0, trailing timesteps so the ODE starts at t = T - 1 from the stored noise);
-flow teachers (SD3) keep their flow-matching Euler scheduler. The manifest records which.
+Any teacher with an adapter in ``dmdx.pipelines.teachers`` works (SDXL, SD3), loaded as its stock pipeline. The
+teacher's sampler is made deterministic so every latent is the probability-flow ODE solution of its noise:
+DDPM-family teachers (SDXL) sample with ``DDIMScheduler`` (eta 0, trailing timesteps so the ODE starts at
+t = T - 1 from the stored noise); flow teachers (SD3) keep their flow-matching Euler scheduler. The manifest
+records which.
 
 Output: ``shard-00000.safetensors`` ... each holding ``noise`` and ``latents`` (N, C, h, w) in the denoiser's latent
 space and the prompts (JSON in the safetensors metadata), plus ``manifest.json`` (teacher, resolution, steps,
@@ -63,12 +64,6 @@ def parse_args(input_args=None):
     return args
 
 
-def load_prompts(args) -> list[str]:
-    from train_adm_sdxl import load_prompts as _load
-
-    return _load(args)
-
-
 def deterministic_scheduler(pipe):
     """The teacher's scheduler made a deterministic ODE solver; returns (scheduler, description)."""
     from diffusers import DDIMScheduler
@@ -83,18 +78,6 @@ def deterministic_scheduler(pipe):
     scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing", clip_sample=False,
                                           set_alpha_to_one=True)
     return scheduler, "DDIMScheduler(eta=0, timestep_spacing=trailing)"
-
-
-def check_resolution(pipe, resolution: int) -> tuple[int, ...]:
-    """Latent shape (C, h, w) for ``resolution``, or a clear error if the VAE / denoiser cannot take it."""
-    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
-    vae_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    factor = vae_factor * (2 ** (len(denoiser.config.down_block_types) - 1) if hasattr(denoiser.config,
-                                                                                        "down_block_types")
-                           else getattr(denoiser.config, "patch_size", 1))
-    if resolution % factor:
-        raise ValueError(f"--resolution {resolution} must be a multiple of {factor} for this teacher.")
-    return (denoiser.config.in_channels, resolution // vae_factor, resolution // vae_factor)
 
 
 def manifest_for(args, pipe, sampler: str, latent_shape) -> dict:
@@ -172,15 +155,21 @@ def main(args=None):
     from diffusers import DiffusionPipeline
     from tqdm.auto import tqdm
 
+    from dmdx.pipelines.teachers import adapter_for
+    from dmdx.training.cli import load_prompts
+
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    prompts = load_prompts(args)  # errors on missing/empty prompts before loading the teacher
+    # Before any weights load: the teacher's architecture (one of the adapters') and resolution, the prompts.
+    teacher = adapter_for(args.pretrained_model_name_or_path, cache_dir=args.cache_dir, variant=args.variant,
+                          resolution=args.resolution)
+    latent_shape = teacher.latent_shape(args.resolution)
+    prompts = load_prompts(args)
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as AcceleratorState reads it
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
 
     # 1. Teacher pipeline with a deterministic sampler.
     pipe = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, torch_dtype=dtype,
                                              variant=args.variant, cache_dir=args.cache_dir)
-    latent_shape = check_resolution(pipe, args.resolution)
     pipe.scheduler, sampler = deterministic_scheduler(pipe)
     pipe.to(state.device)
     pipe.set_progress_bar_config(disable=True)
@@ -211,4 +200,6 @@ def main(args=None):
 
 
 if __name__ == "__main__":
-    main()
+    from dmdx.training.plumbing import exit_on_usage_error
+
+    exit_on_usage_error(main)

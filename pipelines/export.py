@@ -51,33 +51,3 @@ def save_student_pipeline(teacher_path: str, output_dir: str, components: dict[s
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return pipe
-
-
-def save_lora_adapter(output_dir: str, unet, pipeline_class=None, weight_name: str = LORA_WEIGHT_NAME) -> str:
-    """Write the peft LoRA adapter of ``unet`` as ``output_dir/pytorch_lora_weights.safetensors`` in diffusers'
-    format, which ``pipe.load_lora_weights(output_dir)`` accepts on the base pipeline. Returns the file path."""
-    from diffusers import StableDiffusionXLPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
-
-    pipeline_class = pipeline_class or StableDiffusionXLPipeline
-    state_dict = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    os.makedirs(output_dir, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".lora-", dir=output_dir)
-    try:
-        pipeline_class.save_lora_weights(tmp, unet_lora_layers=state_dict, weight_name=weight_name,
-                                         safe_serialization=True)
-        os.replace(os.path.join(tmp, weight_name), os.path.join(output_dir, weight_name))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return os.path.join(output_dir, weight_name)
-
-
-def merged_copy(unet):
-    """A copy of a peft-LoRA UNet with the adapter fused into the base weights and removed (for the full export)."""
-    import copy
-
-    merged = copy.deepcopy(unet)
-    merged.fuse_lora()
-    merged.unload_lora()
-    return merged

@@ -135,7 +135,7 @@ def _check_export(workdir, out_dir, teacher, lora):
     assert result["scheduler"] == "FlowMatchEulerDiscreteScheduler"
     assert result["image_shape"] == [1, 16, 16, 3] and result["finite"]
     # the shipped scheduler runs exactly the trained schedule
-    config = json.loads((out_dir / "dmdx_training_config.json").read_text())
+    config = json.loads((out_dir / "training_config.json").read_text())
     assert len(result["sigmas"]) == 5 and len(config["student_sigmas"]) == 5
     torch.testing.assert_close(torch.tensor(result["sigmas"]), torch.tensor(config["student_sigmas"]),
                                rtol=0, atol=1e-6)
@@ -172,7 +172,7 @@ def test_sd3_medium_lora_adm_resume_and_export(workdir):
     for name in ("model.safetensors", "model_1.safetensors"):
         keys = _tensors(a / "checkpoint-2" / name).keys()
         assert keys and all("lora_" in k for k in keys), name
-    assert (a / "validation" / "step_000004.png").is_file()
+    assert (a / "validation" / "step-000004.png").is_file()
     card = (a / "README.md").read_text()
     assert "FlowMatchEulerDiscreteScheduler" in card and "load_lora_weights" in card
 
@@ -223,7 +223,7 @@ def test_dmd_baseline_runs(workdir):
     # DMD2 has no discriminator: the checkpoint holds the generator and the fake score only (no heads, no D optimizer)
     checkpoint = workdir / "dmd" / "checkpoint-1"
     assert (checkpoint / "model_1.safetensors").is_file() and not (checkpoint / "model_2.safetensors").exists()
-    config = json.loads((workdir / "dmd" / "dmdx_training_config.json").read_text())
+    config = json.loads((workdir / "dmd" / "training_config.json").read_text())
     assert config["fake_score_update_ratio"] == 5 and config["distribution_loss"] == "dmd"
     assert (workdir / "dmd" / "model_index.json").is_file()
 
@@ -256,32 +256,33 @@ def script():
     return module
 
 
-def _args(script, workdir, *extra):
-    return script.parse_args(["--prompts_file", str(workdir / "prompts.txt"), "--resolution", "16", *extra])
+def test_error_non_sd3_checkpoint(workdir):
+    from dmdx.pipelines.teachers import SD3Teacher
+    from dmdx.training.errors import UsageError
 
-
-def test_error_non_sd3_checkpoint(script, workdir):
     sdxl = workdir / "not_sd3"
     sdxl.mkdir(exist_ok=True)
     (sdxl / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline",
                                                        "unet": ["diffusers", "UNet2DConditionModel"]}))
-    with pytest.raises(ValueError, match="StableDiffusionXLPipeline.*train_adm_sdxl.py"):
-        script.inspect_teacher(_args(script, workdir, "--pretrained_model_name_or_path", str(sdxl)))
-    with pytest.raises(ValueError, match="not a diffusers pipeline folder"):
-        script.inspect_teacher(_args(script, workdir, "--pretrained_model_name_or_path", str(workdir / "nothing")))
+    with pytest.raises(UsageError, match="StableDiffusionXLPipeline.*train_adm_sdxl.py"):
+        SD3Teacher(str(sdxl))
+    with pytest.raises(UsageError, match="not a diffusers pipeline folder"):
+        SD3Teacher(str(workdir / "nothing"))
 
 
-def test_error_bad_resolution_and_blocks(script, workdir):
-    teacher = str(workdir / "sd3")
-    with pytest.raises(ValueError, match="not divisible by 2"):
-        script.inspect_teacher(_args(script, workdir, "--pretrained_model_name_or_path", teacher, "--resolution",
-                                     "15"))
-    with pytest.raises(ValueError, match="larger than the transformer's pos_embed_max_size"):
-        script.inspect_teacher(_args(script, workdir, "--pretrained_model_name_or_path", teacher, "--resolution",
-                                     "128"))
-    with pytest.raises(ValueError, match=r"--discriminator_blocks \[5\] out of range"):
-        script.inspect_teacher(_args(script, workdir, "--pretrained_model_name_or_path", teacher,
-                                     "--discriminator_blocks", "0,5"))
+def test_error_bad_resolution_blocks_and_t5(workdir):
+    from dmdx.pipelines.teachers import SD3Teacher
+    from dmdx.training.errors import UsageError
+
+    teacher = SD3Teacher(str(workdir / "sd3"))
+    with pytest.raises(UsageError, match="not divisible by 2"):
+        teacher.latent_shape(15)
+    with pytest.raises(UsageError, match="larger than the transformer's pos_embed_max_size"):
+        teacher.latent_shape(128)
+    with pytest.raises(UsageError, match=r"--discriminator_blocks \[5\] out of range"):
+        teacher.discriminator_blocks("0,5")
+    with pytest.raises(UsageError, match="--shift_terminal 1.5 must be in"):
+        SD3Teacher(str(workdir / "sd3"), shift_terminal=1.5)
     no_t5 = workdir / "sd3_no_t5"  # configs are all a check reads
     for sub in ("transformer", "vae"):
         (no_t5 / sub).mkdir(parents=True, exist_ok=True)
@@ -289,12 +290,15 @@ def test_error_bad_resolution_and_blocks(script, workdir):
     index = json.loads((workdir / "sd3" / "model_index.json").read_text())
     (no_t5 / "model_index.json").write_text(json.dumps({**index, "text_encoder_3": [None, None],
                                                         "tokenizer_3": [None, None]}))
-    with pytest.raises(ValueError, match="has no T5 encoder.*--drop_t5"):
-        script.inspect_teacher(_args(script, workdir, "--pretrained_model_name_or_path", str(no_t5)))
-    assert not script.inspect_teacher(_args(script, workdir, "--pretrained_model_name_or_path", str(no_t5),
-                                            "--drop_t5"))["has_t5"]
-    info = script.inspect_teacher(_args(script, workdir, "--pretrained_model_name_or_path", teacher))
-    assert info["discriminator_blocks"] == [0, 1] and info["grid"] == 8 and info["has_t5"]
+    with pytest.raises(UsageError, match="has no T5 encoder.*--drop_t5"):
+        SD3Teacher(str(no_t5))
+    assert not SD3Teacher(str(no_t5), drop_t5=True).has_t5
+    assert teacher.discriminator_blocks(None) == ["transformer_blocks.0", "transformer_blocks.1"]
+    assert teacher.latent_shape(16) == (16, 8, 8) and teacher.has_t5
+
+
+def _args(script, workdir, *extra):
+    return script.parse_args(["--prompts_file", str(workdir / "prompts.txt"), "--resolution", "16", *extra])
 
 
 def test_error_bad_flags(script, workdir, capsys):
@@ -308,44 +312,23 @@ def test_error_bad_flags(script, workdir, capsys):
     with pytest.raises(SystemExit):
         script.parse_args(base)
     assert "exactly one of --prompts_file or --dataset_name" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _args(script, workdir, *base, "--discriminator_warmup_steps", "4000")
+    assert "the generator never trains" in capsys.readouterr().err
     args = _args(script, workdir, *base, "--distribution_loss", "dmd", "--lora_rank", "0")
     assert args.fake_score_update_ratio == 5 and args.fake_score_lora_rank == 0
 
 
-def test_importable_iteration_and_sampling(script, workdir):
-    """The per-iteration functions a benchmark imports: build, prepare, iterate (discriminator warm-up, then the
-    generator moves); per-step randomness is reproducible; ADM's noise levels and ODE step are as documented."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
+def test_inference_benchmark_times_the_student_at_its_own_steps(workdir):
+    """benchmarks/inference_speed.py reads the student's step count from training_config.json and the network really
+    runs that many times (counted with a forward hook), so a 4-step student is timed at 4 NFE."""
+    out = workdir / "lora_a"
+    if not (out / "training_config.json").is_file():
+        pytest.skip("needs test_sd3_medium_lora_adm_resume_and_export's export")
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import inference_speed
 
-    args = _args(script, workdir, "--pretrained_model_name_or_path", str(workdir / "sd3"), "--lora_rank", "4",
-                 "--max_sequence_length", "32", "--discriminator_head_channels", "64", "--discriminator_warmup_steps",
-                 "1", "--timestep_sampling", "shifted", "--fake_score_update_ratio", "2")
-    accelerator = Accelerator(cpu=True)
-    try:
-        models = script.build_models(args, accelerator, script.inspect_teacher(args))
-        assert models.teacher is not models.generator and models.features.module_names == [
-            "transformer_blocks.0", "transformer_blocks.1"]
-        source = script.build_prompt_source(args, models, PROMPTS, accelerator.device)
-        opt = script.prepare_training(args, accelerator, models)
-        lora = lambda: {n: p.detach().clone() for n, p in models.generator.named_parameters() if p.requires_grad}
-        before = lora()
-        logs0 = script.train_iteration(models, opt, args, accelerator, source, 0)
-        assert all(torch.equal(before[n], p) for n, p in lora().items())  # warm-up: the generator waits
-        assert "grad_norm_generator" not in logs0 and {"loss_fake_score", "loss_discriminator", "d_accuracy",
-                                                        "loss_generator_adv", "dmd_loss_recorded"} <= logs0.keys()
-        logs1 = script.train_iteration(models, opt, args, accelerator, source, 1)
-        assert "grad_norm_generator" in logs1 and all(v == v for v in logs1.values())  # no NaN
-
-        b1, b2 = (script.sample_batch(models, args, 5, 0, 0, source, "cpu") for _ in range(2))
-        b3 = script.sample_batch(models, args, 6, 0, 0, source, "cpu")
-        assert all(torch.equal(b1[k], b2[k]) for k in ("z", "eps", "t", "s")) and not torch.equal(b1["z"], b3["z"])
-        assert b1["t"].shape == (3, 1)  # two fake-score updates + the generator/discriminator row
-        torch.testing.assert_close(b1["s"], b1["t"] - 1000 / 64)
-        shift = models.teacher_shift
-        lo, hi = (shift * u / (1 + (shift - 1) * u) * 1000 for u in (0.02, 0.98))
-        draws = torch.cat([script.sample_batch(models, args, i, 0, 0, source, "cpu")["t"].flatten()
-                           for i in range(50)])
-        assert lo - 1e-3 <= draws.min() and draws.max() <= hi + 1e-3 and draws.mean() > 500  # shifted to high noise
-    finally:
-        AcceleratorState._reset_state(True)
+    result = inference_speed.main(["--teacher", str(workdir / "sd3"), "--student", str(out), "--teacher_steps", "3",
+                                   "--repeats", "1", "--batch_size", "1", "--resolution", "16"])
+    assert result["student"]["steps"] == 4 and result["student"]["denoiser_calls"] == 4
+    assert result["student"]["nfe"] == 4 and result["teacher"]["nfe"] == 6 and result["teacher"]["denoiser_calls"] == 3

@@ -68,25 +68,31 @@ def test_adm_run_resume_and_stock_export(tiny_sdxl, prompts_file, tmp_path):
     """ADM one-step from the teacher: artifacts, atomic checkpoints, exact resume, stock one-step loading."""
     out_a, out_b = str(tmp_path / "a"), str(tmp_path / "b")
     common = ["--pretrained_model_name_or_path", tiny_sdxl, "--prompts_file", prompts_file, *TINY_ADM,
-              "--max_train_steps", 4, "--checkpointing_steps", 2, "--use_ema"]  # the export is the EMA
+              "--max_train_steps", 4, "--checkpointing_steps", 2, "--use_ema",  # the export is the EMA
+              "--diagnostics_steps", 2]
     run(accelerate_cmd("train_adm_sdxl.py", *common, "--output_dir", out_a, "--checkpoints_total_limit", 2,
                        "--validation_prompts", "a red circle", "a cat", "--validation_steps", 2))
 
     # Artifacts: pipeline folder, LCM scheduler with the trained timesteps, checkpoints, logs, card, grids.
     for name in ("model_index.json", "unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json",
-                 "vae", "text_encoder_2", "README.md", "samples.png", "validation/step-000002.png",
-                 "checkpoint-2", "checkpoint-4", "training_config.json"):
+                 "vae", "text_encoder_2", "README.md", "samples/grid.png", "samples/1.png",
+                 "validation/step-000002.png", "checkpoint-2", "checkpoint-4", "training_config.json"):
         assert os.path.exists(os.path.join(out_a, name)), name
     assert not [n for n in os.listdir(out_a) if n.endswith(".tmp") or n.startswith(".export")]
     logs = read_log(out_a)
     assert [entry["step"] for entry in logs] == [1, 2, 3, 4]
-    for key in ("fake_score_loss", "generator_loss", "discriminator_loss", "logits_real", "logits_fake",
-                "d_accuracy", "dmd_loss_monitor", "latent_prediction_gap"):
+    for key in ("loss_fake_score", "loss_generator", "loss_discriminator", "logits_real", "logits_fake",
+                "d_accuracy", "d_pair_order", "dmd_loss_recorded", "pred_gap_abs", "pred_gap_rel"):
         assert all(key in entry and entry[key] == entry[key] for entry in logs), key
+    # the generator diagnostics (every --diagnostics_steps): ADM's output gradient against DMD's, coherence, shift
+    for key in ("grad_cosine_adm_dmd", "grad_coherence", "dmd_grad_coherence", "output_shift",
+                "output_shift_common_fraction"):
+        assert key in logs[2] and -1 <= logs[2].get("grad_cosine_adm_dmd", 0) <= 1, key
     # D's last layer starts at zero, so G's first gradient is zero; from the second update on D's signal reaches G.
     assert logs[0]["grad_norm_generator"] == 0 and all(entry["grad_norm_generator"] > 0 for entry in logs[1:])
     card = open(os.path.join(out_a, "README.md")).read()
-    assert "num_inference_steps=1" in card and "[999]" in card and "samples.png" in card
+    assert "num_inference_steps=1" in card and "[999]" in card and "samples/grid.png" in card
+    assert tmp_path.as_posix() not in card  # no machine path in a card that may be published
 
     teacher_unet = load_file(os.path.join(tiny_sdxl, "unet/diffusion_pytorch_model.safetensors"))
     student_unet = load_file(os.path.join(out_a, "unet/diffusion_pytorch_model.safetensors"))
@@ -123,7 +129,7 @@ def test_dmd_baseline_multistep_lora(tiny_sdxl, prompts_file, tmp_path):
                        "--max_train_steps", 2,
                        "--gradient_checkpointing", "--output_dir", out))
     logs = read_log(out)
-    assert len(logs) == 2 and "discriminator_loss" not in logs[0] and logs[0]["generator_loss"] >= 0
+    assert len(logs) == 2 and "loss_discriminator" not in logs[0] and logs[0]["loss_generator"] >= 0
     assert all(entry["grad_norm_generator"] > 0 for entry in logs)  # through LoRA + gradient checkpointing
     config = json.load(open(os.path.join(out, "training_config.json")))
     assert config["student_timesteps"] == [999.0, 499.0] and config["method"] == "dmd"
@@ -187,16 +193,25 @@ def _sdxl_variant(src: str, dst: str, edit_index=None, edit_unet=None, nan_unet:
     return dst
 
 
-def test_clear_errors(tiny_sdxl, prompts_file, tmp_path):
-    """Bad input stops before heavy work with a message naming the problem; a non-finite loss stops the run,
-    names the term and writes no checkpoint."""
+def test_clear_errors(tiny_sdxl, prompts_file, tmp_path, capsys):
+    """Bad input stops before heavy work with a message naming the flag or file (flags: argparse's exit 2; configs
+    and data: UsageError, which the script prints without a traceback); a non-finite loss stops the run, names the
+    term and writes no checkpoint."""
     sys.path.insert(0, os.path.join(REPO, "distill_scripts"))
     import train_adm_sdxl as adm
 
-    def main_with(*extra, teacher=tiny_sdxl, prompts=prompts_file):
+    from dmdx.training.errors import UsageError
+
+    def args_with(*extra, teacher=tiny_sdxl, prompts=prompts_file):
         source = ["--prompts_file", prompts] if prompts else []
-        adm.main(adm.parse_args(["--pretrained_model_name_or_path", teacher, *source, *map(str, TINY_ADM),
-                                 "--output_dir", str(tmp_path / "out"), *map(str, extra)]))
+        return adm.parse_args(["--pretrained_model_name_or_path", teacher, *source, *map(str, TINY_ADM),
+                               "--output_dir", str(tmp_path / "out"), *map(str, extra)])
+
+    def flag_error(*extra, **kw):
+        with pytest.raises(SystemExit) as e:
+            args_with(*extra, **kw)
+        assert e.value.code == 2
+        return capsys.readouterr().err
 
     def set_sd(config):
         config["_class_name"] = "StableDiffusionPipeline"
@@ -205,27 +220,36 @@ def test_clear_errors(tiny_sdxl, prompts_file, tmp_path):
         config["addition_embed_type"] = None
 
     not_sdxl = _sdxl_variant(tiny_sdxl, str(tmp_path / "sd"), edit_index=set_sd, edit_unet=drop_text_time)
-    with pytest.raises(ValueError, match="not an SDXL UNet"):
-        main_with(teacher=not_sdxl)
-    with pytest.raises(ValueError, match="must be a positive multiple of 4"):
-        main_with("--resolution", 30)
+    with pytest.raises(UsageError, match="StableDiffusionPipeline.*distills StableDiffusionXLPipeline teachers"):
+        adm.main(args_with(teacher=not_sdxl))
+    with pytest.raises(UsageError, match="--resolution 30 must be a positive multiple of 4"):
+        adm.main(args_with("--resolution", 30))
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
-    with pytest.raises(ValueError, match="No prompts"):
-        main_with(prompts=str(empty))
-    with pytest.raises(ValueError, match="exactly one of --prompts_file or --dataset_name"):
-        main_with(prompts=None)
+    with pytest.raises(UsageError, match="No prompts"):
+        adm.main(args_with(prompts=str(empty)))
     captions = tmp_path / "captions.jsonl"
     captions.write_text('{"caption": "a cat"}\n')
-    with pytest.raises(ValueError, match="--caption_column 'text' not in"):
-        main_with("--dataset_name", captions, prompts=None)
-    with pytest.raises(ValueError, match="ode_step_dt"):
-        main_with("--ode_step_dt", 0.5)
+    with pytest.raises(UsageError, match="--caption_column 'text' not in"):
+        adm.main(args_with("--dataset_name", captions, prompts=None))
+    assert not os.path.exists(tmp_path / "out")  # nothing was written for any of them
+    assert "exactly one of --prompts_file or --dataset_name" in flag_error(prompts=None)
+    assert "--ode_step_dt (0.5)" in flag_error("--ode_step_dt", 0.5)
+    assert "--generator_lr must be > 0" in flag_error("--generator_lr", 0)
+    assert "--lora_rank must be >= 0" in flag_error("--lora_rank", -4)
+    assert "--prompts_file 'nope.txt' does not exist" in flag_error(prompts="nope.txt")
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        with pytest.raises(ImportError, match="pip install bitsandbytes"):
-            main_with("--use_8bit_adam")
+        assert "pip install bitsandbytes" in flag_error("--use_8bit_adam")
+
+    # As a user runs it (python; `accelerate launch` adds its own report of the exit status): one line naming the
+    # problem, exit status 2, no traceback.
+    result = run([sys.executable, os.path.join(REPO, "distill_scripts", "train_adm_sdxl.py"),
+                  "--pretrained_model_name_or_path", not_sdxl, "--prompts_file", prompts_file, "--output_dir",
+                  str(tmp_path / "cli")], expect_ok=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "error: --pretrained_model_name_or_path" in result.stderr
 
     # Non-finite loss: subprocess (a real run), stops naming the term, leaves no checkpoint.
     nan_teacher = _sdxl_variant(tiny_sdxl, str(tmp_path / "nan"), nan_unet=True)
@@ -234,7 +258,7 @@ def test_clear_errors(tiny_sdxl, prompts_file, tmp_path):
                                 "--prompts_file", prompts_file, *TINY_ADM, "--max_train_steps", 2,
                                 "--checkpointing_steps", 1, "--output_dir", out), expect_ok=False)
     assert result.returncode != 0
-    assert "Non-finite loss in fake_score_loss" in result.stderr
+    assert "Non-finite loss in loss_fake_score" in result.stderr
     assert not [n for n in os.listdir(out) if n.startswith("checkpoint")]
     assert not os.path.exists(os.path.join(out, "model_index.json"))
 
@@ -290,7 +314,7 @@ def test_dmdx_collect_adp_then_adm(tiny_sdxl, prompts_file, tmp_path):
                 "--generator_lr", 1e-4, "--discriminator_lr", 1e-3, "--max_train_steps", 3, "--checkpointing_steps", 2]
     run(accelerate_cmd("train_adp_sdxl.py", *adp_args, "--output_dir", adp, "--validation_prompts", "a red circle"))
     logs = read_log(adp)
-    assert len(logs) == 3 and {"latent_d_accuracy", "pixel_d_accuracy", "discriminator_loss"} <= set(logs[-1])
+    assert len(logs) == 3 and {"latent_d_accuracy", "pixel_d_accuracy", "loss_discriminator"} <= set(logs[-1])
     assert logs[-1]["pixel_logits_real"] != 0 and logs[-1]["latent_logits_real"] != 0  # both heads are learning
     assert logs[-1]["grad_norm_generator"] > 0
     config = json.load(open(os.path.join(adp, "scheduler/scheduler_config.json")))

@@ -1,4 +1,9 @@
-"""dmdx.training: the shared, model-agnostic pieces of ADM / ADP / DMD2 distillation."""
+"""dmdx.training: the model-agnostic pieces of ADM / ADP / DMD2 distillation.
+
+Pure functions over tensors (losses, parametrization, samplers, discriminator heads, diagnostics, remedies), the one
+ADM / DMD2 loop (``loop``) and the ADP loop (``adp``), and their accelerate plumbing (``plumbing``, ``checkpointing``,
+``cli``, ``lora``). Architecture specifics come in through a teacher adapter (``dmdx.pipelines.teachers``).
+"""
 
 from .discriminator import (
     BackboneFeatures,
@@ -30,6 +35,13 @@ from .parametrization import (
     normalize_prediction_type,
     schedule_from_scheduler_config,
 )
-from .samplers import backward_simulate, cubic_timesteps, renoise_mode, student_timesteps, uniform_timesteps
+from .samplers import (
+    adm_noise_levels,
+    backward_simulate,
+    cubic_timesteps,
+    renoise_mode,
+    student_timesteps,
+    uniform_timesteps,
+)
 
 __version__ = "0.1.0"

@@ -71,3 +71,14 @@ def backward_simulate(
         else:
             x = schedule.add_noise(x0, torch.randn_like(x0), s)
     return x
+
+
+def adm_noise_levels(u: torch.Tensor, min_percent: float, max_percent: float, T: float,
+                     shift: float | None = None) -> torch.Tensor:
+    """ADM's (and the fake score's) noise level t from ``u ~ U[0, 1]``: uniform in ``[min%, max%]`` of T, or, with
+    a flow teacher's ``shift``, that sigma mapped through the shift (``shift s / (1 + (shift - 1) s)``) so the
+    levels follow the distribution the teacher was trained on. Model-timestep units."""
+    sigma = min_percent + (max_percent - min_percent) * u
+    if shift is not None:
+        sigma = shift * sigma / (1 + (shift - 1) * sigma)
+    return sigma * T

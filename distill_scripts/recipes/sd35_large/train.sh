@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Four-step ADM student of SD3.5-Large, full fine-tuning (as in the paper's Table 2). See the README section "SD3.5-Large".
-# Needs: prompts.txt, 8 x 80 GB GPUs (FSDP2; CONFIG=.../accelerate_deepspeed_zero2.yaml for DeepSpeed ZeRO-2).
+# Needs: prompts.txt, 8 x 80 GB GPUs (FSDP2).
 # Run from anywhere; TEACHER / PROMPTS / OUTPUT_DIR / CONFIG override the defaults. Extra flags are appended
 # ("$@") and later flags win (tests/test_sd3_script.py runs this file on tiny models exactly so).
 set -euo pipefail

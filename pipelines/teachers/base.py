@@ -1,0 +1,216 @@
+"""The protocol every teacher adapter answers, and what all architectures share.
+
+An adapter knows one diffusers pipeline family (which classes, how a prompt becomes conditioning, how the
+denoiser is called, which blocks feed the discriminator, which scheduler the student ships with, how it is
+exported). The training loops (``dmdx.training.loop``, ``dmdx.training.adp``) ask it these questions and know
+nothing else about an architecture. Conditioning is a dict of batch-first tensors whose keys the adapter chooses;
+``prompt_embeds`` and ``pooled_prompt_embeds`` are also the pipeline's own keyword names, so validation and export
+call the stock pipeline with them.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import torch
+
+from dmdx.training.errors import UsageError
+
+
+def model_dtype(model) -> torch.dtype:
+    """The dtype a denoiser's inputs are cast to: its weights' (a LoRA view: its frozen base's)."""
+    return getattr(model, "module", model).dtype  # through a DDP wrapper
+
+
+def read_model_index(path: str, what: str = "--pretrained_model_name_or_path", **load_kwargs) -> dict:
+    from diffusers import DiffusionPipeline
+
+    try:
+        return dict(DiffusionPipeline.load_config(path, **load_kwargs))
+    except Exception as e:  # noqa: BLE001 - a missing folder or a repo without model_index.json
+        raise UsageError(f"{what} {path!r} is not a diffusers pipeline folder or Hub id (no readable "
+                         f"model_index.json): {e}") from e
+
+
+class TeacherAdapter:
+    """One architecture. Subclasses set the class attributes and implement the methods marked below."""
+
+    pipeline_class: str = ""  # the stock pipeline class the teacher is, and the student ships as
+    denoiser_name: str = ""  # the pipeline component that is distilled ("unet", "transformer")
+    denoiser_class: str = ""
+    lora_target_modules: tuple[str, ...] = ()
+    sibling_script: str = ""  # named in the wrong-architecture error
+    lora_in_diffusers_format: bool = False  # save_lora_weights takes peft keys, or (UNets) diffusers' converted ones
+
+    def __init__(self, path: str, *, resolution: int = 1024, revision: str | None = None,
+                 variant: str | None = None, cache_dir: str | None = None,
+                 what: str = "--pretrained_model_name_or_path"):
+        self.path, self.what, self.resolution = path, what, resolution
+        self.load_kwargs = {"revision": revision, "cache_dir": cache_dir}
+        self.variant = variant
+        self.index = read_model_index(path, what, **self.load_kwargs)
+        self.denoiser_config = self.read_config(self.denoiser_name)
+        self.check_architecture()
+        self.text_modules: dict[str, Any] = {}
+
+    # ---- configs only (no weights): every check runs before anything heavy --------------------------------------
+    def read_config(self, subfolder: str) -> dict:
+        from diffusers import AutoencoderKL
+
+        if subfolder not in self.index:
+            return {}
+        try:  # load_config of any model class only reads the component's config.json
+            return dict(AutoencoderKL.load_config(self.path, subfolder=subfolder, **self.load_kwargs))
+        except Exception as e:  # noqa: BLE001
+            raise UsageError(f"{self.what} {self.path!r}: cannot read {subfolder}/config.json ({e}).") from e
+
+    def check_architecture(self) -> None:
+        """Raise :class:`UsageError` when the checkpoint is not this adapter's architecture (configs only)."""
+        if self.index.get("_class_name") != self.pipeline_class or not self.is_my_denoiser(self.denoiser_config):
+            raise UsageError(
+                f"{self.what} {self.path!r} is a {self.index.get('_class_name')!r} whose "
+                f"{self.denoiser_name or 'denoiser'} is a {self.denoiser_config.get('_class_name')!r}; this script "
+                f"distills {self.pipeline_class} teachers ({self.sibling_script}).")
+
+    def is_my_denoiser(self, config: dict) -> bool:  # subclasses
+        raise NotImplementedError
+
+    def vae_factor(self) -> int:
+        return 2 ** (len(self.read_config("vae")["block_out_channels"]) - 1)
+
+    def latent_shape(self, resolution: int) -> tuple[int, ...]:
+        """The denoiser's input shape for ``resolution`` pixels; raises naming ``--resolution`` if it cannot take
+        it. Subclasses check their own patching/downsampling."""
+        factor = self.vae_factor()
+        return (self.denoiser_config["in_channels"], resolution // factor, resolution // factor)
+
+    def discriminator_blocks(self, spec: str | None) -> list[str]:  # subclasses: module names feeding the heads
+        raise NotImplementedError
+
+    def scheduler_config(self, path: str | None = None) -> dict:
+        """A pipeline folder's scheduler config, whatever its class (only the file is read)."""
+        from diffusers import DDPMScheduler
+
+        return dict(DDPMScheduler.load_config(path or self.path, subfolder="scheduler", **self.load_kwargs))
+
+    def teacher_schedule(self):
+        from dmdx.training import schedule_from_scheduler_config
+
+        return schedule_from_scheduler_config(self.scheduler_config())
+
+    def default_student_scheduler(self, num_steps: int):  # subclasses: the few-step scheduler that ships
+        raise NotImplementedError
+
+    def student_scheduler(self, num_steps: int, generator_path: str | None = None):
+        """The scheduler the student ships with: the generator folder's own when the generator starts from another
+        pipeline (an ADP output), else this architecture's few-step default built on the teacher's config."""
+        import diffusers
+
+        if generator_path and os.path.abspath(generator_path) != os.path.abspath(self.path):
+            config = self.scheduler_config(generator_path)
+            cls = getattr(diffusers, config.get("_class_name", ""), None)
+            if cls is None:
+                raise UsageError(f"Unknown scheduler class {config.get('_class_name')!r} in {generator_path}.")
+            return cls.from_config(config)
+        return self.default_student_scheduler(num_steps)
+
+    def config_fingerprint(self) -> dict:
+        """What identifies the teacher in a checkpoint's provenance: its pipeline class and denoiser config."""
+        keep = {k: v for k, v in self.denoiser_config.items() if not k.startswith("_")}
+        return {"pipeline_class": self.pipeline_class, "denoiser": keep}
+
+    # ---- weights --------------------------------------------------------------------------------------------------
+    def load_denoiser(self, dtype=torch.float32, path: str | None = None):
+        import diffusers
+
+        cls = getattr(diffusers, self.denoiser_class)
+        path = path or self.path
+        variant = self.variant if path == self.path else None
+        return cls.from_pretrained(path, subfolder=self.denoiser_name, torch_dtype=dtype, variant=variant,
+                                   **self.load_kwargs)
+
+    def load_vae(self, device, dtype=torch.float32):
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(self.path, subfolder="vae", variant=self.variant, **self.load_kwargs)
+        return vae.requires_grad_(False).eval().to(device, dtype=dtype)
+
+    def load_text_encoders(self, device, dtype, denoiser=None) -> None:  # subclasses fill self.text_modules
+        raise NotImplementedError
+
+    def free_text_encoders(self) -> None:
+        from diffusers.training_utils import free_memory
+
+        self.text_modules = {}
+        free_memory()
+
+    def encode_prompts(self, prompts: list[str], device) -> dict[str, torch.Tensor]:  # subclasses
+        raise NotImplementedError
+
+    def negative_conditioning(self, device) -> dict[str, torch.Tensor]:  # subclasses: CFG's empty prompt, batch 1
+        raise NotImplementedError
+
+    def predict(self, model, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:  # subclasses
+        """The denoiser's raw output at ``(x, t)`` under ``cond``, computed in its weights' dtype, returned fp32."""
+        raise NotImplementedError
+
+    def feature_selector(self, latent_shape):
+        """Turns a hooked block's output into a (B, C, H, W) map for the discriminator heads."""
+        from dmdx.training import first_tensor
+
+        return first_tensor
+
+    # ---- validation and export -------------------------------------------------------------------------------------
+    def pipeline(self, denoiser, scheduler, vae=None):
+        """The stock pipeline around ``denoiser`` without text encoders: it is called with precomputed
+        ``prompt_embeds`` / ``pooled_prompt_embeds``."""
+        import diffusers
+
+        cls = getattr(diffusers, self.pipeline_class)
+        components = {name: None for name in self.index if not name.startswith("_")}
+        components.update({self.denoiser_name: denoiser, "scheduler": scheduler, "vae": vae})
+        accepted = inspect.signature(cls.__init__).parameters
+        pipe = cls(**{k: v for k, v in components.items() if k in accepted})
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def export_dtype(self, weight_dtype):
+        """dtype of the exported pipeline's weights."""
+        return weight_dtype
+
+    def export_components(self) -> dict:
+        """Components the student ships differently from the teacher (e.g. SD3 without T5)."""
+        return {}
+
+    def export(self, output_dir: str, denoiser, scheduler, weight_dtype, lora_state: dict | None = None) -> None:
+        """A stock pipeline folder: the teacher's components with ``denoiser`` and ``scheduler`` swapped in; with
+        ``lora_state`` also ``pytorch_lora_weights.safetensors`` that ``pipe.load_lora_weights`` takes on the
+        generator's base pipeline."""
+        import diffusers
+        from diffusers.utils import convert_state_dict_to_diffusers
+
+        from dmdx.pipelines.export import LORA_WEIGHT_NAME, save_student_pipeline
+
+        dtype = self.export_dtype(weight_dtype)
+        components = {self.denoiser_name: denoiser.to(dtype), **self.export_components()}
+        save_student_pipeline(self.path, output_dir, components, scheduler, torch_dtype=dtype, variant=self.variant,
+                              **self.load_kwargs)
+        if lora_state:
+            cls = getattr(diffusers, self.pipeline_class)
+            tmp = tempfile.mkdtemp(prefix=".lora-", dir=output_dir)
+            try:
+                if self.lora_in_diffusers_format:
+                    lora_state = convert_state_dict_to_diffusers(lora_state)
+                cls.save_lora_weights(tmp, weight_name=LORA_WEIGHT_NAME, safe_serialization=True,
+                                      **{f"{self.denoiser_name}_lora_layers": lora_state})
+                os.replace(os.path.join(tmp, LORA_WEIGHT_NAME), os.path.join(output_dir, LORA_WEIGHT_NAME))
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def card_extras(self) -> dict:
+        """Model-card arguments this architecture adds (e.g. how to load a student shipped without T5)."""
+        return {}

@@ -1,0 +1,373 @@
+"""Adversarial Distillation Pre-training (ADP, paper_spec §3): DMDX's first stage for one-step students.
+
+Teacher ODE pairs (noise x_T, clean latent x_0, prompt) come from collect_ode_pairs.py.
+  * Generator: the teacher's denoiser re-parametrised as a rectified-flow velocity model. On the straight line
+    between the pair, x_t = (1 - t/T) x_0 + (t/T) x_T, its output at t is read as v = x_T - x_0, so
+    x0 = x_t - (t/T) v; t from the cubic schedule (1 - u^3) T, biased to high noise. Its weights start from the
+    teacher's (at high noise epsilon ~ x_T, the best available start).
+  * Latent discriminator: the frozen teacher + trainable heads on its blocks, on x0 re-noised with the teacher's
+    own forward process at a uniform timestep (fake: the generator's x0; real: the teacher's).
+  * Pixel discriminator: a frozen SAM vision encoder (transformers' SamVisionModel) + heads on evenly spaced
+    encoder layers, on VAE-decoded images (gradients flow through the VAE decoder to the generator).
+  * Losses: hinge for the discriminators, -(0.85 D_latent + 0.15 D_pixel) for the generator; optional velocity MSE
+    (``--velocity_mse_weight``; the paper is ambiguous about it).
+The student ships with a rectified-flow DPM-Solver of order 1 (= Euler), trailing: one step = timestep 999.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .errors import UsageError
+from .lora import LoraView, add_lora_adapter
+from .plumbing import (
+    accumulated_update,
+    log_step,
+    make_accelerator,
+    make_lr_scheduler,
+    make_optimizer,
+    rank_checksums,
+    resume,
+    tracker_config,
+    weight_dtype_of,
+    write_training_config,
+)
+
+logger = logging.getLogger("dmdx")
+
+# The ADP student's scheduler (DESIGN.md §4.5): rectified-flow DPM-Solver of order 1 (= Euler), trailing timesteps.
+STUDENT_SCHEDULER = dict(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=1.0, solver_order=1,
+                         final_sigmas_type="zero", timestep_spacing="trailing", num_train_timesteps=1000)
+
+
+class ODEPairs:
+    """Random access to the (noise, latent, prompt) shards written by collect_ode_pairs.py (memory-mapped)."""
+
+    def __init__(self, folder: str, teacher: str, resolution: int, latent_shape):
+        from safetensors import safe_open
+
+        path = os.path.join(folder, "manifest.json")
+        if not os.path.isfile(path):
+            raise UsageError(f"--ode_pairs_dir {folder!r} has no manifest.json (run collect_ode_pairs.py).")
+        with open(path) as f:
+            self.manifest = json.load(f)
+        if _norm(self.manifest["teacher"]) != _norm(teacher):
+            raise UsageError(f"ODE pairs in {folder} come from teacher {self.manifest['teacher']!r}, not from "
+                             f"--pretrained_model_name_or_path {teacher!r}.")
+        if int(self.manifest["resolution"]) != resolution or list(self.manifest["latent_shape"]) != list(latent_shape):
+            raise UsageError(f"ODE pairs in {folder} are at resolution {self.manifest['resolution']} (latents "
+                             f"{self.manifest['latent_shape']}); this run uses --resolution {resolution} "
+                             f"(latents {list(latent_shape)}).")
+        self.files = sorted(os.path.join(folder, n) for n in os.listdir(folder)
+                            if n.startswith("shard-") and n.endswith(".safetensors"))
+        self.index, self.prompts = [], []
+        for i, file in enumerate(self.files):
+            with safe_open(file, "pt") as f:
+                prompts = json.loads(f.metadata()["prompts"])
+                self.index += [(i, row) for row in range(len(prompts))]
+                self.prompts += prompts
+        if not self.index:
+            raise UsageError(f"--ode_pairs_dir {folder!r} holds no finished shards.")
+        self._open = {}
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def sample(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """A random batch (drawn with the global torch RNG, which each iteration seeds from its step)."""
+        from safetensors import safe_open
+
+        rows = torch.randint(len(self.index), (batch_size,)).tolist()
+        noise, latents = [], []
+        for r in rows:
+            file, row = self.index[r]
+            if file not in self._open:
+                self._open[file] = safe_open(self.files[file], "pt")
+            handle = self._open[file]
+            noise.append(handle.get_slice("noise")[row:row + 1].float())  # stored in --save_dtype
+            latents.append(handle.get_slice("latents")[row:row + 1].float())
+        return torch.cat(noise), torch.cat(latents), [self.prompts[r] for r in rows]
+
+
+def _norm(path: str) -> str:
+    return os.path.abspath(path) if os.path.exists(path) else path
+
+
+@dataclass
+class ADPModels:
+    teacher: Any  # frozen denoiser: the latent discriminator's backbone
+    generator: Any
+    heads: Any  # nn.ModuleDict {"latent": DiscriminatorHeads, "pixel": DiscriminatorHeads}
+    latent_features: Any
+    sam: Any  # frozen SamVisionModel or None
+    pixel_features: Any
+    vae: Any
+    teacher_schedule: Any
+    student_scheduler: Any
+    student_schedule: Any
+    latent_shape: tuple
+    weight_dtype: torch.dtype
+    ema: Any = None
+    optimizers: dict = field(default_factory=dict)
+    lr_schedulers: dict = field(default_factory=dict)
+    student_timesteps: torch.Tensor = field(default_factory=lambda: torch.tensor([999.0]))  # one step
+
+
+def _channels_last_to_first(output) -> torch.Tensor:
+    """SAM encoder layers return (B, H, W, C); the heads take (B, C, H, W)."""
+    from . import first_tensor
+
+    return first_tensor(output).permute(0, 3, 1, 2)
+
+
+def build_adp_models(adapter, args, accelerator, negative: dict) -> ADPModels:
+    from diffusers import DPMSolverMultistepScheduler
+    from torch import nn
+
+    from . import BackboneFeatures, DiscriminatorHeads, schedule_from_scheduler_config
+
+    device, weight_dtype = accelerator.device, weight_dtype_of(accelerator)
+    teacher = adapter.load_denoiser(weight_dtype).requires_grad_(False).eval().to(device)
+    if args.lora_rank > 0:  # the adapter on a frozen copy: the teacher's own weights stay the discriminator's
+        base = adapter.load_denoiser(weight_dtype).requires_grad_(False).eval().to(device)
+        add_lora_adapter(base, "generator", args.lora_rank, args.lora_alpha, adapter.lora_target_modules, args.seed)
+        if args.gradient_checkpointing:
+            base.enable_gradient_checkpointing()
+        generator = LoraView(base, "generator", args.gradient_checkpointing)
+    else:
+        generator = adapter.load_denoiser(torch.float32).requires_grad_(True).train().to(device)
+        if args.gradient_checkpointing:
+            generator.enable_gradient_checkpointing()
+    latent_shape = adapter.latent_shape(args.resolution)
+    latent_features = BackboneFeatures(teacher, adapter.discriminator_blocks(args.discriminator_blocks),
+                                       select=adapter.feature_selector(latent_shape))
+    with torch.no_grad():
+        x = torch.zeros((1, *latent_shape), device=device)
+        feats = latent_features(lambda: adapter.predict(teacher, x, torch.full((1,), 500.0, device=device), negative))
+    heads = nn.ModuleDict({"latent": DiscriminatorHeads([tuple(f.shape[1:]) for f in feats],
+                                                        hidden_channels=args.discriminator_head_channels)})
+    sam = pixel_features = None
+    if args.pixel_discriminator_model.lower() != "none":
+        from transformers import SamVisionModel
+
+        sam = SamVisionModel.from_pretrained(args.pixel_discriminator_model, torch_dtype=weight_dtype,
+                                             cache_dir=args.cache_dir)
+        sam.requires_grad_(False).eval().to(device)
+        n = sam.config.num_hidden_layers
+        k = min(args.pixel_discriminator_layers, n)
+        layers = [f"vision_encoder.layers.{round((i + 1) * n / k) - 1}" for i in range(k)]
+        pixel_features = BackboneFeatures(sam, layers, select=_channels_last_to_first)
+        size = sam.config.image_size
+        with torch.no_grad():
+            feats = pixel_features(lambda: sam(pixel_values=torch.zeros(1, 3, size, size, device=device,
+                                                                         dtype=weight_dtype)))
+        heads["pixel"] = DiscriminatorHeads([tuple(f.shape[1:]) for f in feats],
+                                            hidden_channels=args.discriminator_head_channels)
+    heads.to(device).train()
+    ema = None
+    if args.use_ema:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(generator.parameters(), decay=args.ema_decay, model_cls=type(generator),
+                       model_config=generator.config)
+        ema.to(device)
+    student_scheduler = DPMSolverMultistepScheduler(**STUDENT_SCHEDULER)
+    return ADPModels(teacher=teacher, generator=generator, heads=heads, latent_features=latent_features, sam=sam,
+                     pixel_features=pixel_features, vae=adapter.load_vae(device), teacher_schedule=
+                     adapter.teacher_schedule(), student_scheduler=student_scheduler,
+                     student_schedule=schedule_from_scheduler_config(student_scheduler), latent_shape=latent_shape,
+                     weight_dtype=weight_dtype, ema=ema)
+
+
+def to_sam_pixels(models: ADPModels, latents: torch.Tensor) -> torch.Tensor:
+    """Decode latents with the VAE (differentiable) and normalise for SAM: [-1, 1] -> [0, 1] -> ImageNet
+    mean/std at SAM's input size."""
+    from transformers.utils.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    vae = models.vae
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + shift).sample.float()
+    images = ((images + 1) / 2).clamp(0, 1)
+    size = models.sam.config.image_size
+    if images.shape[-1] != size:
+        images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_DEFAULT_STD, device=images.device).view(1, 3, 1, 1)
+    return (images - mean) / std
+
+
+def adp_iteration(models: ADPModels, adapter, args, accelerator, pairs: ODEPairs, encode, step: int) -> dict:
+    """One ADP iteration: one generator update, then one discriminator update on the same samples."""
+    from . import (
+        adp_discriminator_loss,
+        adp_generator_loss,
+        cubic_timesteps,
+        discriminator_diagnostics,
+        frozen_parameters,
+        interpolate_ode_pair,
+        ode_pair_velocity,
+        uniform_timesteps,
+        velocity_regression_loss,
+    )
+    from .loop import cat_conditioning, iteration_seed
+
+    torch.manual_seed(iteration_seed(args.seed, step, accelerator.process_index))
+    m, device, logs, saved = models, accelerator.device, {}, {}
+    T = m.teacher_schedule.T
+    heads_plain = accelerator.unwrap_model(m.heads)
+    pixel = m.sam is not None and args.pixel_weight > 0
+
+    def d_latent(heads, x, t, cond, grad: bool):
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            feats = m.latent_features(lambda: adapter.predict(m.teacher, x, t, cond))
+        return heads["latent"](feats)
+
+    def d_pixel(heads, pixels, grad: bool):
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            feats = m.pixel_features(lambda: m.sam(pixel_values=pixels.to(m.weight_dtype)))
+        return heads["pixel"](feats)
+
+    with accelerator.autocast():
+        # 1. Generator: velocity model on the ODE pair's straight line at a cubic (high-noise) timestep.
+        def generator_losses():
+            for _ in range(args.gradient_accumulation_steps):
+                noise, x0_real, prompts = pairs.sample(args.train_batch_size)
+                noise, x0_real = noise.to(device), x0_real.to(device)
+                cond = encode(prompts)
+                t = cubic_timesteps(noise.shape[0], T).to(device)
+                x_t = interpolate_ode_pair(noise, x0_real, t, T)
+                v = adapter.predict(m.generator, x_t, t, cond)
+                x0_fake = m.student_schedule.to_x0_noise(v, x_t, t)[0]  # x_t - (t/T) v
+                # Latent D: both x0 re-noised with the teacher's own forward process at a uniform timestep.
+                tp = uniform_timesteps(noise.shape[0], 0.0, T - 1).to(device)
+                fake_lat = m.teacher_schedule.add_noise(x0_fake, torch.randn_like(x0_fake), tp)
+                real_lat = m.teacher_schedule.add_noise(x0_real, torch.randn_like(x0_real), tp)
+                logits_lat = d_latent(heads_plain, fake_lat, tp, cond, grad=True)
+                logits_pix = None
+                if pixel:  # Pixel D: SAM on VAE-decoded images; gradient through the decoder
+                    pix_fake = to_sam_pixels(m, x0_fake)
+                    logits_pix = d_pixel(heads_plain, pix_fake, grad=True)
+                    with torch.no_grad():
+                        saved.setdefault("pix", []).append((to_sam_pixels(m, x0_real), pix_fake.detach()))
+                loss = adp_generator_loss(logits_lat, logits_pix, args.latent_weight, args.pixel_weight).mean()
+                terms = {"generator_adversarial_loss": loss}
+                if args.velocity_mse_weight > 0:
+                    mse = velocity_regression_loss(v, ode_pair_velocity(noise, x0_real)).mean()
+                    loss = loss + args.velocity_mse_weight * mse
+                    terms["velocity_mse"] = mse
+                saved.setdefault("latent", []).append((real_lat, fake_lat.detach(), tp, cond))
+                yield loss, {"loss_generator": loss, **terms}
+
+        with frozen_parameters(m.heads):  # D's gradient flows through its inputs to the generator only
+            accumulated_update(accelerator, args, m.generator, m.optimizers["generator"],
+                               m.lr_schedulers["generator"], generator_losses(), logs, "generator")
+        if m.ema is not None:
+            m.ema.step(accelerator.unwrap_model(m.generator).parameters())
+
+        # 2. Discriminators: hinge on the generator's (detached) samples vs the teacher's ODE endpoints.
+        def discriminator_losses():
+            for i in range(args.gradient_accumulation_steps):
+                real_lat, fake_lat, tp, cond = saved["latent"][i]
+                logits = d_latent(m.heads, torch.cat([real_lat, fake_lat]), torch.cat([tp, tp]),
+                                  cat_conditioning(cond, cond), grad=False)
+                lat_real, lat_fake = logits.chunk(2)
+                pix_real = pix_fake = None
+                if pixel:
+                    pix_real, pix_fake = d_pixel(m.heads, torch.cat(saved["pix"][i]), grad=False).chunk(2)
+                    logs.update({f"pixel_{k}": v for k, v in discriminator_diagnostics(pix_real, pix_fake).items()})
+                logs.update({f"latent_{k}": v for k, v in discriminator_diagnostics(lat_real, lat_fake).items()})
+                loss = adp_discriminator_loss(lat_real, lat_fake, pix_real, pix_fake, args.latent_weight,
+                                              args.pixel_weight).mean()
+                yield loss, {"loss_discriminator": loss}
+
+        accumulated_update(accelerator, args, m.heads, m.optimizers["discriminator"],
+                           m.lr_schedulers["discriminator"], discriminator_losses(), logs, "discriminator")
+    for name, scheduler in m.lr_schedulers.items():
+        logs[f"lr_{name}"] = scheduler.get_last_lr()[0]
+    return logs
+
+
+def adp_distill(adapter, args) -> None:
+    """The whole ADP run: checks, models, loop (checkpoints, validation, logs), export of a stock pipeline with the
+    flow scheduler (the ADM stage's ``--pretrained_generator_name_or_path``)."""
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    from .checkpointing import save_checkpoint
+    from .loop import export_student, validate
+
+    # 0. Before any weights: the teacher's architecture and resolution, pairs from this teacher at this size.
+    latent_shape = adapter.latent_shape(args.resolution)
+    adapter.discriminator_blocks(args.discriminator_blocks)
+    pairs = ODEPairs(args.ode_pairs_dir, args.pretrained_model_name_or_path, args.resolution, latent_shape)
+    sam = args.pixel_discriminator_model
+    if sam.lower() != "none" and not os.path.isdir(sam) and (os.path.isabs(sam) or sam.startswith(".")
+                                                               or os.path.isdir(os.path.dirname(sam))):
+        raise UsageError(f"--pixel_discriminator_model {args.pixel_discriminator_model!r} is not a folder "
+                         "(give a SAM checkpoint folder, a Hub id such as facebook/sam-vit-base, or none).")
+
+    accelerator = make_accelerator(args, "dmdx-adp")
+    set_seed(args.seed)
+    device = accelerator.device
+    weight_dtype = weight_dtype_of(accelerator)
+    adapter.load_text_encoders(device, weight_dtype)
+    models = build_adp_models(adapter, args, accelerator, adapter.negative_conditioning(device))
+    val_cond = adapter.encode_prompts(args.validation_prompts, device) if args.validation_prompts else None
+    for name, attr, lr in (("generator", "generator", args.generator_lr),
+                           ("discriminator", "heads", args.discriminator_lr)):
+        optimizer = make_optimizer(args, getattr(models, attr), lr)
+        scheduler = make_lr_scheduler(args, optimizer, 1, accelerator.num_processes)
+        module, optimizer, scheduler = accelerator.prepare(getattr(models, attr), optimizer, scheduler)
+        setattr(models, attr, module)
+        models.optimizers[name], models.lr_schedulers[name] = optimizer, scheduler
+    if models.ema is not None:
+        accelerator.register_for_checkpointing(models.ema)
+    fields = {"method": "adp", "num_student_steps": 1, "student_timesteps": [999.0],
+              "student_scheduler": type(models.student_scheduler).__name__,
+              "student_scheduler_config": dict(models.student_scheduler.config),
+              "student_prediction_type": models.student_schedule.prediction_type, "ode_pairs": pairs.manifest}
+    logger.info("ADP on %d ODE pairs (%s); pixel discriminator: %s; student: one step at t = 999 (flow velocity)",
+                len(pairs), pairs.manifest["sampler"], args.pixel_discriminator_model)
+    if accelerator.is_main_process:
+        write_training_config(args.output_dir, args, **fields)
+        accelerator.init_trackers("dmdx-adp", config=tracker_config(args))
+    step = resume(accelerator, args)
+
+    encode = lambda prompts: adapter.encode_prompts(prompts, device)
+    progress = tqdm(range(args.max_train_steps), initial=step, desc="ADP steps",
+                    disable=not accelerator.is_local_main_process)
+    samples = None
+    while step < args.max_train_steps:
+        logs = adp_iteration(models, adapter, args, accelerator, pairs, encode, step)
+        step += 1
+        progress.update(1)
+        progress.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k.startswith("loss")})
+        log_step(accelerator, args.output_dir, logs, step)
+        last = step == args.max_train_steps
+        if step % args.checkpointing_steps == 0 or last:
+            save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit)
+        if args.validation_prompts and (step % args.validation_steps == 0 or last) and accelerator.is_main_process:
+            samples = validate(models, adapter, args, accelerator, step, val_cond, models.vae) or samples
+    progress.close()
+
+    accelerator.wait_for_everyone()
+    generator = accelerator.unwrap_model(models.generator)
+    if models.ema is not None:
+        models.ema.copy_to(generator.parameters())
+    checksums = rank_checksums(accelerator, models.generator)
+    state = accelerator.get_state_dict(models.generator) if not isinstance(generator, LoraView) else None
+    if accelerator.is_main_process:
+        details = {"resolution": args.resolution, "generator updates": args.max_train_steps,
+                   "batch size per device": args.train_batch_size, "latent / pixel weights":
+                   f"{args.latent_weight} / {args.pixel_weight}", "velocity MSE weight": args.velocity_mse_weight}
+        export_student(adapter, args, models, generator, state, method="adp", generator_path=None, samples=samples,
+                       schedule_fields=fields, training_details=details, generator_checksum_per_rank=checksums)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()

@@ -1,0 +1,213 @@
+"""The flags every distillation script shares, in diffusers' vocabulary (DESIGN.md §4.4), and their checks.
+
+Entry scripts call :func:`distillation_parser` / :func:`adp_parser`, add their architecture's own flags, set their
+recipe defaults with ``parser.set_defaults`` and call :func:`finish_distillation_args` (or :func:`finish_common_args`).
+Every check here reads only the flags: a bad value stops with argparse's exit status 2 and a message naming the
+flag, before anything loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+LR_SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
+
+
+def common_parser(description: str) -> argparse.ArgumentParser:
+    """Model, data, optimisation, logging, checkpoint and export flags of every training script."""
+    p = argparse.ArgumentParser(description=description)
+    g = p.add_argument_group("model and data")
+    g.add_argument("--pretrained_model_name_or_path", required=True, help="The teacher (Hub id or local folder).")
+    g.add_argument("--revision", default=None)
+    g.add_argument("--variant", default=None, help="Weights variant of the teacher, e.g. fp16.")
+    g.add_argument("--prompts_file", default=None, help="Training prompts: a text file, one per line.")
+    g.add_argument("--dataset_name", default=None,
+                   help="Or a datasets name, or a local .json/.jsonl/.csv/.parquet file, whose --caption_column holds "
+                        "the prompts (distillation is data-free: only prompts are used).")
+    g.add_argument("--dataset_config_name", default=None)
+    g.add_argument("--dataset_split", default="train")
+    g.add_argument("--caption_column", default="text")
+    g.add_argument("--max_train_prompts", type=int, default=None, help="Use only the first N prompts.")
+    g.add_argument("--output_dir", default="dmdx-student")
+    g.add_argument("--cache_dir", default=None)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--resolution", type=int, default=1024, help="Training (and student) image size in pixels.")
+    g.add_argument("--precompute_text_embeddings", action="store_true",
+                   help="Encode all prompts once, then free the text encoders for the rest of training.")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--train_batch_size", type=int, default=1, help="Per device.")
+    g.add_argument("--max_train_steps", type=int, default=1000, help="Generator updates.")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1,
+                   help="Micro-batches accumulated into every update (of each network).")
+    g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--generator_lr", type=float, default=1e-5)
+    g.add_argument("--lr_scheduler", default="constant", choices=LR_SCHEDULERS)
+    g.add_argument("--lr_warmup_steps", type=int, default=0)
+    g.add_argument("--adam_beta1", type=float, default=0.9)
+    g.add_argument("--adam_beta2", type=float, default=0.999)
+    g.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    g.add_argument("--adam_epsilon", type=float, default=1e-8)
+    g.add_argument("--max_grad_norm", type=float, default=10.0)
+    g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit (must be installed).")
+    g.add_argument("--allow_tf32", action="store_true")
+    g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
+                   help="Frozen models are kept in this dtype; trainable ones in fp32 master weights under autocast.")
+    g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true")
+    g.add_argument("--use_ema", action="store_true", help="Keep an EMA of the generator (full fine-tuning only; "
+                   "validated and exported when set).")
+    g.add_argument("--ema_decay", type=float, default=0.999)
+    g.add_argument("--lora_rank", type=int, default=0, help="Generator LoRA rank; 0 = full fine-tuning.")
+    g.add_argument("--lora_alpha", type=int, default=None, help="Defaults to the rank.")
+    g.add_argument("--discriminator_lr", type=float, default=1e-5)
+    g.add_argument("--discriminator_blocks", default=None,
+                   help="Denoiser blocks feeding the discriminator heads (the teacher adapter's default if unset).")
+    g.add_argument("--discriminator_head_channels", type=int, default=256)
+
+    g = p.add_argument_group("logging, checkpoints, validation, export")
+    g.add_argument("--report_to", default="none", choices=["none", "tensorboard", "wandb", "all"])
+    g.add_argument("--logging_dir", default="logs")
+    g.add_argument("--checkpointing_steps", type=int, default=500)
+    g.add_argument("--checkpoints_total_limit", type=int, default=None)
+    g.add_argument("--resume_from_checkpoint", default=None, help='A checkpoint folder or "latest".')
+    g.add_argument("--validation_prompts", nargs="+", default=None)
+    g.add_argument("--validation_steps", type=int, default=500)
+    g.add_argument("--push_to_hub", action="store_true")
+    g.add_argument("--hub_model_id", default=None)
+    g.add_argument("--hub_token", default=None)
+    g.add_argument("--hub_private_repo", action="store_true")
+    return p
+
+
+def distillation_parser(description: str) -> argparse.ArgumentParser:
+    """:func:`common_parser` plus the ADM / DMD2 flags (the method's own names)."""
+    p = common_parser(description)
+    g = p.add_argument_group("ADM / DMD2")
+    g.add_argument("--pretrained_generator_name_or_path", default=None,
+                   help="Generator initialisation: a pipeline folder of the same architecture (e.g. an ADP output: "
+                        "DMDX) whose scheduler the student keeps; by default the teacher.")
+    g.add_argument("--distribution_loss", default="adm", choices=["adm", "dmd"],
+                   help="adm: the paper's adversarial loss on one-step PF-ODE predictions; dmd: DMD2's baseline.")
+    g.add_argument("--num_student_steps", type=int, default=1)
+    g.add_argument("--guidance_scale", type=float, default=7.0, help="Teacher CFG of the real score.")
+    g.add_argument("--ode_step_dt", type=float, default=1 / 64, help="ADM's PF-ODE step, a fraction of T.")
+    g.add_argument("--min_timestep_percent", type=float, default=0.02)
+    g.add_argument("--max_timestep_percent", type=float, default=0.98)
+    g.add_argument("--timestep_sampling", default="uniform", choices=["uniform", "shifted"],
+                   help="Noise levels of ADM / the fake score: uniform in t, or (flow teachers) uniform in sigma then "
+                        "mapped through the teacher's shift, as it was trained.")
+    g.add_argument("--fake_score_update_ratio", type=int, default=None,
+                   help="Fake-score updates per generator update (default 1 for adm, 5 for dmd).")
+    g.add_argument("--fake_score_lr", type=float, default=None, help="Defaults to --generator_lr.")
+    g.add_argument("--fake_score_lora_rank", type=int, default=None,
+                   help="Fake-score LoRA rank; 0 = full copy. Default: --lora_rank.")
+    g.add_argument("--discriminator_update_ratio", type=int, default=1,
+                   help="Discriminator updates per generator update. The first reuses the generator step's "
+                        "predictions; each further one draws a fresh batch.")
+    g.add_argument("--discriminator_warmup_steps", type=int, default=0,
+                   help="The first N iterations train only the fake score and D; the generator waits.")
+    g.add_argument("--diagnostics_steps", type=int, default=25,
+                   help="Every N steps also log how far the generator's outputs move in one update and, for adm, "
+                        "how ADM's generator gradient relates to DMD's (0 = never; costs one generator forward).")
+    return p
+
+
+def finish_common_args(parser: argparse.ArgumentParser, args, needs_prompts: bool = True):
+    """Checks of the flags every script has."""
+    if args.lora_alpha is None:
+        args.lora_alpha = args.lora_rank
+    if needs_prompts and (args.prompts_file is None) == (args.dataset_name is None):
+        parser.error("give exactly one of --prompts_file or --dataset_name (the training prompts).")
+    for name in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "checkpointing_steps",
+                 "validation_steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}.")
+    for name in ("lora_rank", "lr_warmup_steps"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name} must be >= 0 (LoRA rank 0 = full fine-tuning), got {getattr(args, name)}.")
+    for name in ("generator_lr", "discriminator_lr"):
+        if not getattr(args, name) > 0:
+            parser.error(f"--{name} must be > 0, got {getattr(args, name)} (0 would ship the starting weights).")
+    if args.max_grad_norm <= 0:
+        parser.error(f"--max_grad_norm must be > 0, got {args.max_grad_norm}.")
+    if not 0 < args.ema_decay < 1:
+        parser.error(f"--ema_decay must be in (0, 1), got {args.ema_decay}.")
+    if args.use_ema and args.lora_rank > 0:
+        parser.error("--use_ema is for full fine-tuning (--lora_rank 0); it is not supported with a LoRA generator.")
+    if args.push_to_hub and not args.hub_model_id:
+        parser.error("--push_to_hub needs --hub_model_id.")
+    if args.prompts_file and not os.path.isfile(args.prompts_file):
+        parser.error(f"--prompts_file {args.prompts_file!r} does not exist.")
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            parser.error("--use_8bit_adam needs bitsandbytes: `pip install bitsandbytes`.")
+    return args
+
+
+def finish_distillation_args(parser: argparse.ArgumentParser, args):
+    """Defaults that depend on other flags, then every check of the ADM / DMD2 flags."""
+    if args.fake_score_update_ratio is None:
+        args.fake_score_update_ratio = 5 if args.distribution_loss == "dmd" else 1
+    if args.fake_score_lr is None:
+        args.fake_score_lr = args.generator_lr
+    if args.fake_score_lora_rank is None:
+        args.fake_score_lora_rank = args.lora_rank
+    finish_common_args(parser, args)
+    for name in ("num_student_steps", "fake_score_update_ratio", "discriminator_update_ratio"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}.")
+    for name in ("fake_score_lora_rank", "discriminator_warmup_steps", "diagnostics_steps"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name} must be >= 0, got {getattr(args, name)}.")
+    if not args.fake_score_lr > 0:
+        parser.error(f"--fake_score_lr must be > 0, got {args.fake_score_lr}.")
+    if not 0 <= args.min_timestep_percent < args.max_timestep_percent <= 1:
+        parser.error("need 0 <= --min_timestep_percent < --max_timestep_percent <= 1.")
+    if args.distribution_loss == "adm":
+        if not 0 < args.ode_step_dt < 1:
+            parser.error(f"--ode_step_dt must be in (0, 1) (a fraction of T), got {args.ode_step_dt}.")
+        if args.min_timestep_percent < args.ode_step_dt:
+            parser.error(f"--min_timestep_percent ({args.min_timestep_percent}) must be >= --ode_step_dt "
+                         f"({args.ode_step_dt}) so that s = t - dt stays >= 0.")
+        if args.discriminator_warmup_steps >= args.max_train_steps:
+            parser.error(f"--discriminator_warmup_steps ({args.discriminator_warmup_steps}) must be below "
+                         f"--max_train_steps ({args.max_train_steps}): otherwise the generator never trains.")
+    return args
+
+
+def load_prompts(args) -> list[str]:
+    """Prompts from ``--prompts_file`` (one per line) or a datasets dataset's ``--caption_column``."""
+    from dmdx.training.errors import UsageError
+
+    if args.prompts_file:
+        if not os.path.isfile(args.prompts_file):
+            raise UsageError(f"--prompts_file {args.prompts_file!r} does not exist.")
+        with open(args.prompts_file, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f if line.strip()]
+        source = f"--prompts_file {args.prompts_file!r}"
+    else:
+        from datasets import load_dataset
+
+        name, ext = args.dataset_name, os.path.splitext(args.dataset_name)[1].lstrip(".")
+        try:
+            if os.path.isfile(name) and ext in ("json", "jsonl", "csv", "parquet"):
+                dataset = load_dataset({"jsonl": "json"}.get(ext, ext), data_files=name, split="train",
+                                       cache_dir=args.cache_dir)
+            else:
+                dataset = load_dataset(name, args.dataset_config_name, split=args.dataset_split,
+                                       cache_dir=args.cache_dir)
+        except Exception as e:  # noqa: BLE001 - a missing/unreadable data set, named with its flag
+            raise UsageError(f"--dataset_name {name!r} could not be loaded: {e}") from e
+        if args.caption_column not in dataset.column_names:
+            raise UsageError(f"--caption_column {args.caption_column!r} not in {name} columns "
+                             f"{dataset.column_names}.")
+        prompts = [str(c).strip() for c in dataset[args.caption_column] if c is not None and str(c).strip()]
+        source = f"--dataset_name {name}[{args.caption_column}]"
+    if getattr(args, "max_train_prompts", None):
+        prompts = prompts[: args.max_train_prompts]
+    if not prompts:
+        raise UsageError(f"No prompts in {source}: it is empty.")
+    return prompts

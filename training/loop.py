@@ -1,0 +1,589 @@
+"""The one ADM / DMD2 distillation loop, used by every teacher through its adapter (``dmdx.pipelines.teachers``).
+
+One iteration = one generator update (paper_spec §2, §5, §12):
+  1. fake score: ordinary denoising loss on detached generator samples, ``--fake_score_update_ratio`` updates;
+  2. generator: x0 = G(x_k, t_k) at one of the student's own timesteps (its input by backward simulation of its
+     earlier steps, as DMD2 does); x_t = add_noise(x0, eps, t); one PF-ODE step t -> s = t - dt from the same x_t
+     with the teacher (with CFG) and with the fake score (parameters frozen, gradient through its input):
+     x_real, x_fake; loss = -D(x_fake, s). ``--distribution_loss dmd``: DMD2's loss on the two x0 predictions;
+  3. discriminator D = the frozen teacher (the same object as the real score) + trainable heads on chosen blocks:
+     hinge loss, real = x_real, fake = x_fake (``--discriminator_update_ratio`` updates).
+Choices where the paper is silent are documented in the README ("Choices") and marked "Choice:" here.
+
+What is random in an iteration is drawn after seeding torch with (seed, step, rank): a resumed run draws exactly
+what the uninterrupted run drew, whatever the RNG state, and every rank draws differently.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .cli import load_prompts
+from .errors import UsageError
+from .lora import LoraView, add_lora_adapter, fused_copy
+from .plumbing import (
+    TRAINING_CONFIG_NAME,
+    accumulated_update,
+    ema_weights,
+    log_step,
+    make_accelerator,
+    make_lr_scheduler,
+    make_optimizer,
+    rank_checksums,
+    resume,
+    save_validation,
+    tracker_config,
+    weight_dtype_of,
+    write_training_config,
+)
+
+logger = logging.getLogger("dmdx")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Conditioning: a dict of batch-first tensors (keys chosen by the adapter)
+# ----------------------------------------------------------------------------------------------------------------
+def cat_conditioning(a: dict, b: dict) -> dict:
+    return {k: torch.cat([a[k], b[k]]) for k in a}
+
+
+def select_conditioning(cond: dict, idx: torch.Tensor, device) -> dict:
+    return {k: v[idx].to(device) for k, v in cond.items()}
+
+
+class PromptSource:
+    """Training prompts as conditioning: every prompt encoded once and kept on the CPU (``precompute``), or encoded
+    batch by batch; the empty prompt's conditioning (CFG's unconditional half) either way."""
+
+    def __init__(self, adapter, prompts: list[str], device, precompute: bool):
+        self.adapter, self.prompts, self.device = adapter, prompts, device
+        self.negative = adapter.negative_conditioning(device)
+        self.embeds = ({k: v.cpu() for k, v in adapter.encode_prompts(prompts, device).items()}
+                       if precompute else None)
+
+    @property
+    def count(self) -> int:
+        return len(self.prompts)
+
+    def batch(self, idx: torch.Tensor) -> tuple[dict, dict]:
+        if self.embeds is not None:
+            cond = select_conditioning(self.embeds, idx, self.device)
+        else:
+            cond = self.adapter.encode_prompts([self.prompts[i] for i in idx.tolist()], self.device)
+        n = idx.shape[0]
+        return cond, {k: v.expand(n, *v.shape[1:]) for k, v in self.negative.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class DistillationModels:
+    """The roles of one run. ``teacher`` is the frozen real score and the discriminator's backbone; when LoRA roles
+    share its weights it is a :class:`LoraView` with every adapter off and ``teacher_base`` the module itself."""
+
+    teacher: Any
+    teacher_base: Any
+    generator: Any
+    fake_score: Any
+    discriminator_heads: Any  # None for dmd
+    features: Any  # BackboneFeatures on teacher_base (None for dmd)
+    teacher_schedule: Any
+    student_schedule: Any
+    student_scheduler: Any
+    student_timesteps: torch.Tensor
+    renoise: str
+    latent_shape: tuple
+    weight_dtype: torch.dtype
+    ema: Any = None
+    optimizers: dict = field(default_factory=dict)
+    lr_schedulers: dict = field(default_factory=dict)
+
+
+def build_models(adapter, args, accelerator, generator_path: str | None) -> DistillationModels:
+    """Teacher (frozen, mixed-precision dtype), generator and fake score (full fp32 copies, or LoRA adapters; LoRA
+    adapters on the teacher's own weights share that one module), EMA, the student's scheduler and schedule."""
+    from . import renoise_mode, schedule_from_scheduler_config, student_timesteps
+
+    device, weight_dtype = accelerator.device, weight_dtype_of(accelerator)
+    sharded = accelerator.distributed_type.name == "FSDP"  # prepare() shards and moves full models itself
+    teacher = adapter.load_denoiser(weight_dtype).requires_grad_(False).eval().to(device)
+    bases = {}  # LoRA bases: the teacher for roles that start from it, a frozen copy of another generator otherwise
+
+    def trainable(role: str, rank: int, alpha: int, path: str | None, seed_offset: int):
+        if rank > 0:
+            base = teacher if path is None else bases.get(path)
+            if base is None:
+                base = bases[path] = adapter.load_denoiser(weight_dtype, path=path).requires_grad_(False).eval()
+                base.to(device)
+            add_lora_adapter(base, role, rank, alpha, adapter.lora_target_modules, args.seed + seed_offset)
+            if args.gradient_checkpointing:
+                base.enable_gradient_checkpointing()
+            return base
+        model = adapter.load_denoiser(torch.float32, path=path).requires_grad_(True).train()
+        if not sharded:
+            model.to(device)
+        if args.gradient_checkpointing:
+            model.enable_gradient_checkpointing()
+        return model
+
+    generator = trainable("generator", args.lora_rank, args.lora_alpha, generator_path, 0)
+    fake_score = trainable("fake_score", args.fake_score_lora_rank, args.fake_score_lora_rank, None, 1)
+    # views after every adapter exists (peft's add_adapter re-freezes the adapters added before)
+    if args.lora_rank > 0:
+        generator = LoraView(generator, "generator", args.gradient_checkpointing)
+    if args.fake_score_lora_rank > 0:
+        fake_score = LoraView(fake_score, "fake_score", args.gradient_checkpointing)
+    for view in (generator, fake_score):
+        if isinstance(view, LoraView):
+            view.adapter.requires_grad_(True)
+    shared = any(isinstance(v, LoraView) and v.base is teacher for v in (generator, fake_score))
+    if args.enable_xformers_memory_efficient_attention:
+        if not torch.cuda.is_available():
+            raise UsageError("--enable_xformers_memory_efficient_attention needs xformers and a CUDA device.")
+        for module in {id(m): m for m in (teacher, generator, fake_score, *bases.values())
+                       if not isinstance(m, LoraView)}.values():
+            module.enable_xformers_memory_efficient_attention()
+
+    ema = None
+    if args.use_ema:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(generator.parameters(), decay=args.ema_decay, model_cls=type(generator),
+                       model_config=generator.config)
+        ema.to(device)
+
+    # The student's schedule: one source of truth, the scheduler it ships with (DESIGN.md §4.5).
+    scheduler = adapter.student_scheduler(args.num_student_steps, generator_path)
+    teacher_schedule = adapter.teacher_schedule()
+    if getattr(args, "timestep_sampling", "uniform") == "shifted" and teacher_schedule.kind != "flow":
+        raise UsageError("--timestep_sampling shifted needs a flow (rectified-flow) teacher; this one is "
+                         f"{teacher_schedule.kind}.")
+    return DistillationModels(
+        teacher=LoraView(teacher, None) if shared else teacher, teacher_base=teacher, generator=generator,
+        fake_score=fake_score, discriminator_heads=None, features=None, teacher_schedule=teacher_schedule,
+        student_schedule=schedule_from_scheduler_config(scheduler), student_scheduler=scheduler,
+        student_timesteps=student_timesteps(scheduler, args.num_student_steps), renoise=renoise_mode(scheduler),
+        latent_shape=adapter.latent_shape(args.resolution), weight_dtype=weight_dtype, ema=ema)
+
+
+def build_discriminator(adapter, args, models: DistillationModels, negative: dict, device) -> None:
+    """D's heads on the teacher's chosen blocks; their shapes from one dry run of the teacher."""
+    from . import BackboneFeatures, DiscriminatorHeads
+
+    blocks = adapter.discriminator_blocks(args.discriminator_blocks)
+    models.features = BackboneFeatures(models.teacher_base, blocks,
+                                       select=adapter.feature_selector(models.latent_shape))
+    x = torch.zeros((1, *models.latent_shape), device=device)
+    t = torch.full((1,), models.teacher_schedule.T / 2, device=device)
+    with torch.no_grad():
+        feats = models.features(lambda: adapter.predict(models.teacher, x, t, negative))
+    models.discriminator_heads = DiscriminatorHeads([tuple(f.shape[1:]) for f in feats],
+                                                    hidden_channels=args.discriminator_head_channels).to(device)
+    models.discriminator_heads.train()
+
+
+def prepare_models(args, accelerator, models: DistillationModels) -> None:
+    """Optimizers and LR schedules per trainable network; accelerate.prepare network by network (the checkpoint
+    holds them as model.safetensors = generator, model_1 = fake score, model_2 = discriminator heads)."""
+    specs = [("generator", "generator", args.generator_lr, 1),
+             ("fake_score", "fake_score", args.fake_score_lr, args.fake_score_update_ratio)]
+    if models.discriminator_heads is not None:
+        specs.append(("discriminator", "discriminator_heads", args.discriminator_lr, args.discriminator_update_ratio))
+    for name, attr, lr, ratio in specs:
+        module = getattr(models, attr)
+        optimizer = make_optimizer(args, module, lr)
+        scheduler = make_lr_scheduler(args, optimizer, ratio, accelerator.num_processes)
+        module, optimizer, scheduler = accelerator.prepare(module, optimizer, scheduler)
+        setattr(models, attr, module)
+        models.optimizers[name], models.lr_schedulers[name] = optimizer, scheduler
+    if models.ema is not None:
+        accelerator.register_for_checkpointing(models.ema)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One iteration
+# ----------------------------------------------------------------------------------------------------------------
+def iteration_seed(seed: int, step: int, rank: int) -> int:
+    return (seed * 1_000_003 + step * 7919 + rank * 131) % (2**63 - 1)
+
+
+def train_iteration(models: DistillationModels, adapter, args, accelerator, prompt_source: PromptSource,
+                    step: int) -> dict[str, float]:
+    """One ADM (or DMD2) iteration = one generator update; returns every loss term and diagnostic (floats)."""
+    from . import (
+        adm_latent_predictions,
+        adm_noise_levels,
+        apply_cfg,
+        backward_simulate,
+        dmd_loss,
+        fake_score_denoising_loss,
+        frozen_parameters,
+        generator_adversarial_loss,
+        hinge_discriminator_loss,
+    )
+    from .checkpointing import check_finite
+    from .diagnostics import band_discriminator_diagnostics, batch_coherence, output_shift, prediction_gap
+
+    torch.manual_seed(iteration_seed(args.seed, step, accelerator.process_index))
+    m, device, logs = models, accelerator.device, {}
+    adm = args.distribution_loss == "adm"
+    k_micro, batch = args.gradient_accumulation_steps, args.train_batch_size
+    train_generator = step >= args.discriminator_warmup_steps
+    diagnose = bool(args.diagnostics_steps) and train_generator and step % args.diagnostics_steps == 0
+    T = m.teacher_schedule.T
+    shift = m.teacher_schedule.shift if args.timestep_sampling == "shifted" else None
+    ts = m.student_timesteps.to(device)
+    # A pass with a network's parameters frozen (gradient only through its input) uses the unwrapped module so
+    # DDP's reducer is not armed; FSDP2 shards in place, the object itself works.
+    plain = (lambda mod: mod) if accelerator.distributed_type.name == "FSDP" else accelerator.unwrap_model
+    generator_plain, fake_frozen = plain(m.generator), plain(m.fake_score)
+    heads_frozen = plain(m.discriminator_heads) if adm else None
+
+    def gen_x0(model, x, t, cond):  # the student's parametrisation: its shipped scheduler's
+        return m.student_schedule.to_x0_noise(adapter.predict(model, x, t, cond), x, t)[0]
+
+    def real_x0(x, t, cond, uncond):  # the teacher with CFG: the real score (never needs gradients)
+        with torch.no_grad():
+            out = adapter.predict(m.teacher, torch.cat([x, x]), torch.cat([t, t]), cat_conditioning(cond, uncond))
+            out_cond, out_uncond = out.chunk(2)
+            return m.teacher_schedule.to_x0_noise(apply_cfg(out_cond, out_uncond, args.guidance_scale), x, t)[0]
+
+    def fake_x0(model, x, t, cond):  # Choice: the fake score without CFG (DMD2's convention)
+        return m.teacher_schedule.to_x0_noise(adapter.predict(model, x, t, cond), x, t)[0]
+
+    def discriminate(heads, x, s, cond, backbone_grad: bool):  # D(x, s) = heads(teacher block features at (x, s))
+        with torch.set_grad_enabled(backbone_grad and torch.is_grad_enabled()):
+            feats = m.features(lambda: adapter.predict(m.teacher, x, s, cond))
+        return heads(feats).float()
+
+    def draw():
+        """A micro-batch: prompts, the student's input at a random step k of its schedule (backward simulation of
+        its first k steps without gradients) and the noise levels t, s."""
+        cond, uncond = prompt_source.batch(torch.randint(prompt_source.count, (batch,)))
+        z = torch.randn((batch, *m.latent_shape), device=device)
+        k = int(torch.randint(len(ts), ())) if len(ts) > 1 else 0
+        x_k = backward_simulate(lambda x, t: gen_x0(generator_plain, x, t, cond), z, ts, k, m.student_schedule,
+                                m.renoise) if k else z
+        t = adm_noise_levels(torch.rand(batch, device=device), args.min_timestep_percent,
+                             args.max_timestep_percent, T, shift)
+        s = (t - args.ode_step_dt * T).clamp_min(0)  # Choice: dt applied after any shift
+        return {"cond": cond, "uncond": uncond, "x_k": x_k, "t_k": ts[k].expand(batch), "k": k, "t": t, "s": s}
+
+    def ode_predictions(b, x0, x_t, fake_model):
+        """x_real, x_fake: one PF-ODE step t -> s from the same x_t with the teacher (CFG) and the fake score."""
+        cache = {}
+        real = lambda x, tt: cache.setdefault("real", real_x0(x.detach(), tt, b["cond"], b["uncond"]))
+        fake = lambda x, tt: cache.setdefault("fake", fake_x0(fake_model, x, tt, b["cond"]))
+        x_real, x_fake = adm_latent_predictions(x_t, b["t"], b["s"], real, fake, m.teacher_schedule)
+        return x_real, x_fake, cache
+
+    with accelerator.autocast():
+        # 1. Fake score: denoising loss on detached generator samples (each update draws its own batch).
+        def fake_losses():
+            for _ in range(k_micro):
+                b = draw()
+                with torch.no_grad():
+                    x0 = gen_x0(generator_plain, b["x_k"], b["t_k"], b["cond"])
+                eps = torch.randn_like(x0)
+                x_t = m.teacher_schedule.add_noise(x0, eps, b["t"])
+                out = adapter.predict(m.fake_score, x_t, b["t"], b["cond"])
+                loss = fake_score_denoising_loss(out, x0, eps, b["t"], m.teacher_schedule).mean()
+                yield loss, {"loss_fake_score": loss}
+
+        for _ in range(args.fake_score_update_ratio):
+            accumulated_update(accelerator, args, m.fake_score, m.optimizers["fake_score"],
+                               m.lr_schedulers["fake_score"], fake_losses(), logs, "fake_score",
+                               1 / args.fake_score_update_ratio)
+
+        # 2. Generator. The detached predictions of each micro-batch are kept for D's first update (step 3).
+        saved, probe = [], {}
+
+        def generator_losses():
+            for i in range(k_micro):
+                b = draw()
+                with torch.set_grad_enabled(train_generator):
+                    x0 = gen_x0(m.generator, b["x_k"], b["t_k"], b["cond"])
+                eps = torch.randn_like(x0)
+                logs["student_step_index"] = logs.get("student_step_index", 0.0) + b["k"] / k_micro
+                if diagnose and i == 0 and x0.requires_grad:  # the generator's output gradient, per sample
+                    probe.update(x_k=b["x_k"], t_k=b["t_k"], cond=b["cond"], x0=x0.detach())
+                    x0.register_hook(lambda g: probe.__setitem__("grad", g.detach().float()))
+                if not adm:  # DMD2: x_t from sg(x0), gradient only through x0 in the loss
+                    x_t = m.teacher_schedule.add_noise(x0.detach(), eps, b["t"])
+                    with torch.no_grad():
+                        x0_real, x0_fake = real_x0(x_t, b["t"], b["cond"], b["uncond"]), fake_x0(
+                            fake_frozen, x_t, b["t"], b["cond"])
+                    loss = dmd_loss(x0, x0_real, x0_fake).mean()
+                    yield loss, {"loss_generator": loss}
+                    continue
+                x_t = m.teacher_schedule.add_noise(x0, eps, b["t"])  # gradient flows to G through x_t
+                x_real, x_fake, cache = ode_predictions(b, x0, x_t, fake_frozen)
+                logits_fake = discriminate(heads_frozen, x_fake, b["s"], b["cond"], backbone_grad=True)
+                loss = generator_adversarial_loss(logits_fake).mean()
+                saved.append({**b, "x_real": x_real.detach(), "x_fake": x_fake.detach()})
+                with torch.no_grad():  # recorded, not optimised (the paper's Fig. 3): the DMD loss of these samples
+                    recorded = dmd_loss(x0.detach(), cache["real"], cache["fake"].detach()).mean()
+                    if i == 0:
+                        probe.update(x0_real=cache["real"], x0_fake=cache["fake"].detach())
+                        logs.update(prediction_gap(x_real.detach(), x_fake.detach(), x0.detach()))
+                yield loss, {"loss_generator": loss, "dmd_loss_recorded": recorded}
+
+        with frozen_parameters(fake_frozen, heads_frozen):  # gradient flows through their inputs to G only
+            if train_generator:
+                accumulated_update(accelerator, args, m.generator, m.optimizers["generator"],
+                                   m.lr_schedulers["generator"], generator_losses(), logs, "generator")
+                if m.ema is not None:
+                    m.ema.step(accelerator.unwrap_model(m.generator).parameters())
+            else:  # D warm-up: the same predictions for D, no generator update
+                with torch.no_grad():
+                    for _, terms in generator_losses():
+                        check_finite(terms, accelerator)
+                        for key, value in terms.items():
+                            logs[key] = logs.get(key, 0.0) + value.float().item() / k_micro
+        if diagnose and "grad" in probe:
+            logs.update(generator_diagnostics(probe, lambda: gen_x0(generator_plain, probe["x_k"], probe["t_k"],
+                                                                    probe["cond"]), batch_coherence, output_shift))
+
+        # 3. Discriminator heads: hinge loss on x_real (teacher step) vs x_fake (fake-score step); the backbone runs
+        #    without autograd. The first update reuses step 2's predictions; further updates draw fresh ones.
+        if adm:
+            diag = []
+
+            def pair_logits(b):  # real and fake batched through the backbone, which needs no autograd here
+                x, s = torch.cat([b["x_real"], b["x_fake"]]), torch.cat([b["s"], b["s"]])
+                cond = cat_conditioning(b["cond"], b["cond"])
+                with torch.no_grad():
+                    feats = m.features(lambda: adapter.predict(m.teacher, x, s, cond))
+                return m.discriminator_heads(feats).float().chunk(2)
+
+            def discriminator_losses(fresh: bool):
+                for i in range(k_micro):
+                    if fresh:
+                        b = draw()
+                        with torch.no_grad():
+                            x0 = gen_x0(generator_plain, b["x_k"], b["t_k"], b["cond"])
+                            x_t = m.teacher_schedule.add_noise(x0, torch.randn_like(x0), b["t"])
+                            b["x_real"], b["x_fake"], _ = ode_predictions(b, x0, x_t, fake_frozen)
+                    else:
+                        b = saved[i]
+                    logits_real, logits_fake = pair_logits(b)
+                    loss = hinge_discriminator_loss(logits_real, logits_fake).mean()
+                    diag.append((logits_real.detach(), logits_fake.detach(), b["t"]))
+                    yield loss, {"loss_discriminator": loss}
+
+            for r in range(args.discriminator_update_ratio):
+                diag.clear()
+                accumulated_update(accelerator, args, m.discriminator_heads, m.optimizers["discriminator"],
+                                   m.lr_schedulers["discriminator"], discriminator_losses(fresh=r > 0), logs,
+                                   "discriminator", 1 / args.discriminator_update_ratio)
+            logits_real, logits_fake, t = (torch.cat(x) for x in zip(*diag))
+            # D's accuracy and logit gap per noise band: at dt = T/64 its signal may sit at low noise only
+            band = band_discriminator_diagnostics(logits_real, logits_fake, t, T)
+            logs.update({k: v for k, v in band.items() if v == v})  # a band no sample fell in is left out
+            logs["logits_real"], logs["logits_fake"] = logits_real.mean().item(), logits_fake.mean().item()
+
+    for name, scheduler in m.lr_schedulers.items():
+        logs[f"lr_{name}"] = scheduler.get_last_lr()[0]
+    logs["generator_frozen"] = float(not train_generator)
+    return logs
+
+
+@torch.no_grad()
+def generator_diagnostics(probe: dict, regenerate, batch_coherence, output_shift) -> dict[str, float]:
+    """How coherent the generator's per-sample output gradients are across the batch (ADM's move as one common
+    translation, DESIGN.md §2), how they relate to DMD's on the same samples (ADM only), and how far the outputs
+    moved in this update (the same inputs, before and after)."""
+    from . import dmd_loss
+
+    out = {"grad_coherence": batch_coherence(probe["grad"])}
+    out.update(output_shift(probe["x0"], regenerate()))
+    if "x0_real" in probe:
+        x0 = probe["x0"].float().clone().requires_grad_(True)
+        with torch.enable_grad():
+            dmd_grad, = torch.autograd.grad(dmd_loss(x0, probe["x0_real"].float(), probe["x0_fake"].float()).sum(), x0)
+        a, b = probe["grad"].flatten(1), dmd_grad.flatten(1)
+        out["grad_cosine_adm_dmd"] = torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
+        out["grad_cosine_adm_dmd_per_sample"] = torch.nn.functional.cosine_similarity(a, b, dim=1).mean().item()
+        out["dmd_grad_coherence"] = batch_coherence(dmd_grad)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------------------------
+def method_name(args) -> str:
+    if args.distribution_loss == "dmd":
+        return "dmd"
+    return "dmdx" if args.pretrained_generator_name_or_path else "adm"
+
+
+def distill(adapter, args, tracker_project: str) -> None:
+    """The whole run: checks, models, the loop with checkpoints / validation / logs, then the export of a stock
+    pipeline with the student's scheduler, its model card and (optionally) the upload."""
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    from .checkpointing import save_checkpoint
+
+    # 0. Everything that can be checked from flags and configs, before any weights load.
+    generator_path = args.pretrained_generator_name_or_path
+    if generator_path:
+        type(adapter)(generator_path, what="--pretrained_generator_name_or_path", **adapter_kwargs(adapter))
+    if args.distribution_loss == "adm":
+        adapter.discriminator_blocks(args.discriminator_blocks)
+    adapter.latent_shape(args.resolution)
+    prompts = load_prompts(args)
+
+    accelerator = make_accelerator(args, tracker_project)
+    set_seed(args.seed)
+    device = accelerator.device
+
+    # 1. Models, conditioning, D, optimizers.
+    models = build_models(adapter, args, accelerator, generator_path)
+    adapter.load_text_encoders(device, models.weight_dtype, denoiser=models.teacher_base)
+    source = PromptSource(adapter, prompts, device, args.precompute_text_embeddings)
+    val_cond = adapter.encode_prompts(args.validation_prompts, device) if args.validation_prompts else None
+    if args.precompute_text_embeddings:
+        adapter.free_text_encoders()
+    if args.distribution_loss == "adm":
+        build_discriminator(adapter, args, models, source.negative, device)
+    vae = adapter.load_vae(device) if args.validation_prompts else None
+    prepare_models(args, accelerator, models)
+    method = method_name(args)
+    schedule_fields = student_schedule_fields(models, method)
+    logger.info("%s distillation: %d prompts, batch %d x %d processes, %d steps; student %s %s, timesteps %s; "
+                "generator %s, fake score %s; %s", args.distribution_loss.upper(), len(prompts),
+                args.train_batch_size, accelerator.num_processes, args.max_train_steps,
+                schedule_fields["student_scheduler"], schedule_fields["student_prediction_type"],
+                schedule_fields["student_timesteps"], _kind(args.lora_rank), _kind(args.fake_score_lora_rank),
+                f"discriminator on {models.features.module_names}" if models.features else "no discriminator (dmd)")
+    if accelerator.is_main_process:
+        write_training_config(args.output_dir, args, **schedule_fields)
+        accelerator.init_trackers(tracker_project, config=tracker_config(args))
+
+    # 2. Resume (models, optimizers, LR schedules, EMA; the step from the folder name).
+    step = resume(accelerator, args)
+
+    # 3. Train.
+    progress = tqdm(range(args.max_train_steps), initial=step, desc="generator updates",
+                    disable=not accelerator.is_local_main_process)
+    everyone_validates = accelerator.distributed_type.name == "FSDP"  # sharded forwards need every rank
+    samples = None  # the last validation's (images, prompts): the model card's samples
+    while step < args.max_train_steps:
+        logs = train_iteration(models, adapter, args, accelerator, source, step)
+        step += 1
+        progress.update(1)
+        progress.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k.startswith("loss") or k == "d_accuracy"})
+        log_step(accelerator, args.output_dir, logs, step)
+        last = step == args.max_train_steps
+        if step % args.checkpointing_steps == 0 or last:
+            save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit)
+        if args.validation_prompts and (step % args.validation_steps == 0 or last) and (
+                accelerator.is_main_process or everyone_validates):
+            samples = validate(models, adapter, args, accelerator, step, val_cond, vae) or samples
+    progress.close()
+
+    # 4. Export (the EMA weights when kept): a stock pipeline with the student's scheduler, card, upload.
+    accelerator.wait_for_everyone()
+    generator = accelerator.unwrap_model(models.generator)
+    if models.ema is not None:
+        models.ema.copy_to(generator.parameters())
+    checksums = None if accelerator.distributed_type.name == "FSDP" else rank_checksums(accelerator, models.generator)
+    state = accelerator.get_state_dict(models.generator) if not isinstance(generator, LoraView) else None
+    if accelerator.is_main_process:
+        details = {"resolution": args.resolution, "generator updates": args.max_train_steps,
+                   "batch size per device": args.train_batch_size, "teacher guidance scale": args.guidance_scale,
+                   "ODE step dt": args.ode_step_dt, "generator": _kind(args.lora_rank),
+                   "fake score": _kind(args.fake_score_lora_rank)}
+        export_student(adapter, args, models, generator, state, method=method, generator_path=generator_path,
+                       samples=samples, schedule_fields=schedule_fields, training_details=details,
+                       generator_checksum_per_rank=checksums)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+def adapter_kwargs(adapter) -> dict:
+    return {"revision": adapter.load_kwargs["revision"], "cache_dir": adapter.load_kwargs["cache_dir"],
+            **{k: getattr(adapter, k) for k in ("max_sequence_length", "drop_t5", "shift_terminal")
+               if hasattr(adapter, k)}}
+
+
+def student_schedule_fields(models: DistillationModels, method: str) -> dict:
+    """What the run trained for: the shipped scheduler's timesteps (and sigmas) == what the exported pipeline runs."""
+    scheduler = models.student_scheduler
+    sigmas = getattr(scheduler, "sigmas", None)
+    return {"method": method, "num_student_steps": len(models.student_timesteps),
+            "student_timesteps": [float(t) for t in models.student_timesteps],
+            "student_sigmas": sigmas.float().tolist() if isinstance(sigmas, torch.Tensor) else None,
+            "student_scheduler": type(scheduler).__name__, "student_scheduler_config": dict(scheduler.config),
+            "student_prediction_type": models.student_schedule.prediction_type, "renoise_mode": models.renoise,
+            "discriminator_blocks": models.features.module_names if models.features else None}
+
+
+@torch.no_grad()
+def validate(models, adapter, args, accelerator, step: int, val_cond: dict, vae) -> tuple | None:
+    """The validation prompts through the stock pipeline exactly as users will run the student (its scheduler,
+    K steps, no CFG), with the EMA weights when kept; a grid in ``validation/step-N.png`` and the trackers.
+    Returns (images, prompts) on the main process."""
+    import copy
+
+    generator = accelerator.unwrap_model(models.generator)
+    with ema_weights(models.ema, generator):
+        if isinstance(generator, LoraView):
+            generator.activate()
+        denoiser = generator.base if isinstance(generator, LoraView) else generator
+        pipe = adapter.pipeline(denoiser, copy.deepcopy(models.student_scheduler), vae)
+        rng = torch.Generator(accelerator.device).manual_seed(args.seed)  # its own: the training stream is untouched
+        with accelerator.autocast():
+            images = pipe(**{k: val_cond[k].to(accelerator.device) for k in ("prompt_embeds", "pooled_prompt_embeds")},
+                          num_inference_steps=len(models.student_timesteps), guidance_scale=0.0,
+                          height=args.resolution, width=args.resolution, generator=rng).images
+    if not accelerator.is_main_process:
+        return None
+    save_validation(accelerator, images, args.validation_prompts,
+                    os.path.join(args.output_dir, "validation", f"step-{step:06d}.png"), step)
+    return images, list(args.validation_prompts)
+
+
+def export_student(adapter, args, models, generator, state, *, method: str, generator_path: str | None,
+                   samples: tuple | None, schedule_fields: dict, training_details: dict, **extra) -> None:
+    """Main process: the stock pipeline folder (+ LoRA weights), training config, model card with the final
+    validation ``samples`` (images, prompts), upload. ``state``: the full generator's state dict (gathered), None
+    for a LoRA generator."""
+    from dmdx.pipelines.hub import push_to_hub
+    from dmdx.pipelines.model_card import write_model_card
+
+    lora = isinstance(generator, LoraView)
+    if lora:
+        denoiser = fused_copy(adapter, generator_path, generator, args.lora_rank,
+                              args.lora_alpha, adapter.lora_target_modules)
+        lora_state = generator.lora_state_dict()
+    else:
+        denoiser = adapter.load_denoiser(torch.float32, path=generator_path)
+        denoiser.load_state_dict({k: v.float() for k, v in state.items()})
+        lora_state = None
+    adapter.export(args.output_dir, denoiser, models.student_scheduler, models.weight_dtype, lora_state)
+    write_training_config(args.output_dir, args, **schedule_fields, **extra)
+    # A LoRA is relative to the weights it was trained on; full weights derive from the teacher.
+    base = (generator_path if lora else None) or args.pretrained_model_name_or_path
+    images, prompts = samples if samples else (None, None)
+    write_model_card(
+        args.output_dir, base_model=base, pipeline_class=adapter.pipeline_class,
+        num_inference_steps=schedule_fields["num_student_steps"], guidance_scale=0.0, method=method, lora=lora,
+        sample_images=images, sample_prompts=prompts, training_command=sys.argv, hyperparameters=training_details,
+        repo_id=args.hub_model_id,
+        **adapter.card_extras())
+    logger.info("exported the student pipeline to %s (%s)", args.output_dir, TRAINING_CONFIG_NAME)
+    if args.push_to_hub:
+        push_to_hub(args.output_dir, args.hub_model_id, token=args.hub_token, private=args.hub_private_repo)
+
+
+def _kind(rank: int) -> str:
+    return f"LoRA r={rank}" if rank else "full"

@@ -1,0 +1,214 @@
+"""accelerate plumbing shared by the training loops: the accelerator, optimizers and LR schedules, one accumulated
+optimizer update, resume, logs, validation grids, the training-config file, rank checksums, and the guard that
+turns bad user input into a message and exit status 2 (no traceback)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterable
+
+import torch
+
+from .errors import UsageError
+
+logger = logging.getLogger("dmdx")
+
+TRAINING_CONFIG_NAME = "training_config.json"  # the one name every consumer reads (benchmarks, evaluate, tests)
+TRAIN_LOG_NAME = "train_log.jsonl"
+
+
+def exit_on_usage_error(main: Callable, *args):
+    """Run ``main(*args)``; bad input (:class:`UsageError`, a missing file) prints ``error: ...`` and exits 2."""
+    try:
+        return main(*args)
+    except (UsageError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def make_accelerator(args, project_name: str):
+    """An Accelerator with the run's precision, trackers and logging folder; seeds, TF32, logging set up."""
+    import diffusers
+    import transformers
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    if args.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise UsageError("--mixed_precision fp16 needs a CUDA device (CPU autocast has no fp16); use bf16 or no.")
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision, log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir,
+                                            logging_dir=os.path.join(args.output_dir, args.logging_dir)))
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    if not accelerator.is_local_main_process:
+        transformers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.set_verbosity_error()
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    if accelerator.distributed_type.name == "DEEPSPEED":
+        raise UsageError("DeepSpeed is not supported: three trainable networks need three engines that accelerate "
+                         "does not drive. Use the FSDP config (recipes/sd35_large/accelerate_fsdp.yaml).")
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+    return accelerator
+
+
+def weight_dtype_of(accelerator) -> torch.dtype:
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+def make_optimizer(args, module, lr: float):
+    params = [p for p in module.parameters() if p.requires_grad]
+    if args.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        cls = bnb.optim.AdamW8bit
+    else:
+        cls = torch.optim.AdamW
+    return cls(params, lr=lr, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
+               eps=args.adam_epsilon)
+
+
+def make_lr_scheduler(args, optimizer, updates_per_step: int, num_processes: int):
+    """diffusers' LR schedule; accelerate's prepared scheduler steps once per process per call, hence the factor."""
+    from diffusers.optimization import get_scheduler
+
+    n = updates_per_step * num_processes
+    return get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps * n,
+                         num_training_steps=args.max_train_steps * n)
+
+
+def accumulated_update(accelerator, args, module, optimizer, lr_scheduler, micro_losses: Iterable, logs: dict,
+                       name: str, log_weight: float = 1.0) -> None:
+    """One optimizer update of ``module`` over ``--gradient_accumulation_steps`` micro-batches. ``micro_losses``
+    yields each micro-batch's ``(loss, terms)``; every term is checked for NaN/inf (stop, naming it) before its
+    backward. Terms are added to ``logs`` averaged over micro-batches, times ``log_weight``."""
+    from .checkpointing import check_finite
+
+    k = args.gradient_accumulation_steps
+    # Start clean: a pass in which this network was frozen must leave no gradient behind.
+    optimizer.zero_grad(set_to_none=True)
+    micro_losses = iter(micro_losses)
+    unwrapped = accelerator.unwrap_model(module)
+    for i in range(k):
+        # DDP decides in the forward whether the backward syncs: draw the micro-batch's loss inside no_sync
+        with accelerator.no_sync(module) if i < k - 1 else contextlib.nullcontext():
+            loss, terms = next(micro_losses)
+            check_finite(terms, accelerator)
+            if hasattr(unwrapped, "activate"):  # a LoRA view: checkpointed blocks recompute with its adapter on
+                unwrapped.activate()
+            accelerator.backward(loss / k)
+        for key, value in terms.items():
+            logs[key] = logs.get(key, 0.0) + value.detach().float().item() * log_weight / k
+    params = [p for p in module.parameters() if p.requires_grad]
+    logs[f"grad_norm_{name}"] = float(accelerator.clip_grad_norm_(params, args.max_grad_norm))
+    optimizer.step()
+    lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def resume(accelerator, args) -> int:
+    """Load the checkpoint ``--resume_from_checkpoint`` names (models, optimizers, LR schedulers, EMA, RNG) and
+    return its step; cut the train log back to that step so no step appears twice. 0 for a fresh run."""
+    from .checkpointing import checkpoint_step, find_resume_checkpoint
+
+    checkpoint = find_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    if not checkpoint:
+        if args.resume_from_checkpoint:
+            logger.info("no checkpoint to resume from in %s: starting a new run", args.output_dir)
+        return 0
+    try:
+        accelerator.load_state(checkpoint)
+    except RuntimeError as e:  # a state_dict mismatch: another script, architecture or LoRA rank
+        raise UsageError(f"--resume_from_checkpoint {checkpoint} does not match this run's models (another script, "
+                         f"teacher, --lora_rank or --fake_score_lora_rank?): {str(e).splitlines()[0]}") from e
+    step = checkpoint_step(checkpoint)
+    logger.info("resumed from %s at step %d", checkpoint, step)
+    if accelerator.is_main_process:
+        path = os.path.join(args.output_dir, TRAIN_LOG_NAME)
+        if os.path.isfile(path):
+            with open(path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+            write_atomic(path, "".join(kept))
+    return step
+
+
+def log_step(accelerator, output_dir: str, logs: dict, step: int) -> None:
+    """Trackers, and every term as a JSON line in ``train_log.jsonl`` for quick inspection."""
+    accelerator.log(logs, step=step)
+    if accelerator.is_main_process:
+        with open(os.path.join(output_dir, TRAIN_LOG_NAME), "a") as f:
+            f.write(json.dumps({"step": step, **logs}) + "\n")
+
+
+def write_atomic(path: str, text: str) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def write_training_config(output_dir: str, args, **fields) -> dict:
+    """``training_config.json``: every flag (no token) plus what the run derived (the student's schedule, the
+    method, ...); fields already in the file (e.g. written at the start) are kept unless given again."""
+    path = os.path.join(output_dir, TRAINING_CONFIG_NAME)
+    config = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            config = json.load(f)
+    config.update({k: v for k, v in vars(args).items() if k != "hub_token"})
+    config.update(fields)
+    write_atomic(path, json.dumps(config, indent=2, default=str))
+    return config
+
+
+def tracker_config(args) -> dict:
+    return {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+
+
+def rank_checksums(accelerator, module) -> list:
+    """Checksums of a model's trainable weights on every process (DDP must keep the ranks identical)."""
+    with torch.no_grad():
+        params = [p.detach().double() for p in accelerator.unwrap_model(module).parameters() if p.requires_grad]
+        local = torch.stack([sum(p.sum() for p in params), sum((p * p).sum() for p in params)]).reshape(1, 2)
+    checksums = accelerator.gather(local.to(accelerator.device)).cpu().tolist()
+    if accelerator.is_main_process and any(c != checksums[0] for c in checksums):
+        logger.warning("generator weights differ between ranks: %s", checksums)
+    return checksums
+
+
+def save_validation(accelerator, images: list, prompts: list[str], path: str, step: int) -> str:
+    """A one-row grid (``diffusers.utils.make_image_grid``) saved at ``path`` and logged to the trackers."""
+    import numpy as np
+    from diffusers.utils import make_image_grid
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    make_image_grid(images, rows=1, cols=len(images)).save(path)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images("validation", np.stack([np.asarray(im) for im in images]), step,
+                                      dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"validation": [wandb.Image(im, caption=p) for im, p in zip(images, prompts)]}, step=step)
+    logger.info("validation grid: %s", path)
+    return path
+
+
+@contextlib.contextmanager
+def ema_weights(ema, module):
+    """Inside: ``module`` holds the EMA weights (validation); afterwards its training weights are back."""
+    if ema is None:
+        yield
+        return
+    ema.store(module.parameters())
+    ema.copy_to(module.parameters())
+    try:
+        yield
+    finally:
+        ema.restore(module.parameters())
