@@ -7,6 +7,9 @@ import os
 import sys
 
 import pytest
+import torch
+
+torch.set_num_threads(1)  # in-process tests of tiny models: one thread is fastest on the 2-core machines
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(REPO, "distill_scripts")

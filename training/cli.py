@@ -107,6 +107,24 @@ def distillation_parser(description: str) -> argparse.ArgumentParser:
                         "predictions; each further one draws a fresh batch.")
     g.add_argument("--discriminator_warmup_steps", type=int, default=0,
                    help="The first N iterations train only the fake score and D; the generator waits.")
+    g = p.add_argument_group("ADM remedies (README 'What makes ADM work'; the defaults are the paper's method)")
+    g.add_argument("--generator_gradient", default="none", choices=["none", "normalize", "remove_batch_mean"],
+                   help="Reshape the gradient at the generator's output: normalize each sample's to the batch mean "
+                        "norm, or remove the batch-common part (ADM's per-sample gradients point the same way).")
+    g.add_argument("--ode_step_mode", default="fixed", choices=["fixed", "relative"],
+                   help="ADM's ODE step: s = t - dt*T (fixed, the paper) or s = t*(1 - dt) (relative to t).")
+    g.add_argument("--discriminator_renoise", default="none", choices=["none", "shared"],
+                   help="shared: re-noise both ODE-step outputs with the same fresh noise to a level drawn in "
+                        "[max(s, --discriminator_renoise_min*T), T) before D (PCM's SD3 discriminator).")
+    g.add_argument("--discriminator_renoise_min", type=float, default=0.0)
+    g.add_argument("--discriminator_r1_weight", type=float, default=0.0,
+                   help="Weight of an R1 penalty on D's slope at real inputs (0 = off; FastGen: 100-1000).")
+    g.add_argument("--discriminator_r1", default="approximate", choices=["approximate", "exact"],
+                   help="approximate: FastGen's finite difference (one extra backbone pass, no double backward); "
+                        "exact: ||dD/dx||^2 through the teacher (a double backward).")
+    g.add_argument("--discriminator_r1_alpha", type=float, default=0.1, help="Perturbation scale of approximate R1.")
+    g.add_argument("--discriminator_head_depth", type=int, default=3,
+                   help="Downsampling convs per discriminator head (paper_spec §2.6: 3).")
     g.add_argument("--diagnostics_steps", type=int, default=25,
                    help="Every N steps also log how far the generator's outputs move in one update and, for adm, "
                         "how ADM's generator gradient relates to DMD's (0 = never; costs one generator forward).")
@@ -166,10 +184,21 @@ def finish_distillation_args(parser: argparse.ArgumentParser, args):
         parser.error(f"--fake_score_lr must be > 0, got {args.fake_score_lr}.")
     if not 0 <= args.min_timestep_percent < args.max_timestep_percent <= 1:
         parser.error("need 0 <= --min_timestep_percent < --max_timestep_percent <= 1.")
+    if args.generator_gradient == "remove_batch_mean" and args.train_batch_size < 2:
+        parser.error("--generator_gradient remove_batch_mean needs --train_batch_size >= 2 (with one sample it "
+                     "removes the whole gradient).")
+    for name in ("discriminator_r1_weight", "discriminator_r1_alpha"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name} must be >= 0, got {getattr(args, name)}.")
+    if not 0 <= args.discriminator_renoise_min <= 1:
+        parser.error(f"--discriminator_renoise_min is a fraction of T in [0, 1], got {args.discriminator_renoise_min}.")
+    if args.discriminator_head_depth < 1:
+        parser.error(f"--discriminator_head_depth must be >= 1, got {args.discriminator_head_depth}.")
     if args.distribution_loss == "adm":
         if not 0 < args.ode_step_dt < 1:
-            parser.error(f"--ode_step_dt must be in (0, 1) (a fraction of T), got {args.ode_step_dt}.")
-        if args.min_timestep_percent < args.ode_step_dt:
+            parser.error(f"--ode_step_dt must be in (0, 1) (a fraction of T or, relative, of t), got "
+                         f"{args.ode_step_dt}.")
+        if args.ode_step_mode == "fixed" and args.min_timestep_percent < args.ode_step_dt:
             parser.error(f"--min_timestep_percent ({args.min_timestep_percent}) must be >= --ode_step_dt "
                          f"({args.ode_step_dt}) so that s = t - dt stays >= 0.")
         if args.discriminator_warmup_steps >= args.max_train_steps:

@@ -185,7 +185,9 @@ def build_discriminator(adapter, args, models: DistillationModels, negative: dic
     with torch.no_grad():
         feats = models.features(lambda: adapter.predict(models.teacher, x, t, negative))
     models.discriminator_heads = DiscriminatorHeads([tuple(f.shape[1:]) for f in feats],
-                                                    hidden_channels=args.discriminator_head_channels).to(device)
+                                                    hidden_channels=args.discriminator_head_channels,
+                                                    num_downsamples=getattr(args, "discriminator_head_depth", 3))
+    models.discriminator_heads.to(device)
     models.discriminator_heads.train()
 
 
@@ -230,6 +232,14 @@ def train_iteration(models: DistillationModels, adapter, args, accelerator, prom
     )
     from .checkpointing import check_finite
     from .diagnostics import band_discriminator_diagnostics, batch_coherence, output_shift, prediction_gap
+    from .remedies import (
+        approximate_r1_penalty,
+        ode_step_target,
+        r1_penalty,
+        sample_renoise_level,
+        shape_generator_gradient,
+        shared_renoise,
+    )
 
     torch.manual_seed(iteration_seed(args.seed, step, accelerator.process_index))
     m, device, logs = models, accelerator.device, {}
@@ -273,7 +283,7 @@ def train_iteration(models: DistillationModels, adapter, args, accelerator, prom
                                 m.renoise) if k else z
         t = adm_noise_levels(torch.rand(batch, device=device), args.min_timestep_percent,
                              args.max_timestep_percent, T, shift)
-        s = (t - args.ode_step_dt * T).clamp_min(0)  # Choice: dt applied after any shift
+        s = ode_step_target(t, args.ode_step_dt, T, args.ode_step_mode)  # Choice: dt applied after any shift
         return {"cond": cond, "uncond": uncond, "x_k": x_k, "t_k": ts[k].expand(batch), "k": k, "t": t, "s": s}
 
     def ode_predictions(b, x0, x_t, fake_model):
@@ -283,6 +293,15 @@ def train_iteration(models: DistillationModels, adapter, args, accelerator, prom
         fake = lambda x, tt: cache.setdefault("fake", fake_x0(fake_model, x, tt, b["cond"]))
         x_real, x_fake = adm_latent_predictions(x_t, b["t"], b["s"], real, fake, m.teacher_schedule)
         return x_real, x_fake, cache
+
+    def discriminator_inputs(x_real, x_fake, s):
+        """What D sees: the two ODE-step outputs at s, or (--discriminator_renoise shared) both re-noised with the
+        same fresh noise to a higher level."""
+        if args.discriminator_renoise == "none":
+            return x_real, x_fake, s
+        level = sample_renoise_level(s, T, args.discriminator_renoise_min)
+        x_real, x_fake = shared_renoise(x_real, x_fake, m.teacher_schedule, s, level, torch.randn_like(x_real))
+        return x_real, x_fake, level
 
     with accelerator.autocast():
         # 1. Fake score: denoising loss on detached generator samples (each update draws its own batch).
@@ -315,6 +334,8 @@ def train_iteration(models: DistillationModels, adapter, args, accelerator, prom
                 if diagnose and i == 0 and x0.requires_grad:  # the generator's output gradient, per sample
                     probe.update(x_k=b["x_k"], t_k=b["t_k"], cond=b["cond"], x0=x0.detach())
                     x0.register_hook(lambda g: probe.__setitem__("grad", g.detach().float()))
+                if args.generator_gradient != "none" and x0.requires_grad:  # after the probe: it sees the raw one
+                    x0.register_hook(lambda g: shape_generator_gradient(g, args.generator_gradient))
                 if not adm:  # DMD2: x_t from sg(x0), gradient only through x0 in the loss
                     x_t = m.teacher_schedule.add_noise(x0.detach(), eps, b["t"])
                     with torch.no_grad():
@@ -325,7 +346,8 @@ def train_iteration(models: DistillationModels, adapter, args, accelerator, prom
                     continue
                 x_t = m.teacher_schedule.add_noise(x0, eps, b["t"])  # gradient flows to G through x_t
                 x_real, x_fake, cache = ode_predictions(b, x0, x_t, fake_frozen)
-                logits_fake = discriminate(heads_frozen, x_fake, b["s"], b["cond"], backbone_grad=True)
+                _, d_fake, d_level = discriminator_inputs(x_real, x_fake, b["s"])
+                logits_fake = discriminate(heads_frozen, d_fake, d_level, b["cond"], backbone_grad=True)
                 loss = generator_adversarial_loss(logits_fake).mean()
                 saved.append({**b, "x_real": x_real.detach(), "x_fake": x_fake.detach()})
                 with torch.no_grad():  # recorded, not optimised (the paper's Fig. 3): the DMD loss of these samples
@@ -356,12 +378,28 @@ def train_iteration(models: DistillationModels, adapter, args, accelerator, prom
         if adm:
             diag = []
 
-            def pair_logits(b):  # real and fake batched through the backbone, which needs no autograd here
-                x, s = torch.cat([b["x_real"], b["x_fake"]]), torch.cat([b["s"], b["s"]])
-                cond = cat_conditioning(b["cond"], b["cond"])
+            def pair_logits(b):
+                """D on real and fake (batched through the backbone, which needs no autograd here), and the R1
+                penalty on D's slope at the real inputs when asked for."""
+                x_real, x_fake, level = discriminator_inputs(b["x_real"], b["x_fake"], b["s"])
+                x, s, cond = torch.cat([x_real, x_fake]), torch.cat([level, level]), cat_conditioning(b["cond"],
+                                                                                                     b["cond"])
                 with torch.no_grad():
                     feats = m.features(lambda: adapter.predict(m.teacher, x, s, cond))
-                return m.discriminator_heads(feats).float().chunk(2)
+                logits_real, logits_fake = m.discriminator_heads(feats).float().chunk(2)
+                penalty = None
+                if args.discriminator_r1_weight > 0 and args.discriminator_r1 == "approximate":
+                    x_moved = x_real + args.discriminator_r1_alpha * torch.randn_like(x_real)
+                    penalty = approximate_r1_penalty(logits_real, discriminate(
+                        m.discriminator_heads, x_moved, level, b["cond"], backbone_grad=False))
+                elif args.discriminator_r1_weight > 0:
+                    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+                    x_in = x_real.detach().requires_grad_(True)
+                    with sdpa_kernel(SDPBackend.MATH):  # a double backward: fused attention kernels have none
+                        penalty = r1_penalty(discriminate(m.discriminator_heads, x_in, level, b["cond"],
+                                                          backbone_grad=True), x_in)
+                return logits_real, logits_fake, penalty
 
             def discriminator_losses(fresh: bool):
                 for i in range(k_micro):
@@ -373,10 +411,14 @@ def train_iteration(models: DistillationModels, adapter, args, accelerator, prom
                             b["x_real"], b["x_fake"], _ = ode_predictions(b, x0, x_t, fake_frozen)
                     else:
                         b = saved[i]
-                    logits_real, logits_fake = pair_logits(b)
+                    logits_real, logits_fake, penalty = pair_logits(b)
                     loss = hinge_discriminator_loss(logits_real, logits_fake).mean()
                     diag.append((logits_real.detach(), logits_fake.detach(), b["t"]))
-                    yield loss, {"loss_discriminator": loss}
+                    if penalty is None:
+                        yield loss, {"loss_discriminator": loss}
+                    else:
+                        r1 = penalty.mean()
+                        yield loss + args.discriminator_r1_weight * r1, {"loss_discriminator": loss, "loss_r1": r1}
 
             for r in range(args.discriminator_update_ratio):
                 diag.clear()
