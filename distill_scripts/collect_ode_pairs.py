@@ -58,9 +58,12 @@ def parse_args(input_args=None):
     parser.add_argument("--save_dtype", default="float16", choices=["float32", "float16", "bfloat16"])
     args = parser.parse_args(input_args)
     if (args.prompts_file is None) == (args.dataset_name is None):
-        raise ValueError("Give exactly one of --prompts_file or --dataset_name.")
-    if min(args.num_pairs, args.shard_size, args.batch_size, args.num_inference_steps, args.resolution) < 1:
-        raise ValueError("--num_pairs, --shard_size, --batch_size, --num_inference_steps, --resolution must be >= 1.")
+        parser.error("give exactly one of --prompts_file or --dataset_name.")
+    for name in ("num_pairs", "shard_size", "batch_size", "num_inference_steps", "resolution"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}.")
+    if args.guidance_scale < 0:
+        parser.error(f"--guidance_scale must be >= 0, got {args.guidance_scale}.")
     return args
 
 
@@ -107,8 +110,10 @@ def check_manifest(output_dir: str, manifest: dict) -> None:
     keys = ("teacher", "resolution", "num_inference_steps", "guidance_scale", "sampler", "seed", "shard_size")
     diff = {k: (old.get(k), manifest[k]) for k in keys if old.get(k) != manifest[k]}
     if diff:
-        raise ValueError(f"{output_dir} already holds ODE pairs made with other settings {diff}; use a new "
-                         f"--output_dir.")
+        from dmdx.training.errors import UsageError
+
+        raise UsageError(f"--output_dir {output_dir} already holds ODE pairs made with other settings {diff}; use "
+                         f"a new --output_dir.")
 
 
 def shard_path(output_dir: str, index: int) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,14 +30,19 @@ from .errors import UsageError
 from .lora import LoraView, add_lora_adapter
 from .plumbing import (
     accumulated_update,
-    log_step,
+    check_output_dir,
+    check_provenance,
+    clean_leftovers,
     make_accelerator,
     make_lr_scheduler,
     make_optimizer,
+    parameter_checksum,
     rank_checksums,
     resume,
     tracker_config,
+    training_loop,
     weight_dtype_of,
+    weights_fingerprint,
     write_training_config,
 )
 
@@ -298,26 +304,36 @@ def adp_distill(adapter, args) -> None:
     """The whole ADP run: checks, models, loop (checkpoints, validation, logs), export of a stock pipeline with the
     flow scheduler (the ADM stage's ``--pretrained_generator_name_or_path``)."""
     from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
 
-    from .checkpointing import save_checkpoint
+    from .checkpointing import find_resume_checkpoint
     from .loop import export_student, validate
 
-    # 0. Before any weights: the teacher's architecture and resolution, pairs from this teacher at this size.
+    # 0. Before any weights: the output folder, the teacher's architecture and resolution, pairs from this teacher
+    #    at this size, the SAM path, a resumable checkpoint.
+    check_output_dir(args)
     latent_shape = adapter.latent_shape(args.resolution)
     adapter.discriminator_blocks(args.discriminator_blocks)
-    pairs = ODEPairs(args.ode_pairs_dir, args.pretrained_model_name_or_path, args.resolution, latent_shape)
     sam = args.pixel_discriminator_model
     if sam.lower() != "none" and not os.path.isdir(sam) and (os.path.isabs(sam) or sam.startswith(".")
                                                                or os.path.isdir(os.path.dirname(sam))):
-        raise UsageError(f"--pixel_discriminator_model {args.pixel_discriminator_model!r} is not a folder "
-                         "(give a SAM checkpoint folder, a Hub id such as facebook/sam-vit-base, or none).")
+        raise UsageError(f"--pixel_discriminator_model {sam!r} is not a folder (give a SAM checkpoint folder, a Hub "
+                         "id such as facebook/sam-vit-base, or none).")
+    pairs = ODEPairs(args.ode_pairs_dir, args.pretrained_model_name_or_path, args.resolution, latent_shape)
+    provenance = {"script": "dmdx-adp", "teacher": f"{adapter.pipeline_class}:"
+                  f"{weights_fingerprint(adapter.path, adapter.denoiser_name)}", "lora_rank": args.lora_rank,
+                  "resolution": args.resolution, "pixel_discriminator": sam.lower() != "none",
+                  "discriminator": [args.discriminator_blocks, args.discriminator_head_channels],
+                  "run_id": uuid.uuid4().hex}
+    checkpoint = find_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    if checkpoint:
+        provenance["run_id"] = check_provenance(checkpoint, provenance, args.max_train_steps)
 
     accelerator = make_accelerator(args, "dmdx-adp")
     set_seed(args.seed)
     device = accelerator.device
-    weight_dtype = weight_dtype_of(accelerator)
-    adapter.load_text_encoders(device, weight_dtype)
+    if accelerator.is_main_process:
+        clean_leftovers(args.output_dir)
+    adapter.load_text_encoders(device, weight_dtype_of(accelerator))
     models = build_adp_models(adapter, args, accelerator, adapter.negative_conditioning(device))
     val_cond = adapter.encode_prompts(args.validation_prompts, device) if args.validation_prompts else None
     for name, attr, lr in (("generator", "generator", args.generator_lr),
@@ -332,30 +348,27 @@ def adp_distill(adapter, args) -> None:
     fields = {"method": "adp", "num_student_steps": 1, "student_timesteps": [999.0],
               "student_scheduler": type(models.student_scheduler).__name__,
               "student_scheduler_config": dict(models.student_scheduler.config),
-              "student_prediction_type": models.student_schedule.prediction_type, "ode_pairs": pairs.manifest}
+              "student_prediction_type": models.student_schedule.prediction_type, "ode_pairs": pairs.manifest,
+              "run_id": provenance["run_id"]}
+    if not checkpoint:
+        fields["generator_initial_checksum"] = parameter_checksum(models.generator)
     logger.info("ADP on %d ODE pairs (%s); pixel discriminator: %s; student: one step at t = 999 (flow velocity)",
                 len(pairs), pairs.manifest["sampler"], args.pixel_discriminator_model)
     if accelerator.is_main_process:
-        write_training_config(args.output_dir, args, **fields)
+        fields = write_training_config(args.output_dir, args, **fields)
         accelerator.init_trackers("dmdx-adp", config=tracker_config(args))
-    step = resume(accelerator, args)
+    step = resume(accelerator, args, checkpoint)
 
     encode = lambda prompts: adapter.encode_prompts(prompts, device)
-    progress = tqdm(range(args.max_train_steps), initial=step, desc="ADP steps",
-                    disable=not accelerator.is_local_main_process)
-    samples = None
-    while step < args.max_train_steps:
-        logs = adp_iteration(models, adapter, args, accelerator, pairs, encode, step)
-        step += 1
-        progress.update(1)
-        progress.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k.startswith("loss")})
-        log_step(accelerator, args.output_dir, logs, step)
-        last = step == args.max_train_steps
-        if step % args.checkpointing_steps == 0 or last:
-            save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit)
-        if args.validation_prompts and (step % args.validation_steps == 0 or last) and accelerator.is_main_process:
-            samples = validate(models, adapter, args, accelerator, step, val_cond, models.vae) or samples
-    progress.close()
+    validate_fn = None
+    if args.validation_prompts:
+        def validate_fn(at: int):
+            if accelerator.is_main_process:
+                return validate(models, adapter, args, accelerator, at, val_cond, models.vae)
+
+    samples = training_loop(accelerator, args, step,
+                            lambda at: adp_iteration(models, adapter, args, accelerator, pairs, encode, at),
+                            validate_fn, provenance, "ADP steps")
 
     accelerator.wait_for_everyone()
     generator = accelerator.unwrap_model(models.generator)

@@ -8,6 +8,7 @@ ignores, so the previous checkpoint stays the one a resume loads (DESIGN.md §4.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -34,10 +35,25 @@ def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | None = None) -> str:
-    """Save the full training state atomically as ``output_dir/checkpoint-{step}`` and prune the oldest complete
-    checkpoints so that at most ``total_limit`` remain. Every process must call this (``save_state`` gathers
-    per-process RNG states); the main process renames and prunes; everyone waits for it."""
+PROVENANCE_NAME = "dmdx_provenance.json"
+
+
+def read_provenance(checkpoint: str) -> dict | None:
+    path = os.path.join(checkpoint, PROVENANCE_NAME)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | None = None,
+                    provenance: dict | None = None) -> str:
+    """Save the full training state atomically as ``output_dir/checkpoint-{step}`` (with ``provenance``: what made
+    it, checked before a resume) and prune this run's oldest complete checkpoints so that at most ``total_limit`` of
+    them remain. Only checkpoints of this run (the same ``run_id``) are ever pruned, never the one just saved.
+    Every process must call this (``save_state`` gathers per-process RNG states); the main process renames and
+    prunes; everyone waits for it. A failed write (full disk, permissions) removes the partial folder and raises
+    ``OSError`` naming the folder; the previous checkpoint stays the one a resume loads."""
     final = os.path.join(output_dir, f"checkpoint-{step}")
     tmp = final + ".tmp"
     if accelerator.is_main_process:
@@ -45,15 +61,25 @@ def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | 
         if os.path.isdir(tmp):  # left over from a crash
             shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)
+    try:
+        accelerator.save_state(tmp)
+        if accelerator.is_main_process and provenance is not None:
+            with open(os.path.join(tmp, PROVENANCE_NAME), "w") as f:
+                json.dump({**provenance, "step": step}, f, indent=2, default=str)
+    except (OSError, RuntimeError) as e:  # safetensors/torch wrap ENOSPC in RuntimeError ("iostream error")
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(f"Could not write checkpoint {final}: {e} (full disk or no permission?). Nothing was "
+                      f"replaced: the previous complete checkpoint is still the one a resume loads.") from e
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if os.path.isdir(final):  # re-saving the same step (e.g. a resumed run's final save)
             shutil.rmtree(final)
         os.replace(tmp, final)
         if total_limit is not None and total_limit > 0:
-            checkpoints = list_checkpoints(output_dir)
-            for _, path in checkpoints[: max(0, len(checkpoints) - total_limit)]:
+            run_id = (provenance or {}).get("run_id")
+            mine = [(s, p) for s, p in list_checkpoints(output_dir)
+                    if p != final and (read_provenance(p) or {}).get("run_id") == run_id]
+            for _, path in mine[: max(0, len(mine) + 1 - total_limit)]:
                 shutil.rmtree(path)
     accelerator.wait_for_everyone()
     return final

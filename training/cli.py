@@ -30,6 +30,9 @@ def common_parser(description: str) -> argparse.ArgumentParser:
     g.add_argument("--caption_column", default="text")
     g.add_argument("--max_train_prompts", type=int, default=None, help="Use only the first N prompts.")
     g.add_argument("--output_dir", default="dmdx-student")
+    g.add_argument("--overwrite_output_dir", action="store_true",
+                   help="Write into an --output_dir that already holds another run (its files are replaced as this "
+                        "run writes its own; without this flag such a folder is refused).")
     g.add_argument("--cache_dir", default=None)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--resolution", type=int, default=1024, help="Training (and student) image size in pixels.")

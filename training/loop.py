@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,16 +31,21 @@ from .lora import LoraView, add_lora_adapter, fused_copy
 from .plumbing import (
     TRAINING_CONFIG_NAME,
     accumulated_update,
+    check_output_dir,
+    check_provenance,
+    clean_leftovers,
     ema_weights,
-    log_step,
     make_accelerator,
     make_lr_scheduler,
     make_optimizer,
+    parameter_checksum,
     rank_checksums,
     resume,
     save_validation,
     tracker_config,
+    training_loop,
     weight_dtype_of,
+    weights_fingerprint,
     write_training_config,
 )
 
@@ -162,9 +168,6 @@ def build_models(adapter, args, accelerator, generator_path: str | None) -> Dist
     # The student's schedule: one source of truth, the scheduler it ships with (DESIGN.md §4.5).
     scheduler = adapter.student_scheduler(args.num_student_steps, generator_path)
     teacher_schedule = adapter.teacher_schedule()
-    if getattr(args, "timestep_sampling", "uniform") == "shifted" and teacher_schedule.kind != "flow":
-        raise UsageError("--timestep_sampling shifted needs a flow (rectified-flow) teacher; this one is "
-                         f"{teacher_schedule.kind}.")
     return DistillationModels(
         teacher=LoraView(teacher, None) if shared else teacher, teacher_base=teacher, generator=generator,
         fake_score=fake_score, discriminator_heads=None, features=None, teacher_schedule=teacher_schedule,
@@ -470,22 +473,35 @@ def distill(adapter, args, tracker_project: str) -> None:
     """The whole run: checks, models, the loop with checkpoints / validation / logs, then the export of a stock
     pipeline with the student's scheduler, its model card and (optionally) the upload."""
     from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
 
-    from .checkpointing import save_checkpoint
+    from . import student_timesteps
+    from .checkpointing import find_resume_checkpoint
 
-    # 0. Everything that can be checked from flags and configs, before any weights load.
+    # 0. Everything that can be checked from flags and configs, before any weights load or anything is written.
+    check_output_dir(args)
     generator_path = args.pretrained_generator_name_or_path
     if generator_path:
         type(adapter)(generator_path, what="--pretrained_generator_name_or_path", **adapter_kwargs(adapter))
     if args.distribution_loss == "adm":
         adapter.discriminator_blocks(args.discriminator_blocks)
     adapter.latent_shape(args.resolution)
+    scheduler = adapter.student_scheduler(args.num_student_steps, generator_path)
+    check_student_scheduler(adapter, scheduler, generator_path)
+    if args.timestep_sampling == "shifted" and adapter.teacher_schedule().kind != "flow":
+        raise UsageError("--timestep_sampling shifted needs a flow (rectified-flow) teacher; "
+                         f"{adapter.pipeline_class}'s schedule is {adapter.teacher_schedule().kind}.")
     prompts = load_prompts(args)
+    provenance = run_provenance(adapter, args, tracker_project, generator_path,
+                                student_timesteps(scheduler, args.num_student_steps))
+    checkpoint = find_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    if checkpoint:
+        provenance["run_id"] = check_provenance(checkpoint, provenance, args.max_train_steps)
 
     accelerator = make_accelerator(args, tracker_project)
     set_seed(args.seed)
     device = accelerator.device
+    if accelerator.is_main_process:
+        clean_leftovers(args.output_dir)
 
     # 1. Models, conditioning, D, optimizers.
     models = build_models(adapter, args, accelerator, generator_path)
@@ -499,38 +515,31 @@ def distill(adapter, args, tracker_project: str) -> None:
     vae = adapter.load_vae(device) if args.validation_prompts else None
     prepare_models(args, accelerator, models)
     method = method_name(args)
-    schedule_fields = student_schedule_fields(models, method)
+    fields = {**student_schedule_fields(models, method), "run_id": provenance["run_id"]}
+    if not checkpoint:
+        fields["generator_initial_checksum"] = parameter_checksum(models.generator)
     logger.info("%s distillation: %d prompts, batch %d x %d processes, %d steps; student %s %s, timesteps %s; "
                 "generator %s, fake score %s; %s", args.distribution_loss.upper(), len(prompts),
-                args.train_batch_size, accelerator.num_processes, args.max_train_steps,
-                schedule_fields["student_scheduler"], schedule_fields["student_prediction_type"],
-                schedule_fields["student_timesteps"], _kind(args.lora_rank), _kind(args.fake_score_lora_rank),
+                args.train_batch_size, accelerator.num_processes, args.max_train_steps, fields["student_scheduler"],
+                fields["student_prediction_type"], fields["student_timesteps"], _kind(args.lora_rank),
+                _kind(args.fake_score_lora_rank),
                 f"discriminator on {models.features.module_names}" if models.features else "no discriminator (dmd)")
     if accelerator.is_main_process:
-        write_training_config(args.output_dir, args, **schedule_fields)
+        fields = write_training_config(args.output_dir, args, **fields)
         accelerator.init_trackers(tracker_project, config=tracker_config(args))
 
-    # 2. Resume (models, optimizers, LR schedules, EMA; the step from the folder name).
-    step = resume(accelerator, args)
-
-    # 3. Train.
-    progress = tqdm(range(args.max_train_steps), initial=step, desc="generator updates",
-                    disable=not accelerator.is_local_main_process)
+    # 2. Resume (models, optimizers, LR schedules, EMA; the step from the folder name). 3. Train.
+    step = resume(accelerator, args, checkpoint)
     everyone_validates = accelerator.distributed_type.name == "FSDP"  # sharded forwards need every rank
-    samples = None  # the last validation's (images, prompts): the model card's samples
-    while step < args.max_train_steps:
-        logs = train_iteration(models, adapter, args, accelerator, source, step)
-        step += 1
-        progress.update(1)
-        progress.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k.startswith("loss") or k == "d_accuracy"})
-        log_step(accelerator, args.output_dir, logs, step)
-        last = step == args.max_train_steps
-        if step % args.checkpointing_steps == 0 or last:
-            save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit)
-        if args.validation_prompts and (step % args.validation_steps == 0 or last) and (
-                accelerator.is_main_process or everyone_validates):
-            samples = validate(models, adapter, args, accelerator, step, val_cond, vae) or samples
-    progress.close()
+    validate_fn = None
+    if args.validation_prompts:
+        def validate_fn(at: int):
+            if accelerator.is_main_process or everyone_validates:
+                return validate(models, adapter, args, accelerator, at, val_cond, vae)
+
+    samples = training_loop(accelerator, args, step,
+                            lambda at: train_iteration(models, adapter, args, accelerator, source, at),
+                            validate_fn, provenance, "generator updates")
 
     # 4. Export (the EMA weights when kept): a stock pipeline with the student's scheduler, card, upload.
     accelerator.wait_for_everyone()
@@ -545,10 +554,35 @@ def distill(adapter, args, tracker_project: str) -> None:
                    "ODE step dt": args.ode_step_dt, "generator": _kind(args.lora_rank),
                    "fake score": _kind(args.fake_score_lora_rank)}
         export_student(adapter, args, models, generator, state, method=method, generator_path=generator_path,
-                       samples=samples, schedule_fields=schedule_fields, training_details=details,
+                       samples=samples, schedule_fields=fields, training_details=details,
                        generator_checksum_per_rank=checksums)
     accelerator.wait_for_everyone()
     accelerator.end_training()
+
+
+def check_student_scheduler(adapter, scheduler, generator_path: str | None) -> None:
+    """A generator folder that ships its teacher's own many-step scheduler is not a student (e.g. a copy of the
+    teacher): distilling from it would ship the teacher's sampler under a student's name."""
+    if not generator_path or os.path.abspath(generator_path) == os.path.abspath(adapter.path):
+        return
+    teacher_config = {k: v for k, v in adapter.scheduler_config().items() if not k.startswith("_")}
+    if type(scheduler).__name__ == adapter.scheduler_config().get("_class_name") and all(
+            scheduler.config.get(k) == v for k, v in teacher_config.items()):
+        raise UsageError(f"--pretrained_generator_name_or_path {generator_path!r} ships the teacher's own "
+                         f"{type(scheduler).__name__}: it is not a few-step student (a copy of the teacher?). Omit the "
+                         "flag to start the generator from the teacher, or point it at an ADP output.")
+
+
+def run_provenance(adapter, args, script: str, generator_path: str | None, timesteps) -> dict:
+    """What a checkpoint of this run must match to be resumed by it."""
+    return {"script": script, "distribution_loss": args.distribution_loss,
+            "teacher": f"{adapter.pipeline_class}:{weights_fingerprint(adapter.path, adapter.denoiser_name)}",
+            "generator": weights_fingerprint(generator_path, adapter.denoiser_name) if generator_path else None,
+            "lora_rank": args.lora_rank, "fake_score_lora_rank": args.fake_score_lora_rank,
+            "student_timesteps": [float(t) for t in timesteps], "resolution": args.resolution,
+            "discriminator": [args.discriminator_blocks, args.discriminator_head_channels,
+                              args.discriminator_head_depth] if args.distribution_loss == "adm" else None,
+            "run_id": uuid.uuid4().hex}
 
 
 def adapter_kwargs(adapter) -> dict:
@@ -611,8 +645,16 @@ def export_student(adapter, args, models, generator, state, *, method: str, gene
         denoiser = adapter.load_denoiser(torch.float32, path=generator_path)
         denoiser.load_state_dict({k: v.float() for k, v in state.items()})
         lora_state = None
-    adapter.export(args.output_dir, denoiser, models.student_scheduler, models.weight_dtype, lora_state)
-    write_training_config(args.output_dir, args, **schedule_fields, **extra)
+    unchanged = schedule_fields.get("generator_initial_checksum") == parameter_checksum(generator)
+    if unchanged:
+        logger.warning("THE GENERATOR DID NOT CHANGE during training: the exported student is its starting point "
+                       "(learning rates, warm-up and --max_train_steps?).")
+    try:
+        adapter.export(args.output_dir, denoiser, models.student_scheduler, models.weight_dtype, lora_state)
+    except (OSError, RuntimeError) as e:
+        raise OSError(f"Could not export the student to {args.output_dir}: {e} (full disk or no permission?). The "
+                      "last checkpoint is complete: fix the cause and resume to export.") from e
+    write_training_config(args.output_dir, args, **schedule_fields, generator_unchanged=unchanged, **extra)
     # A LoRA is relative to the weights it was trained on; full weights derive from the teacher.
     base = (generator_path if lora else None) or args.pretrained_model_name_or_path
     images, prompts = samples if samples else (None, None)

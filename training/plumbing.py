@@ -5,14 +5,19 @@ turns bad user input into a message and exit status 2 (no traceback)."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
+import re
+import shutil
+import signal
 import sys
 from collections.abc import Callable, Iterable
 
 import torch
 
+from .checkpointing import PROVENANCE_NAME
 from .errors import UsageError
 
 logger = logging.getLogger("dmdx")
@@ -21,13 +26,164 @@ TRAINING_CONFIG_NAME = "training_config.json"  # the one name every consumer rea
 TRAIN_LOG_NAME = "train_log.jsonl"
 
 
+RUN_FILES = ("training_config.json", "model_index.json", TRAIN_LOG_NAME, "pytorch_lora_weights.safetensors")
+
+
 def exit_on_usage_error(main: Callable, *args):
-    """Run ``main(*args)``; bad input (:class:`UsageError`, a missing file) prints ``error: ...`` and exits 2."""
+    """Run ``main(*args)``. Bad input (:class:`UsageError`, a missing file) prints ``error: ...`` and exits 2; a
+    failed write (full disk, permissions) or a non-finite loss prints its message and exits 1. No traceback: the
+    message says what happened and what was kept."""
+    from .checkpointing import NonFiniteLossError
+
     try:
         return main(*args)
     except (UsageError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except (OSError, NonFiniteLossError) as e:
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+def check_output_dir(args) -> None:
+    """Never overwrite a finished or foreign run: an ``--output_dir`` that holds a run (its config, log, export or
+    checkpoints) needs ``--resume_from_checkpoint`` to continue it or ``--overwrite_output_dir`` to replace it."""
+    folder = args.output_dir
+    if not os.path.isdir(folder) or args.resume_from_checkpoint or getattr(args, "overwrite_output_dir", False):
+        return
+    held = sorted(n for n in os.listdir(folder) if n in RUN_FILES or re.match(r"^checkpoint-\d+$", n))
+    if held:
+        raise UsageError(f"--output_dir {folder!r} already holds a run ({', '.join(held[:4])}): pass "
+                         "--resume_from_checkpoint latest to continue it, --overwrite_output_dir to write over it, or "
+                         "choose another --output_dir.")
+
+
+def clean_leftovers(output_dir: str) -> None:
+    """Remove what an interrupted run left half-written: export and LoRA staging folders, unfinished checkpoints."""
+    if not os.path.isdir(output_dir):
+        return
+    for name in os.listdir(output_dir):
+        path = os.path.join(output_dir, name)
+        if os.path.isdir(path) and (name.startswith((".export-", ".lora-")) or re.match(r"^checkpoint-\d+\.tmp$",
+                                                                                       name)):
+            shutil.rmtree(path, ignore_errors=True)
+            logger.info("removed %s, left by an interrupted run", path)
+
+
+def weights_fingerprint(path: str, subfolder: str) -> str:
+    """Identifies a local component's weights without reading them all: names, sizes, and the first 64 KiB and last
+    1 MiB of every weight file (two trained checkpoints of one architecture differ there). A Hub id is its name."""
+    folder = os.path.join(path, subfolder)
+    if not os.path.isdir(folder):
+        return f"hub:{path}/{subfolder}"
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith((".safetensors", ".bin", ".json")):
+            continue
+        full = os.path.join(folder, name)
+        size = os.path.getsize(full)
+        digest.update(f"{name}:{size}".encode())
+        with open(full, "rb") as f:
+            digest.update(f.read(1 << 16))
+            f.seek(max(0, size - (1 << 20)))
+            digest.update(f.read())
+    return digest.hexdigest()[:16]
+
+
+def check_provenance(checkpoint: str, expected: dict, max_train_steps: int) -> str:
+    """Before anything loads: the checkpoint a resume picked must come from this kind of run (script, teacher,
+    generator start, LoRA ranks, student schedule) and not lie beyond ``--max_train_steps``. Returns the run id
+    to continue (the checkpoint's)."""
+    from .checkpointing import checkpoint_step, read_provenance
+
+    step = checkpoint_step(checkpoint)
+    if step > max_train_steps:
+        raise UsageError(f"--resume_from_checkpoint picked {checkpoint} (step {step}), beyond --max_train_steps "
+                         f"{max_train_steps}: raise --max_train_steps or name an earlier checkpoint.")
+    found = read_provenance(checkpoint)
+    if found is None:
+        raise UsageError(f"--resume_from_checkpoint {checkpoint} has no {PROVENANCE_NAME}: it was not written by "
+                         "this toolkit's scripts (or by an older version); resume it with the version that made it.")
+    differ = {k: (found.get(k), v) for k, v in expected.items() if k not in ("run_id", "step") and found.get(k) != v}
+    if differ:
+        detail = "; ".join(f"{k}: checkpoint {a!r}, this run {b!r}" for k, (a, b) in differ.items())
+        raise UsageError(f"--resume_from_checkpoint {checkpoint} was made by another run: {detail}. Resume with the "
+                         "same teacher and flags, or start a new --output_dir.")
+    return found.get("run_id") or expected["run_id"]
+
+
+def training_loop(accelerator, args, step: int, iterate: Callable[[int], dict], validate: Callable | None,
+                  provenance: dict, desc: str):
+    """Iterate from ``step`` to ``--max_train_steps``: log every step, checkpoint every ``--checkpointing_steps``
+    and at the end, validate every ``--validation_steps`` and at the end; on SIGTERM/SIGINT checkpoint the step
+    just finished and exit non-zero. Returns the last validation's result."""
+    from tqdm.auto import tqdm
+
+    from .checkpointing import save_checkpoint
+
+    progress = tqdm(range(args.max_train_steps), initial=step, desc=desc, disable=not accelerator.is_local_main_process)
+    result = None
+    with StopSignals() as stop:
+        while step < args.max_train_steps:
+            logs = iterate(step)
+            step += 1
+            progress.update(1)
+            progress.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k.startswith("loss") or k == "d_accuracy"})
+            log_step(accelerator, args.output_dir, logs, step)
+            last, signum = step == args.max_train_steps, stop.requested(accelerator)
+            if step % args.checkpointing_steps == 0 or last or signum:
+                save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit, provenance)
+            if signum:
+                progress.close()
+                accelerator.end_training()
+                StopSignals.exit(signum, args.output_dir, step)
+            if validate is not None and (step % args.validation_steps == 0 or last):
+                result = validate(step) or result
+    progress.close()
+    return result
+
+
+def parameter_checksum(module) -> float:
+    """A cheap fingerprint of a model's trainable weights (did training move them at all?)."""
+    with torch.no_grad():
+        return float(sum(p.detach().double().abs().sum() for p in module.parameters() if p.requires_grad))
+
+
+class StopSignals:
+    """SIGTERM (what schedulers send before preemption) and SIGINT (Ctrl-C): the loop finishes its current step,
+    writes a checkpoint and exits non-zero (128 + signal). A second SIGINT stops at once."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+
+    def _handle(self, signum, _frame):
+        if self.received == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+        logger.warning("received %s: finishing this step, then saving a checkpoint", signal.Signals(signum).name)
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def requested(self, accelerator) -> int:
+        """The signal every rank must stop for (0: none); agreed across processes, so all save together."""
+        value = torch.tensor([float(self.received or 0)], device=accelerator.device)
+        if accelerator.num_processes > 1:
+            value = accelerator.reduce(value, reduction="max")
+        return int(value.item())
+
+    @staticmethod
+    def exit(signum: int, output_dir: str, step: int) -> None:
+        print(f"Stopped by {signal.Signals(signum).name} after step {step}: saved {output_dir}/checkpoint-{step}. "
+              "Continue with the same command plus --resume_from_checkpoint latest.", file=sys.stderr)
+        sys.exit(128 + signum)
 
 
 def make_accelerator(args, project_name: str):
@@ -111,21 +267,20 @@ def accumulated_update(accelerator, args, module, optimizer, lr_scheduler, micro
     optimizer.zero_grad(set_to_none=True)
 
 
-def resume(accelerator, args) -> int:
-    """Load the checkpoint ``--resume_from_checkpoint`` names (models, optimizers, LR schedulers, EMA, RNG) and
-    return its step; cut the train log back to that step so no step appears twice. 0 for a fresh run."""
-    from .checkpointing import checkpoint_step, find_resume_checkpoint
+def resume(accelerator, args, checkpoint: str | None) -> int:
+    """Load ``checkpoint`` (models, optimizers, LR schedulers, EMA, RNG) and return its step; cut the train log
+    back to that step so no step appears twice. 0 for a fresh run (``checkpoint`` None)."""
+    from .checkpointing import checkpoint_step
 
-    checkpoint = find_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
     if not checkpoint:
         if args.resume_from_checkpoint:
             logger.info("no checkpoint to resume from in %s: starting a new run", args.output_dir)
         return 0
     try:
         accelerator.load_state(checkpoint)
-    except RuntimeError as e:  # a state_dict mismatch: another script, architecture or LoRA rank
-        raise UsageError(f"--resume_from_checkpoint {checkpoint} does not match this run's models (another script, "
-                         f"teacher, --lora_rank or --fake_score_lora_rank?): {str(e).splitlines()[0]}") from e
+    except RuntimeError as e:  # a state_dict mismatch the provenance check did not foresee
+        raise UsageError(f"--resume_from_checkpoint {checkpoint} does not match this run's models: "
+                         f"{str(e).splitlines()[0]}") from e
     step = checkpoint_step(checkpoint)
     logger.info("resumed from %s at step %d", checkpoint, step)
     if accelerator.is_main_process:
