@@ -355,7 +355,8 @@ def adp_distill(adapter, args) -> None:
     logger.info("ADP on %d ODE pairs (%s); pixel discriminator: %s; student: one step at t = 999 (flow velocity)",
                 len(pairs), pairs.manifest["sampler"], args.pixel_discriminator_model)
     if accelerator.is_main_process:
-        fields = write_training_config(args.output_dir, args, **fields)
+        config = write_training_config(args.output_dir, args, **fields)
+        fields["generator_initial_checksum"] = config.get("generator_initial_checksum")  # a resume: the first start's
         accelerator.init_trackers("dmdx-adp", config=tracker_config(args))
     step = resume(accelerator, args, checkpoint)
 

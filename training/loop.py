@@ -525,7 +525,8 @@ def distill(adapter, args, tracker_project: str) -> None:
                 _kind(args.fake_score_lora_rank),
                 f"discriminator on {models.features.module_names}" if models.features else "no discriminator (dmd)")
     if accelerator.is_main_process:
-        fields = write_training_config(args.output_dir, args, **fields)
+        config = write_training_config(args.output_dir, args, **fields)
+        fields["generator_initial_checksum"] = config.get("generator_initial_checksum")  # a resume: the first start's
         accelerator.init_trackers(tracker_project, config=tracker_config(args))
 
     # 2. Resume (models, optimizers, LR schedules, EMA; the step from the folder name). 3. Train.
