@@ -23,6 +23,11 @@ With ``--teacher sd3`` (the paper's SD3 recipe: four steps, ADM alone): 0. the c
 2. ``train_adm_sd3.py --distribution_loss dmd`` (DMD2, same training time) -> ``dmd2``; 3. ``evaluate.py`` on the
 teacher (25 steps, CFG), the students' initialisation (the teacher at 4 steps without CFG), DMD2 and DMDX (4 steps).
 
+Both distillation stages sample a few digit prompts after their last update (``--validation_prompts``), the
+samples and widget examples of the model card each student exports; once evaluated, the two cards are rendered again
+with the report's comparison table (``dmdx.pipelines.model_card.refresh_model_card``, also in ``commands.sh``), so
+``<output_dir>/student/README.md`` is the Hub card of a finished student.
+
 Everything runs offline on CPU. A rerun into the same folder reuses finished stages when the recipe is unchanged
 (``--overwrite`` starts afresh). ``--quick`` runs the same stages with tiny budgets (a smoke test, not a result).
 """
@@ -44,7 +49,11 @@ DIGITS = os.path.join(HERE, "digits")
 COMMITTED_TEACHERS = {arch: os.path.join(DIGITS, "assets", f"digits-{arch}-teacher") for arch in ("sdxl", "sd3")}
 
 sys.path.insert(0, DIGITS)
-from digits_data import CLASS_FREE_PROMPT, evaluation_prompts  # noqa: E402
+from digits_data import CLASS_FREE_PROMPT, digit_prompt, evaluation_prompts  # noqa: E402
+
+# The students' validation prompts: sampled once, at the last update (a few pipeline calls), for the samples and
+# widget examples of their model cards. Not part of the recipe: validation changes no training value.
+VALIDATION_PROMPTS = [digit_prompt(k) for k in (3, 5, 7)] + [CLASS_FREE_PROMPT]
 
 # The recipes. Budgets were chosen on a 2-core CPU so that a default run stays within ~20 minutes; the DMD2 step
 # count gives it about the same training time as DMDX's ADM stage (DMD2 makes 5 fake-score updates per generator
@@ -172,6 +181,25 @@ def flags(options: dict) -> list[str]:
     return out
 
 
+def validation(stage: dict) -> list[str]:
+    """The validation flags of a distillation stage: the card's samples, drawn once, after the last update."""
+    return ["--validation_prompts", *VALIDATION_PROMPTS, "--validation_steps", str(stage["max_train_steps"])]
+
+
+def refresh_cards(run, out: str, report_path: str, students: dict[str, str]):
+    """The students' model cards rendered again with the evaluation (``{folder: report row}``); the call is
+    recorded in commands.sh."""
+    from dmdx.pipelines.model_card import refresh_model_card
+
+    for folder, row in students.items():
+        path = os.path.join(out, folder)
+        refresh_model_card(path, evaluation_report=report_path, evaluation_name=row)
+        run.commands.append([sys.executable, "-c", "from dmdx.pipelines.model_card import refresh_model_card; "
+                             f"refresh_model_card({json.dumps(path)}, evaluation_report={json.dumps(report_path)}, "
+                             f"evaluation_name={json.dumps(row)})"])
+        print(f"model card: {os.path.join(path, 'README.md')} (with the {row!r} row of report.json)", flush=True)
+
+
 def prepare_teacher(run, args, out: str, total: int) -> tuple[str, str]:
     """Stage 0: the committed teacher (trained here if missing) and the prompts file; returns their paths."""
     teacher = COMMITTED_TEACHERS[args.teacher]
@@ -229,14 +257,16 @@ def run_sdxl(run, args, recipe: dict, out: str):
     student = os.path.join(out, "student")
     run.stage(3, total, "adm", run.accelerate(
         "train_adm_sdxl.py", *common, "--pretrained_generator_name_or_path", adp, "--prompts_file", prompts_file,
-        "--distribution_loss", "adm", "--guidance_scale", g, *flags(recipe["adm"]), "--output_dir", student),
+        "--distribution_loss", "adm", "--guidance_scale", g, *flags(recipe["adm"]),
+        *validation(recipe["adm"]), "--output_dir", student),
         os.path.join(student, "model_index.json"))
 
     # 4. DMD2 baseline from the same ADP student, about the same training time
     dmd2 = os.path.join(out, "dmd2")
     run.stage(4, total, "dmd", run.accelerate(
         "train_adm_sdxl.py", *common, "--pretrained_generator_name_or_path", adp, "--prompts_file", prompts_file,
-        "--distribution_loss", "dmd", "--guidance_scale", g, *flags(recipe["dmd"]), "--output_dir", dmd2),
+        "--distribution_loss", "dmd", "--guidance_scale", g, *flags(recipe["dmd"]),
+        *validation(recipe["dmd"]), "--output_dir", dmd2),
         os.path.join(dmd2, "model_index.json"))
 
     # 5. evaluation through stock diffusers
@@ -262,13 +292,15 @@ def run_sd3(run, args, recipe: dict, out: str):
     # 1. ADM (DMDX for SD3) -> student/
     student = os.path.join(out, "student")
     run.stage(1, total, "adm", run.accelerate(
-        "train_adm_sd3.py", *common, "--distribution_loss", "adm", *flags(recipe["adm"]), "--output_dir", student),
+        "train_adm_sd3.py", *common, "--distribution_loss", "adm", *flags(recipe["adm"]),
+        *validation(recipe["adm"]), "--output_dir", student),
         os.path.join(student, "model_index.json"))
 
     # 2. DMD2 baseline from the same teacher, about the same training time
     dmd2 = os.path.join(out, "dmd2")
     run.stage(2, total, "dmd", run.accelerate(
-        "train_adm_sd3.py", *common, "--distribution_loss", "dmd", *flags(recipe["dmd"]), "--output_dir", dmd2),
+        "train_adm_sd3.py", *common, "--distribution_loss", "dmd", *flags(recipe["dmd"]),
+        *validation(recipe["dmd"]), "--output_dir", dmd2),
         os.path.join(dmd2, "model_index.json"))
 
     # 3. evaluation through stock diffusers
@@ -322,7 +354,6 @@ def main(argv=None):
     start = time.perf_counter()
     stages = run_sdxl if args.teacher == "sdxl" else run_sd3
     training, student = stages(run, args, recipe, out)
-    run.write_commands()
 
     # training cost per pipeline, next to the metrics
     t = run.timings
@@ -333,6 +364,8 @@ def main(argv=None):
         report[name]["training_cost"] = cost
     with open(report_path, "w") as f:
         json.dump(report, f, indent=2)
+    refresh_cards(run, out, report_path, {"student": "dmdx", "dmd2": "dmd2"})
+    run.write_commands()
     with open(os.path.join(out, "report.md"), "a") as f:
         stages_text = (f"ODE pairs {t.get('collect_ode_pairs')} s, ADP {t.get('adp')} s (shared init), "
                        if args.teacher == "sdxl" else "")

@@ -3,6 +3,8 @@
 One entry point, :func:`write_model_card`, called once by the export path: it writes the student's sample files
 (one image or GIF per validation prompt, a grid or a GIF strip), renders ``README.md`` from the Jinja templates in
 ``model_cards/`` with huggingface_hub's ``ModelCardData`` for the metadata (renders offline), and returns the text.
+:func:`refresh_model_card` renders a finished student folder's card again from what the folder holds (its
+``training_config.json``, scheduler, samples and card), e.g. with an ``evaluate.py`` report measured afterwards.
 
 What the card holds: Hub metadata (``base_model`` when the teacher came from the Hub, ``pipeline_tag``,
 ``library_name: diffusers``, tags, the teacher's licence, ``widget`` examples), the samples, a teacher-vs-student
@@ -54,6 +56,9 @@ LOCAL_NOTE = "  # the folder training wrote (run from its parent); after pushing
 # evaluate.py's report.json: columns shown (in this order) with their labels; other numeric keys follow.
 REPORT_COLUMNS = {
     "num_inference_steps": "steps", "nfe": "NFE", "guidance_scale": "guidance", "seconds_per_image": "s / image",
+    # distances to the teacher's own samples (what judges a distillation; empty in the reference's own row)
+    "fid_to_teacher": "FID to teacher ↓", "class_hist_tv_to_teacher": "class-hist TV ↓",
+    "mode_hist_tv_to_teacher": "mode-hist TV ↓",
     "digit_fid": "digit-FID ↓", "prompt_accuracy": "prompt acc. ↑", "mode_entropy": "mode entropy ↑",
     "modes_covered": "modes covered", "diversity": "diversity (rel.)",
     "training_cost.adp_seconds": "ADP s", "training_cost.distillation_seconds": "distillation s",
@@ -721,3 +726,131 @@ def write_model_card(
     card = ModelCard(scrub.text(text))
     card.save(os.path.join(output_dir, "README.md"))
     return str(card)
+
+
+# ---- re-rendering a finished student's card ---------------------------------------------------------------------
+TRAINING_CONFIG = "training_config.json"
+
+
+def training_hyperparameters(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The card's hyperparameter table from a run's flags (``training_config.json``, or ``vars(args)``): for
+    ``method == "adp"`` what ``dmdx.training.adp`` shows, else what ``dmdx.training.loop`` shows."""
+    def kind(rank):
+        return f"LoRA r={rank}" if rank else "full"
+
+    common = {"resolution": config.get("resolution"), "generator updates": config.get("max_train_steps"),
+              "batch size per device": config.get("train_batch_size")}
+    if config.get("method") == "adp":
+        weights = (f"{config['latent_weight']} / {config['pixel_weight']}"
+                   if "latent_weight" in config and "pixel_weight" in config else None)
+        return {**common, "latent / pixel weights": weights, "velocity MSE weight": config.get("velocity_mse_weight")}
+    return {**common, "teacher guidance scale": config.get("guidance_scale"), "ODE step dt": config.get("ode_step_dt"),
+            "generator": kind(config.get("lora_rank")), "fake score": kind(config.get("fake_score_lora_rank"))}
+
+
+def card_training_command(readme_path: str) -> list[str] | None:
+    """The training command a card shows (its "Launched with" block) as argv tokens, placeholders kept, so that
+    :func:`format_training_command` renders it again unchanged; None when the card shows none."""
+    if not os.path.isfile(readme_path):
+        return None
+    with open(readme_path, encoding="utf-8") as f:
+        match = re.search(r"^Launched with[^\n]*\n+```bash\n(.*?)\n```", f.read(), re.S | re.M)
+    return shlex.split(match.group(1).replace(" \\\n  ", " ")) if match else None
+
+
+def _card_samples(student_dir: str, config: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    """(files relative to the folder, prompts) of the samples a card shows: its ``widget`` entries whose files exist,
+    else ``samples/{i}.png`` (or ``.gif``) for each of the run's ``validation_prompts``; both only when complete."""
+    from huggingface_hub import ModelCard
+
+    readme = os.path.join(student_dir, "README.md")
+    widget = []
+    if os.path.isfile(readme):
+        try:
+            widget = ModelCard.load(readme, ignore_metadata_errors=True).data.get("widget") or []
+        except Exception:  # noqa: BLE001 (an unreadable card: fall back to the run's prompts)
+            widget = []
+    pairs = [(w["output"]["url"], str(w["text"])) for w in widget if isinstance(w, Mapping)
+             and isinstance(w.get("output"), Mapping) and w["output"].get("url") and w.get("text") is not None]
+    if pairs and all(os.path.isfile(os.path.join(student_dir, f)) for f, _ in pairs):
+        return [f for f, _ in pairs], [p for _, p in pairs]
+    prompts = [str(p) for p in config.get("validation_prompts") or []]
+    files = []
+    for i in range(len(prompts)):
+        found = [f"{SAMPLES_DIR}/{i}.{ext}" for ext in ("png", "gif")
+                 if os.path.isfile(os.path.join(student_dir, SAMPLES_DIR, f"{i}.{ext}"))]
+        if not found:
+            return [], []
+        files.append(found[0])
+    return files, prompts
+
+
+def _architecture_extras(student_dir: str, pipeline_class: str, config: Mapping[str, Any]) -> dict:
+    """What the teacher adapter of ``pipeline_class`` adds to a card (``card_extras``), built on the student's
+    folder with the run's architecture flags; {} when no adapter knows the class."""
+    import inspect
+
+    try:
+        from dmdx.pipelines.teachers import ADAPTERS, TeacherAdapter
+    except ImportError:
+        return {}
+    for cls in ADAPTERS.values():
+        if cls.pipeline_class != pipeline_class:
+            continue
+        own = set(inspect.signature(cls.__init__).parameters) - set(
+            inspect.signature(TeacherAdapter.__init__).parameters)
+        try:
+            return dict(cls(student_dir, what="the student", **{k: config[k] for k in own if k in config})
+                        .card_extras())
+        except Exception:  # noqa: BLE001 (a folder the adapter rejects: no architecture extras)
+            return {}
+    return {}
+
+
+def refresh_model_card(
+    student_dir: str,
+    *,
+    evaluation_report: Mapping | str | os.PathLike | None = None,
+    evaluation_name: str | None = None,
+    training_command: Sequence[str] | None = None,
+    **overrides: Any,
+) -> str:
+    """Re-render the card of a finished student folder (what training exported), e.g. to attach an
+    ``evaluate.py`` report measured afterwards; returns the new ``README.md`` text.
+
+    Everything comes from the folder: the method, step count, flags and teacher from ``training_config.json``,
+    the pipeline class from ``model_index.json``, the schedule from ``scheduler/``, LoRA from
+    ``pytorch_lora_weights.safetensors``, the samples and their prompts from the card's ``widget`` entries (else
+    ``samples/{i}.png`` for the run's ``validation_prompts``), the training command from the card being replaced
+    (or ``training_config.json``'s ``training_command``), architecture extras (SD3 without T5) from the teacher
+    adapter. ``overrides`` are further :func:`write_model_card` arguments (``hardware``, ``repo_id``, ...)."""
+    config_path = os.path.join(student_dir, TRAINING_CONFIG)
+    index_path = os.path.join(student_dir, "model_index.json")
+    for path in (config_path, index_path):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{student_dir} is not a finished student folder (no {os.path.basename(path)}).")
+    with open(config_path) as f:
+        config = json.load(f)
+    with open(index_path) as f:
+        pipeline_class = json.load(f)["_class_name"]
+    from .export import LORA_WEIGHT_NAME
+
+    lora = os.path.isfile(os.path.join(student_dir, LORA_WEIGHT_NAME))
+    files, prompts = _card_samples(student_dir, config)
+    video = any(f.endswith(".gif") for f in files) or "Video" in pipeline_class
+    if training_command is None:
+        training_command = config.get("training_command") or card_training_command(
+            os.path.join(student_dir, "README.md"))
+    kwargs = dict(
+        # as the export path names it: a LoRA is relative to the weights it was trained on
+        base_model=(config.get("pretrained_generator_name_or_path") if lora else None)
+        or config.get("pretrained_model_name_or_path"),
+        pipeline_class=pipeline_class, num_inference_steps=int(config["num_student_steps"]), guidance_scale=0.0,
+        method=config["method"], lora=lora, video=video, sample_images=files or None,
+        sample_prompts=prompts or None, training_command=training_command,
+        hyperparameters=training_hyperparameters(config), repo_id=config.get("hub_model_id"),
+        evaluation_report=evaluation_report, evaluation_name=evaluation_name,
+        **_architecture_extras(student_dir, pipeline_class, config),
+    )
+    kwargs.update(overrides)
+    return write_model_card(student_dir, **kwargs)

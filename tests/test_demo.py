@@ -38,6 +38,22 @@ def test_demo_quick_end_to_end(tmp_path):
     for script in ("collect_ode_pairs.py", "train_adp_sdxl.py", "train_adm_sdxl.py", "evaluate.py"):
         assert script in commands
     assert "--distribution_loss adm" in commands and "--distribution_loss dmd" in commands
+    assert commands.count("--validation_prompts") == 2 and "refresh_model_card" in commands
+
+    # the student's Hub card: samples, widget metadata, the comparison table of report.json, a digit prompt
+    from huggingface_hub import ModelCard
+
+    readme = (out / "student" / "README.md").read_text()
+    widget = ModelCard.load(str(out / "student" / "README.md")).data.widget
+    assert len(widget) >= 2 and all(w["text"].startswith("a handwritten digit") for w in widget)
+    assert all((out / "student" / w["output"]["url"]).stat().st_size > 0 for w in widget)
+    assert (out / "student" / "samples" / "grid.png").is_file() and "![Samples](samples/grid.png)" in readme
+    assert "\n| teacher | 25 | 50 | 3 |" in readme and "\n| **dmdx** (this model) | 1 | 1 | 0 |" in readme
+    assert "\n| dmd2 |" in readme and "| **dmd2** (this model) |" in (out / "dmd2" / "README.md").read_text()
+    usage = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    assert f'pipe("{widget[0]["text"]}", num_inference_steps=1' in usage and "a photo of a cat" not in readme
+    for text in (readme, (out / "dmd2" / "README.md").read_text()):
+        assert str(tmp_path) not in text and os.path.realpath(tmp_path) not in text and ROOT not in text
 
     # the DMDX student is an ordinary diffusers pipeline that generates in one step
     import torch

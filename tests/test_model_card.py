@@ -351,3 +351,88 @@ def test_push_to_hub_uploads_card_and_samples(tmp_path, monkeypatch):
 
     widget = ModelCard.load(os.path.join(out, "README.md")).data.widget
     assert {w["output"]["url"] for w in widget} <= uploaded
+
+
+def test_refresh_model_card_from_a_finished_student(tmp_path):
+    """A student folder as the export path leaves it, its card rendered again with an evaluation report measured
+    afterwards: the same samples, prompt, command and hyperparameters, now with the comparison table."""
+    from diffusers import LCMScheduler
+    from huggingface_hub import ModelCard
+
+    from dmdx.pipelines.model_card import refresh_model_card, write_model_card
+
+    teacher = _teacher(tmp_path)
+    out = _student(tmp_path, "student", scheduler=LCMScheduler())
+    (tmp_path / "runs" / "student" / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
+    adp = str(tmp_path / "machine-specific-dir" / "adp")
+    config = {"pretrained_model_name_or_path": teacher, "pretrained_generator_name_or_path": adp,
+              "output_dir": out, "validation_prompts": PROMPTS, "resolution": 16, "max_train_steps": 3,
+              "train_batch_size": 4, "guidance_scale": 3.0, "ode_step_dt": 1 / 64, "lora_rank": 0,
+              "fake_score_lora_rank": 0, "hub_model_id": None, "hub_token": None, "method": "dmdx",
+              "num_student_steps": 1, "student_scheduler": "LCMScheduler"}
+    (tmp_path / "runs" / "student" / "training_config.json").write_text(json.dumps(config))
+    argv = [os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "distill_scripts",
+                         "train_adm_sdxl.py"), "--pretrained_model_name_or_path", teacher,
+            "--pretrained_generator_name_or_path", adp, "--validation_prompts", *PROMPTS, "--output_dir", out]
+    hyper = {"resolution": 16, "generator updates": 3, "batch size per device": 4, "teacher guidance scale": 3.0,
+             "ODE step dt": 1 / 64, "generator": "full", "fake score": "full"}
+    exported = write_model_card(out, base_model=teacher, pipeline_class="StableDiffusionXLPipeline",
+                                num_inference_steps=1, guidance_scale=0.0, method="dmdx", sample_images=_images(3),
+                                sample_prompts=PROMPTS, training_command=argv, hyperparameters=hyper)
+    report = {"teacher": {"nfe": 50, "num_inference_steps": 25, "guidance_scale": 3.0, "digit_fid": 1.5,
+                          "path": teacher},
+              "dmdx": {"nfe": 1, "num_inference_steps": 1, "guidance_scale": 0.0, "digit_fid": 2.5, "path": out,
+                       "training_cost": {"distillation_seconds": 12.0}}}
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    before = {f: open(os.path.join(out, "samples", f), "rb").read() for f in ("0.png", "1.png", "2.png")}
+
+    text = refresh_model_card(out, evaluation_report=str(tmp_path / "report.json"), evaluation_name="dmdx")
+    assert text == open(os.path.join(out, "README.md")).read()
+    data = ModelCard.load(os.path.join(out, "README.md")).data.to_dict()
+    assert data["widget"] == [{"text": p, "output": {"url": f"samples/{i}.png"}} for i, p in enumerate(PROMPTS)]
+    assert {f: open(os.path.join(out, "samples", f), "rb").read() for f in before} == before  # kept as they were
+    assert os.path.isfile(os.path.join(out, "samples", "grid.png")) and "![Samples](samples/grid.png)" in text
+    assert "| teacher | 25 | 50 | 3 | 1.5 | – |" in text and "| **dmdx** (this model) | 1 | 1 | 0 | 2.5 | 12 |" in text
+    assert "| teacher (local) |" not in text  # the report replaces the table without one
+    # what did not change: title, usage prompt, schedule, the command and the hyperparameters of the export
+    same = ("# DMDX 1-step student of a local teacher", f'pipe("{PROMPTS[0]}", num_inference_steps=1',
+            "`LCMScheduler`", "| ODE step dt | `0.015625` |", "| generator | `full` |", "| resolution | `16` |")
+    assert all(s in exported and s in text for s in same)
+    command = re.compile(r"```bash\n(accelerate launch .*?)```", re.S)
+    assert command.search(text).group(1) == command.search(exported).group(1)
+    assert "--pretrained_generator_name_or_path <adp>" in text and "'a handwritten digit three'" in text
+    _assert_no_machine_path(text, teacher, out, adp, str(tmp_path))
+
+    # no card left: samples from the run's validation prompts, no command; a LoRA names the weights it adapts
+    os.remove(os.path.join(out, "README.md"))
+    (tmp_path / "runs" / "student" / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    config.update(pretrained_generator_name_or_path="org/sdxl-adp", lora_rank=8, hub_model_id="me/sdxl-dmdx")
+    (tmp_path / "runs" / "student" / "training_config.json").write_text(json.dumps(config))
+    text = refresh_model_card(out)
+    data = ModelCard.load(os.path.join(out, "README.md")).data.to_dict()
+    assert data["base_model"] == "org/sdxl-adp" and "lora" in data["tags"]
+    assert [w["text"] for w in data["widget"]] == PROMPTS and "Launched with" not in text
+    assert 'pipe.load_lora_weights("me/sdxl-dmdx")' in text and "| generator | `LoRA r=8` |" in text
+    with pytest.raises(FileNotFoundError, match="training_config.json"):
+        refresh_model_card(str(tmp_path / "runs"))
+
+
+def test_refresh_model_card_architecture_extras(tmp_path):
+    """An SD3 student trained with --drop_t5: the refreshed card keeps the adapter's loading arguments."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from dmdx.pipelines.model_card import refresh_model_card
+
+    out = _student(tmp_path, "sd3-student", scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+    index = {"_class_name": "StableDiffusion3Pipeline", "transformer": ["diffusers", "SD3Transformer2DModel"],
+             "text_encoder_3": [None, None], "tokenizer_3": [None, None]}
+    (tmp_path / "runs" / "sd3-student" / "model_index.json").write_text(json.dumps(index))
+    (tmp_path / "runs" / "sd3-student" / "transformer").mkdir()
+    (tmp_path / "runs" / "sd3-student" / "transformer" / "config.json").write_text(
+        json.dumps({"_class_name": "SD3Transformer2DModel"}))
+    (tmp_path / "runs" / "sd3-student" / "training_config.json").write_text(json.dumps(
+        {"pretrained_model_name_or_path": "stabilityai/stable-diffusion-3-medium-diffusers", "method": "adm",
+         "num_student_steps": 4, "drop_t5": True, "shift_terminal": 0.25, "max_sequence_length": 256}))
+    text = refresh_model_card(out)
+    assert 'from_pretrained("sd3-student", text_encoder_3=None, tokenizer_3=None)' in _snippet(text)
+    assert "## Without T5" in text and "base_model: stabilityai/stable-diffusion-3-medium-diffusers" in text

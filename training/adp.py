@@ -378,10 +378,7 @@ def adp_distill(adapter, args) -> None:
     checksums = rank_checksums(accelerator, models.generator)
     state = accelerator.get_state_dict(models.generator) if not isinstance(generator, LoraView) else None
     if accelerator.is_main_process:
-        details = {"resolution": args.resolution, "generator updates": args.max_train_steps,
-                   "batch size per device": args.train_batch_size, "latent / pixel weights":
-                   f"{args.latent_weight} / {args.pixel_weight}", "velocity MSE weight": args.velocity_mse_weight}
         export_student(adapter, args, models, generator, state, method="adp", generator_path=None, samples=samples,
-                       schedule_fields=fields, training_details=details, generator_checksum_per_rank=checksums)
+                       schedule_fields=fields, generator_checksum_per_rank=checksums)
     accelerator.wait_for_everyone()
     accelerator.end_training()

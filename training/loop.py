@@ -550,13 +550,8 @@ def distill(adapter, args, tracker_project: str) -> None:
     checksums = None if accelerator.distributed_type.name == "FSDP" else rank_checksums(accelerator, models.generator)
     state = accelerator.get_state_dict(models.generator) if not isinstance(generator, LoraView) else None
     if accelerator.is_main_process:
-        details = {"resolution": args.resolution, "generator updates": args.max_train_steps,
-                   "batch size per device": args.train_batch_size, "teacher guidance scale": args.guidance_scale,
-                   "ODE step dt": args.ode_step_dt, "generator": _kind(args.lora_rank),
-                   "fake score": _kind(args.fake_score_lora_rank)}
         export_student(adapter, args, models, generator, state, method=method, generator_path=generator_path,
-                       samples=samples, schedule_fields=fields, training_details=details,
-                       generator_checksum_per_rank=checksums)
+                       samples=samples, schedule_fields=fields, generator_checksum_per_rank=checksums)
     accelerator.wait_for_everyone()
     accelerator.end_training()
 
@@ -630,12 +625,12 @@ def validate(models, adapter, args, accelerator, step: int, val_cond: dict, vae)
 
 
 def export_student(adapter, args, models, generator, state, *, method: str, generator_path: str | None,
-                   samples: tuple | None, schedule_fields: dict, training_details: dict, **extra) -> None:
+                   samples: tuple | None, schedule_fields: dict, **extra) -> None:
     """Main process: the stock pipeline folder (+ LoRA weights), training config, model card with the final
     validation ``samples`` (images, prompts), upload. ``state``: the full generator's state dict (gathered), None
     for a LoRA generator."""
     from dmdx.pipelines.hub import push_to_hub
-    from dmdx.pipelines.model_card import write_model_card
+    from dmdx.pipelines.model_card import training_hyperparameters, write_model_card
 
     lora = isinstance(generator, LoraView)
     if lora:
@@ -655,14 +650,16 @@ def export_student(adapter, args, models, generator, state, *, method: str, gene
     except (OSError, RuntimeError) as e:
         raise OSError(f"Could not export the student to {args.output_dir}: {e} (full disk or no permission?). The "
                       "last checkpoint is complete: fix the cause and resume to export.") from e
-    write_training_config(args.output_dir, args, **schedule_fields, generator_unchanged=unchanged, **extra)
+    write_training_config(args.output_dir, args, **schedule_fields, generator_unchanged=unchanged,
+                          training_command=sys.argv, **extra)
     # A LoRA is relative to the weights it was trained on; full weights derive from the teacher.
     base = (generator_path if lora else None) or args.pretrained_model_name_or_path
     images, prompts = samples if samples else (None, None)
     write_model_card(
         args.output_dir, base_model=base, pipeline_class=adapter.pipeline_class,
         num_inference_steps=schedule_fields["num_student_steps"], guidance_scale=0.0, method=method, lora=lora,
-        sample_images=images, sample_prompts=prompts, training_command=sys.argv, hyperparameters=training_details,
+        sample_images=images, sample_prompts=prompts, training_command=sys.argv,
+        hyperparameters=training_hyperparameters({**vars(args), "method": method}),
         repo_id=args.hub_model_id,
         **adapter.card_extras())
     logger.info("exported the student pipeline to %s (%s)", args.output_dir, TRAINING_CONFIG_NAME)
