@@ -292,10 +292,17 @@ def train_iteration(models: DistillationModels, adapter, args, accelerator, prom
     def ode_predictions(b, x0, x_t, fake_model):
         """x_real, x_fake: one PF-ODE step t -> s from the same x_t with the teacher (CFG) and the fake score."""
         cache = {}
-        real = lambda x, tt: cache.setdefault("real", real_x0(x.detach(), tt, b["cond"], b["uncond"]))
-        fake = lambda x, tt: cache.setdefault("fake", fake_x0(fake_model, x, tt, b["cond"]))
+
+        def real(x, tt):
+            cache["real"] = real_x0(x.detach(), tt, b["cond"], b["uncond"])
+            return cache["real"]
+
+        def fake(x, tt):
+            cache["fake"] = fake_x0(fake_model, x, tt, b["cond"])
+            return cache["fake"]
+
         x_real, x_fake = adm_latent_predictions(x_t, b["t"], b["s"], real, fake, m.teacher_schedule)
-        return x_real, x_fake, cache
+        return x_real, x_fake, cache  # the x0 predictions, for the recorded DMD loss
 
     def discriminator_inputs(x_real, x_fake, s):
         """What D sees: the two ODE-step outputs at s, or (--discriminator_renoise shared) both re-noised with the
@@ -357,7 +364,8 @@ def train_iteration(models: DistillationModels, adapter, args, accelerator, prom
                     recorded = dmd_loss(x0.detach(), cache["real"], cache["fake"].detach()).mean()
                     if i == 0:
                         probe.update(x0_real=cache["real"], x0_fake=cache["fake"].detach())
-                        logs.update(prediction_gap(x_real.detach(), x_fake.detach(), x0.detach()))
+                        gap = prediction_gap(x_real.detach(), x_fake.detach(), x0.detach())
+                        logs.update({k: v for k, v in gap.items() if v == v})  # relative: needs a batch of 2+
                 yield loss, {"loss_generator": loss, "dmd_loss_recorded": recorded}
 
         with frozen_parameters(fake_frozen, heads_frozen):  # gradient flows through their inputs to G only
