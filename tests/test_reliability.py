@@ -116,3 +116,16 @@ def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         assert sorted(os.listdir(out)) == ["checkpoint-1"]  # no half-written folder left
     finally:
         AcceleratorState._reset_state(True)
+
+
+def test_leftovers_of_an_interrupted_run_are_removed(tmp_path):
+    """A kill during export or a checkpoint save leaves staging folders; the next start removes them (and nothing
+    else)."""
+    from dmdx.training.plumbing import clean_leftovers
+
+    for name in (".export-abc", ".lora-xyz", "checkpoint-7.tmp", "checkpoint-6", "validation"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "checkpoint-6" / "model.safetensors").write_bytes(b"weights")
+    clean_leftovers(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-6", "validation"]
+    assert (tmp_path / "checkpoint-6" / "model.safetensors").read_bytes() == b"weights"
