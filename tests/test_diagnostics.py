@@ -142,3 +142,23 @@ def test_output_shift_known_value_and_no_move():
     assert math.isnan(output_shift(before, before)["output_shift_common_fraction"])
     with pytest.raises(ValueError, match="Shapes"):
         output_shift(before, torch.zeros(3, 2))
+
+
+def test_generator_gradient_diagnostics_known_values():
+    from dmdx.training import dmd_loss
+    from dmdx.training.diagnostics import generator_gradient_diagnostics
+
+    torch.manual_seed(0)
+    x0, x0_real, x0_fake = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
+    x = x0.clone().requires_grad_(True)
+    (dmd_grad,) = torch.autograd.grad(dmd_loss(x, x0_real, x0_fake).sum(), x)
+    out = generator_gradient_diagnostics(2 * dmd_grad, x0, x0 + 0.5, x0_real, x0_fake)
+    assert out["grad_cosine_adm_dmd"] == pytest.approx(1.0)
+    assert out["grad_cosine_adm_dmd_per_sample"] == pytest.approx(1.0)
+    assert out["output_shift_common_fraction"] == pytest.approx(1.0)  # every sample moved by the same +0.5
+    assert out["dmd_grad_coherence"] == pytest.approx(out["grad_coherence"])
+    same = generator_gradient_diagnostics(torch.ones(3, 4, 2, 2), x0, x0)
+    assert same["grad_coherence"] == pytest.approx(1.0) and same["output_shift"] == 0
+    assert "grad_cosine_adm_dmd" not in same
+    opposite = generator_gradient_diagnostics(-dmd_grad, x0, x0, x0_real, x0_fake)
+    assert opposite["grad_cosine_adm_dmd"] == pytest.approx(-1.0)

@@ -149,3 +149,25 @@ def output_shift(x_before: torch.Tensor, x_after: torch.Tensor) -> dict[str, flo
     fraction = (common / per_sample).item() if per_sample > 0 else math.nan
     return {"output_shift": per_sample.item(), "output_shift_common": common.item(),
             "output_shift_common_fraction": fraction}
+
+
+@torch.no_grad()
+def generator_gradient_diagnostics(grad_x0: torch.Tensor, x0_before: torch.Tensor, x0_after: torch.Tensor,
+                                   x0_real: torch.Tensor | None = None,
+                                   x0_fake: torch.Tensor | None = None) -> dict[str, float]:
+    """One generator update seen from its output: how coherent the per-sample gradients ``grad_x0`` are across the
+    batch (ADM's move as one common translation), how far the outputs moved (the same inputs before and after the
+    update), and, given the teacher's and the fake score's x0 predictions, how ``grad_x0`` relates to DMD2's
+    gradient on the same samples (overall and per sample cosine)."""
+    from .losses import dmd_loss
+
+    out = {"grad_coherence": batch_coherence(grad_x0), **output_shift(x0_before, x0_after)}
+    if x0_real is not None and x0_fake is not None:
+        x0 = x0_before.float().clone().requires_grad_(True)
+        with torch.enable_grad():
+            (dmd_grad,) = torch.autograd.grad(dmd_loss(x0, x0_real.float(), x0_fake.float()).sum(), x0)
+        a, b = grad_x0.float().flatten(1), dmd_grad.flatten(1)
+        out["grad_cosine_adm_dmd"] = torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
+        out["grad_cosine_adm_dmd_per_sample"] = torch.nn.functional.cosine_similarity(a, b, dim=1).mean().item()
+        out["dmd_grad_coherence"] = batch_coherence(dmd_grad)
+    return out

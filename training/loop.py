@@ -234,7 +234,7 @@ def train_iteration(models: DistillationModels, adapter, args, accelerator, prom
         hinge_discriminator_loss,
     )
     from .checkpointing import check_finite
-    from .diagnostics import band_discriminator_diagnostics, batch_coherence, output_shift, prediction_gap
+    from .diagnostics import band_discriminator_diagnostics, generator_gradient_diagnostics, prediction_gap
     from .remedies import (
         approximate_r1_penalty,
         ode_step_target,
@@ -381,8 +381,10 @@ def train_iteration(models: DistillationModels, adapter, args, accelerator, prom
                         for key, value in terms.items():
                             logs[key] = logs.get(key, 0.0) + value.float().item() / k_micro
         if diagnose and "grad" in probe:
-            logs.update(generator_diagnostics(probe, lambda: gen_x0(generator_plain, probe["x_k"], probe["t_k"],
-                                                                    probe["cond"]), batch_coherence, output_shift))
+            with torch.no_grad():
+                x0_after = gen_x0(generator_plain, probe["x_k"], probe["t_k"], probe["cond"])
+            logs.update(generator_gradient_diagnostics(probe["grad"], probe["x0"], x0_after, probe.get("x0_real"),
+                                                       probe.get("x0_fake")))
 
         # 3. Discriminator heads: hinge loss on x_real (teacher step) vs x_fake (fake-score step); the backbone runs
         #    without autograd. The first update reuses step 2's predictions; further updates draw fresh ones.
@@ -448,26 +450,6 @@ def train_iteration(models: DistillationModels, adapter, args, accelerator, prom
     return logs
 
 
-@torch.no_grad()
-def generator_diagnostics(probe: dict, regenerate, batch_coherence, output_shift) -> dict[str, float]:
-    """How coherent the generator's per-sample output gradients are across the batch (ADM's move as one common
-    translation, DESIGN.md §2), how they relate to DMD's on the same samples (ADM only), and how far the outputs
-    moved in this update (the same inputs, before and after)."""
-    from . import dmd_loss
-
-    out = {"grad_coherence": batch_coherence(probe["grad"])}
-    out.update(output_shift(probe["x0"], regenerate()))
-    if "x0_real" in probe:
-        x0 = probe["x0"].float().clone().requires_grad_(True)
-        with torch.enable_grad():
-            dmd_grad, = torch.autograd.grad(dmd_loss(x0, probe["x0_real"].float(), probe["x0_fake"].float()).sum(), x0)
-        a, b = probe["grad"].flatten(1), dmd_grad.flatten(1)
-        out["grad_cosine_adm_dmd"] = torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
-        out["grad_cosine_adm_dmd_per_sample"] = torch.nn.functional.cosine_similarity(a, b, dim=1).mean().item()
-        out["dmd_grad_coherence"] = batch_coherence(dmd_grad)
-    return out
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The run
 # ----------------------------------------------------------------------------------------------------------------
@@ -489,7 +471,7 @@ def distill(adapter, args, tracker_project: str) -> None:
     check_output_dir(args)
     generator_path = args.pretrained_generator_name_or_path
     if generator_path:
-        type(adapter)(generator_path, what="--pretrained_generator_name_or_path", **adapter_kwargs(adapter))
+        adapter.for_path(generator_path, "--pretrained_generator_name_or_path")
     if args.distribution_loss == "adm":
         adapter.discriminator_blocks(args.discriminator_blocks)
     adapter.latent_shape(args.resolution)
@@ -587,12 +569,6 @@ def run_provenance(adapter, args, script: str, generator_path: str | None, times
             "discriminator": [args.discriminator_blocks, args.discriminator_head_channels,
                               args.discriminator_head_depth] if args.distribution_loss == "adm" else None,
             "run_id": uuid.uuid4().hex}
-
-
-def adapter_kwargs(adapter) -> dict:
-    return {"revision": adapter.load_kwargs["revision"], "cache_dir": adapter.load_kwargs["cache_dir"],
-            **{k: getattr(adapter, k) for k in ("max_sequence_length", "drop_t5", "shift_terminal")
-               if hasattr(adapter, k)}}
 
 
 def student_schedule_fields(models: DistillationModels, method: str) -> dict:

@@ -56,6 +56,7 @@ class TeacherAdapter:
         self.denoiser_config = self.read_config(self.denoiser_name)
         self.check_architecture()
         self.text_modules: dict[str, Any] = {}
+        self.options: dict[str, Any] = {}  # an architecture's own constructor flags (see ``for_path``)
 
     # ---- configs only (no weights): every check runs before anything heavy --------------------------------------
     def read_config(self, subfolder: str) -> dict:
@@ -75,6 +76,11 @@ class TeacherAdapter:
                 f"{self.what} {self.path!r} is a {self.index.get('_class_name')!r} whose "
                 f"{self.denoiser_name or 'denoiser'} is a {self.denoiser_config.get('_class_name')!r}; this script "
                 f"distills {self.pipeline_class} teachers ({self.sibling_script}).")
+
+    def for_path(self, path: str, what: str):
+        """The same adapter (same options) on another checkpoint, e.g. to check a generator folder's config."""
+        return type(self)(path, what=what, resolution=self.resolution, revision=self.load_kwargs["revision"],
+                          cache_dir=self.load_kwargs["cache_dir"], **self.options)
 
     def is_my_denoiser(self, config: dict) -> bool:  # subclasses
         raise NotImplementedError

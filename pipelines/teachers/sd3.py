@@ -22,6 +22,8 @@ class SD3Teacher(TeacherAdapter):
                  shift_terminal: float = 0.25, **kwargs):
         super().__init__(path, **kwargs)
         self.max_sequence_length, self.drop_t5, self.shift_terminal = max_sequence_length, drop_t5, shift_terminal
+        self.options = {"max_sequence_length": max_sequence_length, "drop_t5": drop_t5,
+                        "shift_terminal": shift_terminal}
         self.has_t5 = (self.index.get("text_encoder_3") or [None])[0] is not None
         if not self.has_t5 and not drop_t5:
             raise UsageError(f"{self.what} {path!r} has no T5 encoder (text_encoder_3 is null in model_index.json): "
