@@ -37,7 +37,6 @@ from .plumbing import (
     make_lr_scheduler,
     make_optimizer,
     parameter_checksum,
-    rank_checksums,
     resume,
     tracker_config,
     training_loop,
@@ -306,7 +305,7 @@ def adp_distill(adapter, args) -> None:
     from accelerate.utils import set_seed
 
     from .checkpointing import find_resume_checkpoint
-    from .loop import export_student, validate
+    from .loop import finish_and_export, validate
 
     # 0. Before any weights: the output folder, the teacher's architecture and resolution, pairs from this teacher
     #    at this size, the SAM path, a resumable checkpoint.
@@ -371,14 +370,5 @@ def adp_distill(adapter, args) -> None:
                             lambda at: adp_iteration(models, adapter, args, accelerator, pairs, encode, at),
                             validate_fn, provenance, "ADP steps")
 
-    accelerator.wait_for_everyone()
-    generator = accelerator.unwrap_model(models.generator)
-    if models.ema is not None:
-        models.ema.copy_to(generator.parameters())
-    checksums = rank_checksums(accelerator, models.generator)
-    state = accelerator.get_state_dict(models.generator) if not isinstance(generator, LoraView) else None
-    if accelerator.is_main_process:
-        export_student(adapter, args, models, generator, state, method="adp", generator_path=None, samples=samples,
-                       schedule_fields=fields, generator_checksum_per_rank=checksums)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    finish_and_export(adapter, args, accelerator, models, method="adp", generator_path=None, samples=samples,
+                      fields=fields)

@@ -533,6 +533,14 @@ def distill(adapter, args, tracker_project: str) -> None:
                             validate_fn, provenance, "generator updates")
 
     # 4. Export (the EMA weights when kept): a stock pipeline with the student's scheduler, card, upload.
+    finish_and_export(adapter, args, accelerator, models, method=method, generator_path=generator_path,
+                      samples=samples, fields=fields)
+
+
+def finish_and_export(adapter, args, accelerator, models, *, method: str, generator_path: str | None, samples,
+                      fields: dict) -> None:
+    """After the last step, on every process: the EMA weights into the generator, the ranks' weight checksums, the
+    gathered state; then the main process exports (``export_student``); then everyone ends together."""
     accelerator.wait_for_everyone()
     generator = accelerator.unwrap_model(models.generator)
     if models.ema is not None:
