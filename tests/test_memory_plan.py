@@ -1,0 +1,167 @@
+"""benchmarks/memory_plan.py and benchmarks/gpu_check.py: the plan's arithmetic on a tiny MMDiT (every byte count
+from its parameter counts, checked against modules built on the CPU), the self-check through the real loop on a
+tiny teacher (its ratio is finite), and gpu_check's CPU smoke mode (and its clear stop without CUDA)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, script_env
+
+BENCHMARKS = Path(REPO) / "benchmarks"
+TINY_SD3 = {"sample_size": 16, "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 3,
+            "attention_head_dim": 16, "num_attention_heads": 2, "joint_attention_dim": 32,
+            "caption_projection_dim": 32, "pooled_projection_dim": 64, "pos_embed_max_size": 16}
+
+
+def _load(name: str):
+    if name in sys.modules:
+        return sys.modules[name]
+    sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def mp():
+    return _load("memory_plan")
+
+
+@pytest.fixture(scope="module")
+def tiny_facts(mp):
+    spec = {"class": "SD3Transformer2DModel", "config": TINY_SD3, "family": "sd3", "source": "test",
+            "text_encoders": [], "units": ("JointTransformerBlock",), "lora_targets": mp.SD3_LORA, "lora_rank": 4,
+            "resolution": (128, 128), "frames": None, "text_tokens": 8}
+    return mp.architecture_facts("tiny", spec, head_channels=16)
+
+
+def test_meta_counts_match_modules_built_on_the_cpu(mp, tiny_facts):
+    from diffusers import SD3Transformer2DModel
+
+    from dmdx.training import BackboneFeatures, DiscriminatorHeads
+
+    torch.manual_seed(0)
+    model = SD3Transformer2DModel(**TINY_SD3)
+    assert tiny_facts["parameters"] == sum(p.numel() for p in model.parameters())
+    assert tiny_facts["buffer_elements"] == sum(b.numel() for b in model.buffers())
+    units = [sum(p.numel() for p in b.parameters()) for b in model.transformer_blocks]
+    assert tiny_facts["largest_unit_parameters"] == max(units)
+    assert tiny_facts["root_parameters"] == tiny_facts["parameters"] - sum(units)
+    # LoRA: rank x (in + out) for every targeted linear layer
+    lora = sum(4 * (m.in_features + m.out_features) for name, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and name.endswith(mp.SD3_LORA))
+    assert tiny_facts["lora_parameters"] == lora > 0
+    # D: the real features on the CPU give the meta forward's shapes and the same heads
+    geometry = mp.latent_geometry({"config": TINY_SD3, "family": "sd3", "resolution": (128, 128), "frames": None})
+    features = BackboneFeatures(model, tiny_facts["discriminator_blocks"], select=mp.feature_selector("sd3", geometry))
+    with torch.no_grad():
+        shapes = [list(f.shape[1:]) for f in features(lambda: mp.call_denoiser(
+            model, mp.denoiser_inputs("sd3", TINY_SD3, 1, geometry, 8)))]
+    assert tiny_facts["discriminator_blocks"] == [f"transformer_blocks.{i}" for i in range(3)]
+    assert shapes == tiny_facts["feature_shapes"] == [[32, 8, 8]] * 3
+    heads = DiscriminatorHeads([tuple(s) for s in shapes], hidden_channels=16)
+    assert tiny_facts["heads_parameters"] == sum(p.numel() for p in heads.parameters())
+
+
+def test_plan_arithmetic(mp, tiny_facts):
+    f = tiny_facts
+    P, B, H, L = f["parameters"], f["buffer_elements"], f["heads_parameters"], f["lora_parameters"]
+    acts = {k: 1000.0 * (i + 1) for i, k in enumerate(mp.BACKBONE_KINDS + mp.HEAD_KINDS)}
+    full = mp.setup_from(f, 0, 0, batch=2, gradient_checkpointing=True, ema=True, activations=acts,
+                         text_encoders=False)
+    one = mp.predict(full)
+    assert one["frozen_weights"] == 2 * (P + B)  # the bf16 teacher, one copy (real score = D backbone)
+    assert one["trainable_weights"] == 4 * 2 * (P + B)  # fp32 generator and fake score
+    assert one["optimizer_states"] == 8 * 2 * P  # AdamW: two fp32 moments
+    assert one["discriminator_heads"] == 12 * H and one["ema"] == 4 * P and one["engine_buffers"] == 0
+    assert one["total"] == sum(v for k, v in one.items() if k not in ("total", "peak_phase"))
+    # at tiny size the generator's optimizer step is the peak: its gradients, foreach temporaries, autocast's cache
+    assert one["peak_phase"] == "generator_step"
+    assert (one["gradients"], one["optimizer_temporaries"], one["autocast_cache"]) == (4 * P, 4 * P, 2 * 2 * P)
+    # the generator update's activations: checkpointed G + checkpointed fake (input grad) + D backbone + heads, x batch
+    phases = mp.predict({**full, "activations": {**acts, "train_gc": 1e12}})
+    assert phases["peak_phase"] == "generator"
+    assert phases["activations"] == 2 * (1e12 + acts["input_gc"] + acts["d_backbone"] + acts["heads_input"])
+
+    ddp = mp.predict(full, "ddp", 8)
+    assert ddp["engine_buffers"] == 4 * (2 * P + H) and ddp["frozen_weights"] == one["frozen_weights"]
+    rep, shd = mp.predict(full, "fsdp2_teacher_replicated", 8), mp.predict(full, "fsdp2_teacher_sharded", 8)
+    assert rep["trainable_weights"] == 4 * 2 * (P / 8 + B) and rep["optimizer_states"] == 8 * 2 * P / 8
+    assert rep["frozen_weights"] == 2 * (P + B) and shd["frozen_weights"] == 2 * (P / 8 + B)
+    assert rep["autocast_cache"] == 0 and rep["ema"] == 4 * P  # bf16 gathers; EMA built unsharded
+    unit, root = f["largest_unit_parameters"], f["root_parameters"]
+    assert rep["engine_buffers"] == (2 * unit + root) * 2 + 2 * unit
+
+    lora = mp.predict(mp.setup_from(f, 4, 4, batch=2, gradient_checkpointing=True, ema=True, activations=acts,
+                                    text_encoders=False))
+    assert lora["frozen_weights"] == 2 * (P + B) and lora["trainable_weights"] == 4 * 2 * L
+    assert lora["optimizer_states"] == 8 * 2 * L and lora["ema"] == 0  # no EMA for a LoRA generator
+    # a frozen LoRA fake-score view does not checkpoint: its pass costs "input", not "input_gc"
+    big = mp.predict(mp.setup_from(f, 4, 4, batch=1, gradient_checkpointing=True, ema=False, text_encoders=False,
+                                   activations={**acts, "input": 1e12}))
+    assert big["peak_phase"] == "generator" and big["activations"] > 1e12
+
+    adam8 = mp.predict(mp.setup_from(f, 0, 0, batch=2, gradient_checkpointing=True, ema=False, activations=acts,
+                                     text_encoders=False, adam_8bit=True))
+    assert adam8["optimizer_states"] == 2 * 2 * P and adam8["discriminator_heads"] == 6 * H
+    assert adam8["optimizer_temporaries"] == 0  # bitsandbytes steps tensor by tensor
+
+    measured = {"width": 16, "bytes_per_token": {"input": 10.0},
+                "heads": {"32": {k: {"bytes_per_pixel": 3.0} for k in mp.HEAD_KINDS}}}
+    per_sample = mp.activations_per_sample(f, measured)
+    assert per_sample["input"] == 10.0 * (32 / 16) * (64 + 8)  # slope x width ratio x (image + text tokens)
+    assert per_sample["heads_input"] == 3.0 * 3 * 64
+
+
+def test_real_configs_give_the_published_counts(mp):
+    model = mp.build_denoiser("SD3Transformer2DModel", mp.SD3_MEDIUM)
+    assert sum(p.numel() for p in model.parameters()) == 2_028_328_000
+    assert mp.latent_geometry(mp.MODELS["cogvideox-5b"])["tokens"] == 13 * 30 * 45
+    assert mp.default_discriminator_blocks("sd3", mp.SD35_LARGE) == [f"transformer_blocks.{i}" for i in (0, 12, 25, 37)]
+
+
+def test_self_check_runs_and_its_ratio_is_finite(tmp_path):
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "memory_plan.py"), "--self_check_only", "--tiny",
+                           "--threads", "1", "--out", str(tmp_path)], env=script_env(HF_HOME=str(tmp_path / "hf")),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "memory_plan.json").read_text())
+    sc = result["self_check"]
+    assert sc["measured_peak_bytes"] > 0 and math.isfinite(sc["measured_over_predicted"])
+    assert sc["measured_over_predicted"] > 0
+    assert sc["parameters_meta_vs_run"][0] == sc["parameters_meta_vs_run"][1]  # meta count = the loop's teacher
+    assert sc["heads_parameters_meta_vs_run"][0] == sc["heads_parameters_meta_vs_run"][1]
+    assert sc["feature_shapes_meta_vs_run"][0] == sc["feature_shapes_meta_vs_run"][1]
+    assert "measured / predicted" in (tmp_path / "memory_plan.md").read_text()
+
+
+def test_gpu_check_stops_clearly_without_cuda(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    gpu_check = _load("gpu_check")
+    with pytest.raises(SystemExit) as stop:
+        gpu_check.main([])
+    assert stop.value.code == 2 and "--device cpu --tiny" in capsys.readouterr().err
+
+
+def test_gpu_check_smoke_mode(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    gpu_check = _load("gpu_check")
+    summary = gpu_check.main(["--device", "cpu", "--tiny", "--cases", "sdxl_b1", "sd3m_lora", "--warmup", "0",
+                              "--repeats", "1", "--plan", str(tmp_path / "none.json"), "--out", str(tmp_path)])
+    assert [c["case"] for c in summary["cases"]] == ["sdxl_b1", "sd3m_lora"]
+    for case in summary["cases"]:
+        assert case["seconds_per_iteration"] > 0 and math.isfinite(case["peak_over_plan"])
+        assert all(math.isfinite(v) for v in case["losses"].values())
+        assert case["plan"]["total"] > 0
+    assert json.loads((tmp_path / "memory_plan_gpu_check.json").read_text())["tiny"] is True
