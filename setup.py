@@ -34,7 +34,7 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest", "ruff"],
+        "test": ["pytest", "pytest-xdist", "ruff"],
         "xformers": ["xformers"],
         "8bit": ["bitsandbytes"],
     },
