@@ -488,6 +488,9 @@ def distill(adapter, args, tracker_project: str) -> None:
         provenance["run_id"] = check_provenance(checkpoint, provenance, args.max_train_steps)
 
     accelerator = make_accelerator(args, tracker_project)
+    if accelerator.distributed_type.name == "FSDP" and (args.lora_rank or args.fake_score_lora_rank):
+        raise UsageError("FSDP with LoRA roles is not supported (the roles share one frozen base that FSDP would "
+                         "shard per role): use DDP for LoRA runs (recipes/sd3_medium) and FSDP for full fine-tuning.")
     set_seed(args.seed)
     device = accelerator.device
     if accelerator.is_main_process:
