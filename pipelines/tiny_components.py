@@ -165,3 +165,52 @@ def sd3_components(
                                      num_layers=1, num_heads=2, dropout_rate=0.0, relative_attention_num_buckets=8))
         components.update(text_encoder_3=t5.eval(), tokenizer_3=t5_tokenizer(max_text_length))
     return components
+
+
+def cogvideox_components(
+    sample_size: int = 8,
+    sample_frames: int = 9,
+    num_layers: int = 2,
+    patch_size: int = 2,
+    attention_head_dim: int = 16,
+    num_attention_heads: int = 2,
+    latent_channels: int = 4,
+    text_hidden: int = 32,
+    vae_block_out_channels=(16, 32),
+    temporal_compression_ratio: int = 2,
+    use_rotary_positional_embeddings: bool = True,
+    max_text_length: int = 48,
+    seed: int = 0,
+):
+    """Components of a ``CogVideoXPipeline``: a 3-D transformer (v-prediction), the causal 3-D VAE, T5, and the
+    teacher's ``CogVideoXDDIMScheduler``. ``sample_size`` is the latent height/width and ``sample_frames`` the
+    pixel frame count the positional embeddings are built for. The VAE halves height/width once per block after
+    the first and compresses time by ``temporal_compression_ratio``; with rotary embeddings (CogVideoX-5b style)
+    ``attention_head_dim`` must be a multiple of 8 (diffusers splits it into 1/4 time, 3/8 height, 3/8 width)."""
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    transformer = CogVideoXTransformer3DModel(
+        num_attention_heads=num_attention_heads, attention_head_dim=attention_head_dim, in_channels=latent_channels,
+        out_channels=latent_channels, time_embed_dim=attention_head_dim * num_attention_heads,
+        text_embed_dim=text_hidden, num_layers=num_layers, sample_width=sample_size, sample_height=sample_size,
+        sample_frames=sample_frames, patch_size=patch_size, temporal_compression_ratio=temporal_compression_ratio,
+        max_text_seq_length=max_text_length, use_rotary_positional_embeddings=use_rotary_positional_embeddings,
+    )
+    blocks = len(vae_block_out_channels)
+    vae = AutoencoderKLCogVideoX(
+        in_channels=3, out_channels=3, latent_channels=latent_channels,
+        down_block_types=("CogVideoXDownBlock3D",) * blocks, up_block_types=("CogVideoXUpBlock3D",) * blocks,
+        block_out_channels=tuple(vae_block_out_channels), layers_per_block=1,
+        norm_num_groups=min(32, vae_block_out_channels[0]), temporal_compression_ratio=temporal_compression_ratio,
+        sample_height=sample_size * 2 ** (blocks - 1), sample_width=sample_size * 2 ** (blocks - 1),
+        scaling_factor=1.0,
+    )
+    t5 = T5EncoderModel(T5Config(vocab_size=3 + 2 * 94 + 1, d_model=text_hidden, d_kv=8, d_ff=2 * text_hidden,
+                                 num_layers=1, num_heads=2, dropout_rate=0.0, relative_attention_num_buckets=8))
+    scheduler = CogVideoXDDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                       clip_sample=False, prediction_type="v_prediction", rescale_betas_zero_snr=True,
+                                       set_alpha_to_one=True, timestep_spacing="trailing", snr_shift_scale=1.0)
+    return {"transformer": transformer, "vae": vae, "scheduler": scheduler, "text_encoder": t5.eval(),
+            "tokenizer": t5_tokenizer(max_text_length)}
