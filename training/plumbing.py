@@ -13,6 +13,7 @@ import re
 import shutil
 import signal
 import sys
+import time
 from collections.abc import Callable, Iterable
 
 import torch
@@ -261,7 +262,16 @@ def accumulated_update(accelerator, args, module, optimizer, lr_scheduler, micro
         for key, value in terms.items():
             logs[key] = logs.get(key, 0.0) + value.detach().float().item() * log_weight / k
     params = [p for p in module.parameters() if p.requires_grad]
-    logs[f"grad_norm_{name}"] = float(accelerator.clip_grad_norm_(params, args.max_grad_norm))
+    if accelerator.distributed_type.name == "FSDP":
+        # accelerate 1.15's clip_grad_norm_ looks for the prepared model by comparing parameter lists with `==`; with
+        # two prepared models of equal parameter count (generator, fake score) that compares DTensors elementwise and
+        # raises. For FSDP2 it ends in torch's clip_grad_norm_ anyway, which reduces DTensor gradients across ranks.
+        accelerator.unscale_gradients()
+        norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    else:
+        norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)
+    logs[f"grad_norm_{name}"] = float(norm)
     optimizer.step()
     lr_scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -293,11 +303,14 @@ def resume(accelerator, args, checkpoint: str | None) -> int:
 
 
 def log_step(accelerator, output_dir: str, logs: dict, step: int) -> None:
-    """Trackers, and every term as a JSON line in ``train_log.jsonl`` for quick inspection."""
+    """Trackers, and every term as a JSON line in ``train_log.jsonl`` for quick inspection; the line also holds the
+    wall-clock ``time`` it was written and the process's ``cpu_time`` (CPU seconds: unlike wall time, not inflated
+    by other jobs on a shared machine; benchmarks/digits_fair.py matches budgets with it)."""
     accelerator.log(logs, step=step)
     if accelerator.is_main_process:
         with open(os.path.join(output_dir, TRAIN_LOG_NAME), "a") as f:
-            f.write(json.dumps({"step": step, **logs}) + "\n")
+            f.write(json.dumps({"step": step, "time": round(time.time(), 3),
+                                "cpu_time": round(time.process_time(), 3), **logs}) + "\n")
 
 
 def write_atomic(path: str, text: str) -> None:
@@ -336,22 +349,38 @@ def rank_checksums(accelerator, module) -> list:
     return checksums
 
 
-def save_validation(accelerator, images: list, prompts: list[str], path: str, step: int) -> str:
-    """A one-row grid (``diffusers.utils.make_image_grid``) saved at ``path`` and logged to the trackers."""
+def save_validation(accelerator, images: list, prompts: list[str], path: str, step: int, fps: int = 8) -> str:
+    """A one-row grid (``diffusers.utils.make_image_grid``) saved at ``path`` and logged to the trackers. Video
+    samples (each a list of frames) become a GIF strip (``export_to_gif``: frame t shows every prompt's frame t),
+    logged with tensorboard's ``add_video`` (which needs moviepy) and as a ``wandb.Video``."""
     import numpy as np
-    from diffusers.utils import make_image_grid
+    from diffusers.utils import export_to_gif, make_image_grid
 
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    make_image_grid(images, rows=1, cols=len(images)).save(path)
+    video = isinstance(images[0], (list, tuple))
+    if video:
+        length = max(len(clip) for clip in images)
+        strip = [make_image_grid([clip[min(t, len(clip) - 1)] for clip in images], rows=1, cols=len(images))
+                 for t in range(length)]
+        export_to_gif(strip, path, fps=fps)
+    else:
+        make_image_grid(images, rows=1, cols=len(images)).save(path)
     for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
+        if tracker.name == "tensorboard" and video:  # (N, T, C, H, W) uint8
+            clips = np.stack([np.stack([np.asarray(frame.convert("RGB")) for frame in clip]) for clip in images])
+            tracker.writer.add_video("validation", clips.transpose(0, 1, 4, 2, 3), step, fps=fps)
+        elif tracker.name == "tensorboard":
             tracker.writer.add_images("validation", np.stack([np.asarray(im) for im in images]), step,
                                       dataformats="NHWC")
+        elif tracker.name == "wandb" and video:
+            import wandb
+
+            tracker.log({"validation": wandb.Video(path, caption=" | ".join(prompts))}, step=step)
         elif tracker.name == "wandb":
             import wandb
 
             tracker.log({"validation": [wandb.Image(im, caption=p) for im, p in zip(images, prompts)]}, step=step)
-    logger.info("validation grid: %s", path)
+    logger.info("validation %s: %s", "strip" if video else "grid", path)
     return path
 
 
@@ -367,3 +396,22 @@ def ema_weights(ema, module):
         yield
     finally:
         ema.restore(module.parameters())
+
+
+@contextlib.contextmanager
+def fsdp_wrap_classes_of(accelerator, module):
+    """Under FSDP, around ``accelerator.prepare(module, ...)``: the config's ``fsdp_transformer_layer_cls_to_wrap``
+    (e.g. ``JointTransformerBlock``) applies to the denoisers; a network that has none of those blocks (the
+    discriminator heads) becomes one FSDP unit instead of making accelerate raise "Could not find the transformer
+    layer class ... in the model". No-op otherwise."""
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    names = getattr(plugin, "transformer_cls_names_to_wrap", None)
+    if accelerator.distributed_type.name != "FSDP" or not names:
+        yield
+        return
+    classes = {type(m).__name__ for m in module.modules()}
+    plugin.transformer_cls_names_to_wrap = [n for n in names if n in classes]
+    try:
+        yield
+    finally:
+        plugin.transformer_cls_names_to_wrap = names

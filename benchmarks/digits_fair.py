@@ -1,0 +1,319 @@
+"""ADM against DMD2 like for like on a digits teacher: one tuning grid for both, the same compute budget, several
+seeds, judged against the teacher's own samples, with quality-against-compute curves.
+
+    python benchmarks/digits_fair.py --teacher sd3 --output_dir fair_sd3
+    python benchmarks/digits_fair.py --teacher sdxl --generator demo_output/adp --output_dir fair_sdxl
+
+1. Tuning: every cell of the grid (``--generator_lrs`` x ``--fake_score_ratios``, fake-score updates per generator
+   update) for both methods at the first of ``--seeds``. Each run is the real entry script (``train_adm_sd3.py`` /
+   ``train_adm_sdxl.py``), started from the same generator, and stopped by SIGTERM once its ``train_log.jsonl`` shows
+   ``--budget_s`` CPU seconds of training (one thread; CPU seconds, not wall time, so that other jobs on a shared
+   machine do not tilt the budget). The loop checkpoints the step it is on and exits, as on a preemption; a
+   checkpoint every ``--checkpointing_steps`` gives the curve.
+2. Seeds: the best cell of each method (lowest FID to the teacher at the end of its budget, seed 1 of stage 1) again
+   with the other seeds.
+3. Scoring: every checkpoint's generator is exported as a stock pipeline with the student's scheduler; evaluate.py
+   scores them (one call per stage) against the teacher (``--teacher_steps`` with the demo's CFG) as the reference:
+   FID to the teacher in the digit classifier's feature space first, the class-histogram gap to the teacher, then
+   real-data digit-FID and prompt accuracy.
+Writes ``<output_dir>/fair.json`` and ``fair.md`` (grid table, mean ± sd over seeds at the end of the budget, curve
+points), ``fair.png`` (FID to teacher against CPU seconds and against generator updates). Finished runs are reused.
+
+Fixed for ADM in every cell (the paper's method, not tuned here): ``--ode_step_dt`` 1/64, discriminator lr 1e-4,
+``--discriminator_warmup_steps`` 50, 64-channel heads. No EMA (the curve is the weights being trained). Diagnostics
+off (``--diagnostics_steps 0``: they would cost ADM budget).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = os.path.join(ROOT, "distill_scripts")
+DIGITS = os.path.join(SCRIPTS, "digits")
+sys.path.insert(0, DIGITS)
+from digits_data import CLASS_FREE_PROMPT, class_prompts  # noqa: E402
+
+TEACHERS = {
+    "sd3": {"script": "train_adm_sd3.py", "steps": 4, "guidance_scale": 5.0,
+            "flags": ["--lora_rank", "0", "--min_timestep_percent", "0.02"]},
+    "sdxl": {"script": "train_adm_sdxl.py", "steps": 1, "guidance_scale": 3.0, "flags": []},
+}
+ADM_FIXED = ["--ode_step_dt", str(1 / 64), "--discriminator_lr", "1e-4", "--discriminator_warmup_steps", "50",
+             "--discriminator_head_channels", "64"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", default="sd3", choices=sorted(TEACHERS))
+    p.add_argument("--teacher_dir", default=None, help="Default: the committed digits teacher.")
+    p.add_argument("--generator", default=None,
+                   help="The start of both methods (sdxl: an ADP student, e.g. make demo's demo_output/adp; "
+                        "sd3: the teacher).")
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--generator_lrs", type=float, nargs="+", default=[2e-6, 1e-5])
+    p.add_argument("--fake_score_ratios", type=int, nargs="+", default=[1, 5])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--budget_s", type=float, default=120.0, help="CPU seconds of training per run.")
+    p.add_argument("--checkpointing_steps", type=int, default=25)
+    p.add_argument("--train_batch_size", type=int, default=32)
+    p.add_argument("--fake_score_lr", type=float, default=1e-4)
+    p.add_argument("--teacher_steps", type=int, default=25)
+    p.add_argument("--num_images_per_prompt", type=int, default=30)
+    p.add_argument("--num_class_free_images", type=int, default=100)
+    p.add_argument("--score_only", action="store_true", help="Skip training; score the runs already there.")
+    args = p.parse_args(argv)
+    args.teacher_dir = args.teacher_dir or os.path.join(DIGITS, "assets", f"digits-{args.teacher}-teacher")
+    args.generator = args.generator or args.teacher_dir
+    for flag in ("teacher_dir", "generator"):
+        if not os.path.isfile(os.path.join(getattr(args, flag), "model_index.json")):
+            p.error(f"--{flag} {getattr(args, flag)!r} is not a pipeline folder.")
+    if args.budget_s <= 0 or args.checkpointing_steps < 1:
+        p.error("--budget_s must be > 0 and --checkpointing_steps >= 1.")
+    return args
+
+
+def run_name(method: str, lr: float, ratio: int, seed: int) -> str:
+    return f"{method}_lr{lr:g}_r{ratio}_s{seed}"
+
+
+def read_log(folder: str) -> list[dict]:
+    path = os.path.join(folder, "train_log.jsonl")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def train(args, prompts_file: str, method: str, lr: float, ratio: int, seed: int) -> str:
+    """One budgeted run of the real script; returns its folder (reused when it already finished)."""
+    out = os.path.join(args.output_dir, "runs", run_name(method, lr, ratio, seed))
+    done = os.path.join(out, "budget.json")
+    if os.path.isfile(done):
+        return out
+    teacher = TEACHERS[args.teacher]
+    cmd = [sys.executable, os.path.join(SCRIPTS, teacher["script"]), "--pretrained_model_name_or_path",
+           args.teacher_dir, "--prompts_file", prompts_file, "--output_dir", out, "--overwrite_output_dir",
+           "--resolution", "16", "--seed", str(seed), "--num_student_steps", str(teacher["steps"]),
+           "--guidance_scale", str(teacher["guidance_scale"]), "--mixed_precision", "no", "--lr_scheduler",
+           "constant", "--train_batch_size", str(args.train_batch_size), "--generator_lr", str(lr),
+           "--fake_score_lr", str(args.fake_score_lr), "--fake_score_update_ratio", str(ratio),
+           "--distribution_loss", method, "--max_train_steps", "100000", "--checkpointing_steps",
+           str(args.checkpointing_steps), "--diagnostics_steps", "0", *teacher["flags"],
+           *(ADM_FIXED if method == "adm" else [])]
+    if os.path.abspath(args.generator) != os.path.abspath(args.teacher_dir):
+        cmd += ["--pretrained_generator_name_or_path", args.generator]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONWARNINGS="ignore")
+    if os.path.isdir(out):
+        import shutil
+
+        shutil.rmtree(out)
+    os.makedirs(out)
+    print(f"[fair] {run_name(method, lr, ratio, seed)}: {args.budget_s:.0f} CPU s", flush=True)
+    start = time.time()
+    with open(os.path.join(out, "stderr.txt"), "w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=ROOT)
+        sent = False
+        while proc.poll() is None:
+            time.sleep(1.0)
+            log = read_log(out)
+            if not sent and log and log[-1]["cpu_time"] - log[0]["cpu_time"] >= args.budget_s:
+                proc.send_signal(signal.SIGTERM)  # the loop checkpoints this step and exits 128 + 15
+                sent = True
+    if proc.returncode not in (0, 128 + signal.SIGTERM):
+        raise SystemExit(f"{cmd[1]} failed ({proc.returncode}); see {out}/stderr.txt")
+    log = read_log(out)
+    with open(done, "w") as f:
+        json.dump({"cmd": cmd, "wall_s": time.time() - start, "steps": log[-1]["step"],
+                   "cpu_s": log[-1]["cpu_time"] - log[0]["cpu_time"]}, f)
+    return out
+
+
+def checkpoints(out: str) -> list[tuple[int, str]]:
+    found = [(int(n.split("-")[1]), os.path.join(out, n)) for n in os.listdir(out)
+             if n.startswith("checkpoint-") and n.split("-")[1].isdigit()]
+    return sorted(found)
+
+
+def export_checkpoints(args, runs: list[str]) -> list[dict]:
+    """Every checkpoint's generator as a stock pipeline (the student's scheduler); returns evaluate.py specs."""
+    import torch
+    from safetensors.torch import load_file
+
+    from dmdx.pipelines.teachers import adapter_for
+
+    adapter = adapter_for(args.teacher_dir, resolution=16)
+    scheduler = adapter.student_scheduler(TEACHERS[args.teacher]["steps"], args.generator)
+    specs = []
+    for out in runs:
+        for step, ckpt in checkpoints(out):
+            folder = os.path.join(out, "pipelines", f"step-{step:06d}")
+            if not os.path.isfile(os.path.join(folder, "model_index.json")):
+                denoiser = adapter.load_denoiser(torch.float32, path=args.generator)
+                denoiser.load_state_dict(load_file(os.path.join(ckpt, "model.safetensors")))  # model = generator
+                os.makedirs(folder, exist_ok=True)
+                adapter.export(folder, denoiser, scheduler, torch.float32)
+            specs.append({"name": f"{os.path.basename(out)}@{step}", "path": folder,
+                          "num_inference_steps": TEACHERS[args.teacher]["steps"], "guidance_scale": 0.0})
+    return specs
+
+
+def score(args, runs: list[str], stage: str) -> dict:
+    specs = [{"name": "teacher", "path": args.teacher_dir, "num_inference_steps": args.teacher_steps,
+              "guidance_scale": TEACHERS[args.teacher]["guidance_scale"]},
+             {"name": "start", "path": args.generator, "num_inference_steps": TEACHERS[args.teacher]["steps"],
+              "guidance_scale": 0.0}]
+    specs += export_checkpoints(args, runs)
+    spec_file = os.path.join(args.output_dir, f"eval_spec_{stage}.json")
+    with open(spec_file, "w") as f:
+        json.dump(specs, f)
+    eval_dir = os.path.join(args.output_dir, f"eval_{stage}")
+    report = os.path.join(eval_dir, "report.json")
+    if not os.path.isfile(report) or os.path.getmtime(report) < os.path.getmtime(spec_file):
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+        subprocess.run([sys.executable, os.path.join(SCRIPTS, "evaluate.py"), "--spec", spec_file, "--reference",
+                        "teacher", "--num_images_per_prompt", str(args.num_images_per_prompt),
+                        "--num_class_free_images", str(args.num_class_free_images), "--grid_images_per_cell", "1",
+                        "--output_dir", eval_dir], check=True, env=env, cwd=ROOT)
+    with open(report) as f:
+        return json.load(f)
+
+
+KEYS = ("fid_to_teacher", "class_hist_tv_to_teacher", "digit_fid", "prompt_accuracy")
+
+
+def curve(report: dict, out: str) -> list[dict]:
+    """(generator updates, CPU seconds, metrics) at every checkpoint of one run."""
+    log = {entry["step"]: entry for entry in read_log(out)}
+    t0 = read_log(out)[0]["cpu_time"]
+    rows = []
+    for step, _ in checkpoints(out):
+        metrics = report.get(f"{os.path.basename(out)}@{step}", {})
+        rows.append({"step": step, "cpu_s": round(log[step]["cpu_time"] - t0, 1),
+                     **{k: metrics.get(k) for k in KEYS}})
+    return rows
+
+
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarise(args, report: dict, grid_runs: dict, seed_runs: dict) -> dict:
+    curves = {name: curve(report, out) for name, out in {**grid_runs, **seed_runs}.items()}
+    grid = [{"run": name, **curves[name][-1]} for name in grid_runs]
+    best = {}
+    for method in ("adm", "dmd"):
+        cells = [(curves[n][-1]["fid_to_teacher"], n) for n in grid_runs if n.startswith(method)]
+        best[method] = min(cells)[1].rsplit("_s", 1)[0]
+    finals = {}
+    for method, cell in best.items():
+        names = [n for n in curves if n.rsplit("_s", 1)[0] == cell]
+        finals[method] = {"cell": cell, "seeds": len(names),
+                          **{k: mean_sd([curves[n][-1][k] for n in names]) for k in KEYS},
+                          "cpu_s": mean_sd([curves[n][-1]["cpu_s"] for n in names]),
+                          "updates": mean_sd([curves[n][-1]["step"] for n in names])}
+    ref = {name: {k: report.get(name, {}).get(k) for k in KEYS} for name in ("teacher", "start")}
+    return {"teacher": args.teacher, "budget_cpu_s": args.budget_s, "grid_lrs": args.generator_lrs,
+            "grid_ratios": args.fake_score_ratios, "seeds": args.seeds, "adm_fixed": ADM_FIXED,
+            "reference": ref, "grid": grid, "best": finals, "curves": curves}
+
+
+def markdown(result: dict) -> str:
+    def f(v, nd=2):
+        return "n/a" if v is None else f"{v:.{nd}f}"
+
+    lines = [f"# ADM vs DMD2 like for like: {result['teacher']} digits teacher",
+             "", f"Budget {result['budget_cpu_s']:.0f} CPU seconds of training per run (one thread). Grid: generator "
+             f"lr {result['grid_lrs']} x fake-score updates per generator update {result['grid_ratios']}, both "
+             f"methods, seed {result['seeds'][0]}; then the best cell of each method at seeds {result['seeds']}. "
+             f"ADM fixed: `{' '.join(result['adm_fixed'])}`.", "",
+             "## Best cell per method, end of budget (mean ± sd over seeds)", "",
+             "| method | cell | seeds | FID to teacher | class-hist TV to teacher | digit-FID (real) | prompt acc. | "
+             "generator updates |", "|---|---|---|---|---|---|---|---|"]
+    for method, row in result["best"].items():
+        lines.append(f"| {'DMDX (ADM)' if method == 'adm' else 'DMD2'} | `{row['cell']}` | {row['seeds']} | "
+                     + " | ".join(f"{f(row[k][0])} ± {f(row[k][1])}" for k in KEYS)
+                     + f" | {row['updates'][0]:.0f} |")
+    for name, row in result["reference"].items():
+        lines.append(f"| {name} | | | {f(row['fid_to_teacher'])} | {f(row['class_hist_tv_to_teacher'])} | "
+                     f"{f(row['digit_fid'])} | {f(row['prompt_accuracy'])} | |")
+    lines += ["", "## Tuning grid (first seed, end of budget)", "",
+              "| run | updates | CPU s | FID to teacher | class-hist TV | digit-FID | prompt acc. |",
+              "|---|---|---|---|---|---|---|"]
+    for row in result["grid"]:
+        lines.append(f"| `{row['run']}` | {row['step']} | {row['cpu_s']} | {f(row['fid_to_teacher'])} | "
+                     f"{f(row['class_hist_tv_to_teacher'])} | {f(row['digit_fid'])} | {f(row['prompt_accuracy'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    colours = {"adm": "tab:red", "dmd": "tab:blue"}
+    for name, rows in result["curves"].items():
+        method = name.split("_")[0]
+        best = name.rsplit("_s", 1)[0] == result["best"][method]["cell"]
+        for ax, x in zip(axes, ("cpu_s", "step")):
+            ax.plot([r[x] for r in rows], [r["fid_to_teacher"] for r in rows], color=colours[method],
+                    alpha=0.9 if best else 0.25, lw=1.5 if best else 0.8,
+                    label=("DMDX (ADM) " if method == "adm" else "DMD2 ") + result["best"][method]["cell"]
+                    if best and name.endswith(f"_s{result['seeds'][0]}") else None)
+    for ax, label in zip(axes, ("CPU seconds of training", "generator updates")):
+        ax.axhline(result["reference"]["start"]["fid_to_teacher"], color="grey", ls="--", lw=0.8, label="start")
+        ax.set_xlabel(label)
+        ax.set_ylabel("FID to teacher (classifier features)")
+        ax.set_yscale("log")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{result['teacher']} digits: ADM vs DMD2 (bold: best cell, all seeds; faint: rest of grid)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.makedirs(args.output_dir, exist_ok=True)
+    prompts_file = os.path.join(args.output_dir, "prompts.txt")
+    with open(prompts_file, "w") as f:  # as the demo: the class-free prompt twice
+        f.write("\n".join(class_prompts() + [CLASS_FREE_PROMPT] * 2) + "\n")
+    first, others = args.seeds[0], args.seeds[1:]
+    cells = [(m, lr, r) for m in ("adm", "dmd") for lr in args.generator_lrs for r in args.fake_score_ratios]
+    grid_runs = {run_name(*c, first): os.path.join(args.output_dir, "runs", run_name(*c, first)) for c in cells}
+    if not args.score_only:
+        for c in cells:
+            train(args, prompts_file, *c, first)
+    report = score(args, list(grid_runs.values()), "grid")
+    best = summarise(args, report, grid_runs, {})["best"]
+    seed_runs = {}
+    for method in ("adm", "dmd"):
+        _, lr, ratio = best[method]["cell"].split("_")
+        for seed in others:
+            name = run_name(method, float(lr[2:]), int(ratio[1:]), seed)
+            seed_runs[name] = os.path.join(args.output_dir, "runs", name)
+            if not args.score_only:
+                train(args, prompts_file, method, float(lr[2:]), int(ratio[1:]), seed)
+    # the other seeds in their own evaluate.py call (the teacher's samples are the same: same prompts and seed)
+    report = {**score(args, list(seed_runs.values()), "seeds"), **report}
+    result = summarise(args, report, grid_runs, seed_runs)
+    with open(os.path.join(args.output_dir, "fair.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    with open(os.path.join(args.output_dir, "fair.md"), "w") as f:
+        f.write(markdown(result))
+    plot(result, os.path.join(args.output_dir, "fair.png"))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
