@@ -162,11 +162,16 @@ def main(args=None):
 
     from dmdx.pipelines.teachers import adapter_for
     from dmdx.training.cli import load_prompts
+    from dmdx.training.errors import UsageError
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     # Before any weights load: the teacher's architecture (one of the adapters') and resolution, the prompts.
     teacher = adapter_for(args.pretrained_model_name_or_path, cache_dir=args.cache_dir, variant=args.variant,
                           resolution=args.resolution)
+    if teacher.video:
+        raise UsageError(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path!r} is a "
+                         f"{teacher.pipeline_class}: ODE pairs feed ADP, which pre-trains one-step image students; "
+                         "video students are distilled from the teacher directly (train_adm_cogvideox.py).")
     latent_shape = teacher.latent_shape(args.resolution)
     prompts = load_prompts(args)
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as AcceleratorState reads it

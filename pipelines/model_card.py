@@ -421,12 +421,16 @@ def _py(s: str) -> str:
 def usage_snippet(repo_id: str, pipeline_class: str, num_inference_steps: int, guidance_scale: float,
                   lora: bool = False, base_model: str | None = None, prompt: str = DEFAULT_PROMPT,
                   scheduler_class: str = "LCMScheduler", video: bool = False, fps: int = 8,
-                  pipeline_kwargs: Mapping[str, str] | None = None, load_note: str = "") -> str:
+                  pipeline_kwargs: Mapping[str, str] | None = None, load_note: str = "",
+                  call_kwargs: Mapping[str, str] | None = None) -> str:
     """Python that loads the student with stock diffusers and generates. ``repo_id``: the student (Hub id or
     folder); ``base_model``: for LoRA, the pipeline the adapter loads into; ``pipeline_kwargs``: extra
-    ``from_pretrained`` keyword arguments as Python source (e.g. ``{"text_encoder_3": "None"}``)."""
+    ``from_pretrained`` keyword arguments as Python source (e.g. ``{"text_encoder_3": "None"}``); ``call_kwargs``:
+    extra keyword arguments of the generating call, as Python source (e.g. a video's ``{"num_frames": "49"}``)."""
     extra = "".join(f", {k}={v}" for k, v in (pipeline_kwargs or {}).items())
-    call = f"pipe({_py(prompt)}, num_inference_steps={num_inference_steps}, guidance_scale={guidance_scale})"
+    call_extra = "".join(f", {k}={v}" for k, v in (call_kwargs or {}).items())
+    call = (f"pipe({_py(prompt)}, num_inference_steps={num_inference_steps}, guidance_scale={guidance_scale}"
+            f"{call_extra})")
     imports = ["import torch", f"from diffusers import {'DiffusionPipeline' if not lora else pipeline_class}"
                + (f", {scheduler_class}" if lora else "")]
     if video:
@@ -554,6 +558,7 @@ def write_model_card(
     tags: Sequence[str] = (),
     prompt: str | None = None,
     pipeline_kwargs: Mapping[str, str] | None = None,
+    call_kwargs: Mapping[str, str] | None = None,
     full_pipeline: bool | None = None,
     extra_sections: Mapping[str, str] | None = None,
     sample_grid: str | None = None,
@@ -600,6 +605,8 @@ def write_model_card(
         tags: extra Hub tags.
         prompt: the usage snippet's prompt (default: the first sample prompt).
         pipeline_kwargs: extra ``from_pretrained`` keyword arguments for the snippet, as Python source.
+        call_kwargs: extra keyword arguments of the snippet's generating call, as Python source (a video
+            student's ``height``, ``width``, ``num_frames``).
         full_pipeline: for LoRA, the folder is also a complete pipeline with the adapter fused (None: detect
             ``model_index.json``); the card then shows that usage too.
         extra_sections: ``{title: markdown}`` sections added before the licence.
@@ -671,7 +678,8 @@ def write_model_card(
     repo_ref = repo_id or os.path.basename(os.path.normpath(os.path.abspath(output_dir)))
     note = LOCAL_NOTE if local_ref else ""
     common = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, prompt=prompt,
-                  scheduler_class=scheduler_class, video=video, fps=fps, pipeline_kwargs=pipeline_kwargs)
+                  scheduler_class=scheduler_class, video=video, fps=fps, pipeline_kwargs=pipeline_kwargs,
+                  call_kwargs=call_kwargs)
     usage = usage_snippet(repo_ref, pipeline_class, lora=lora, base_model=hub_id, load_note=note, **common)
     full_usage = (usage_snippet(repo_ref, pipeline_class, lora=False, load_note=note, **common)
                   if lora and full_pipeline else None)
@@ -740,6 +748,8 @@ def training_hyperparameters(config: Mapping[str, Any]) -> dict[str, Any]:
 
     common = {"resolution": config.get("resolution"), "generator updates": config.get("max_train_steps"),
               "batch size per device": config.get("train_batch_size")}
+    if config.get("num_frames"):  # a video run: frames x height x width
+        common["frames x height x width"] = f"{config['num_frames']}x{config.get('height')}x{config.get('width')}"
     if config.get("method") == "adp":
         weights = (f"{config['latent_weight']} / {config['pixel_weight']}"
                    if "latent_weight" in config and "pixel_weight" in config else None)

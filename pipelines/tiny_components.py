@@ -180,13 +180,15 @@ def cogvideox_components(
     temporal_compression_ratio: int = 2,
     use_rotary_positional_embeddings: bool = True,
     max_text_length: int = 48,
+    patch_size_t: int | None = None,
     seed: int = 0,
 ):
     """Components of a ``CogVideoXPipeline``: a 3-D transformer (v-prediction), the causal 3-D VAE, T5, and the
     teacher's ``CogVideoXDDIMScheduler``. ``sample_size`` is the latent height/width and ``sample_frames`` the
     pixel frame count the positional embeddings are built for. The VAE halves height/width once per block after
     the first and compresses time by ``temporal_compression_ratio``; with rotary embeddings (CogVideoX-5b style)
-    ``attention_head_dim`` must be a multiple of 8 (diffusers splits it into 1/4 time, 3/8 height, 3/8 width)."""
+    ``attention_head_dim`` must be a multiple of 8 (diffusers splits it into 1/4 time, 3/8 height, 3/8 width).
+    ``patch_size_t`` (e.g. 2) gives the CogVideoX 1.5 variant that also patches time."""
     from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
     from transformers import T5Config, T5EncoderModel
 
@@ -197,6 +199,7 @@ def cogvideox_components(
         text_embed_dim=text_hidden, num_layers=num_layers, sample_width=sample_size, sample_height=sample_size,
         sample_frames=sample_frames, patch_size=patch_size, temporal_compression_ratio=temporal_compression_ratio,
         max_text_seq_length=max_text_length, use_rotary_positional_embeddings=use_rotary_positional_embeddings,
+        patch_size_t=patch_size_t,
     )
     blocks = len(vae_block_out_channels)
     vae = AutoencoderKLCogVideoX(

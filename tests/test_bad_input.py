@@ -14,7 +14,8 @@ import pytest
 from conftest import REPO
 
 SCRIPTS = {name: os.path.join(REPO, "distill_scripts", f"{name}.py")
-           for name in ("train_adm_sdxl", "train_adm_sd3", "train_adp_sdxl", "collect_ode_pairs")}
+           for name in ("train_adm_sdxl", "train_adm_sd3", "train_adm_cogvideox", "train_adp_sdxl",
+                        "collect_ode_pairs")}
 _modules = {}
 
 
@@ -42,9 +43,9 @@ def snapshot(folder: str) -> dict:
 @pytest.fixture(scope="module")
 def world(tiny_sdxl, prompts_file, tmp_path_factory):
     """Teachers, prompts and prepared folders the cases point at (configs and small files only)."""
-    from diffusers import StableDiffusion3Pipeline
+    from diffusers import CogVideoXPipeline, StableDiffusion3Pipeline
 
-    from dmdx.pipelines.tiny_components import sd3_components
+    from dmdx.pipelines.tiny_components import cogvideox_components, sd3_components
 
     root = tmp_path_factory.mktemp("bad_input")
     sd3 = str(root / "tiny-sd3")
@@ -65,7 +66,11 @@ def world(tiny_sdxl, prompts_file, tmp_path_factory):
     (pairs / "manifest.json").write_text(json.dumps({"teacher": tiny_sdxl, "resolution": 64,
                                                      "latent_shape": [4, 32, 32]}))
     (root / "no-pairs").mkdir()
+    CogVideoXPipeline(**cogvideox_components()).save_pretrained(root / "cog")  # rotary (5b style), 48 T5 tokens
+    CogVideoXPipeline(**cogvideox_components(use_rotary_positional_embeddings=False)).save_pretrained(
+        root / "cog-sincos")  # sin-cos positional embeddings (2b style): exactly 48 T5 tokens
     return {"sdxl": tiny_sdxl, "sd3": sd3, "no_t5": str(no_t5), "copy": str(teacher_copy), "prompts": prompts_file,
+            "cog": str(root / "cog"), "cog_sincos": str(root / "cog-sincos"),
             "empty": str(root / "empty.txt"), "captions": str(root / "captions.jsonl"), "pairs64": str(pairs),
             "no_pairs": str(root / "no-pairs"), "root": root}
 
@@ -112,6 +117,14 @@ def _sd3(*extra, teacher="sd3"):
         return "train_adm_sd3", ["--pretrained_model_name_or_path", world[teacher], "--prompts_file", world["prompts"],
                                  "--resolution", "16", "--output_dir", out, "--max_sequence_length", "16",
                                  *[a.format(**world) for a in extra]]
+    return build
+
+
+def _cog(*extra, teacher="cog"):
+    def build(world, out):
+        return "train_adm_cogvideox", ["--pretrained_model_name_or_path", world[teacher], "--prompts_file",
+                                       world["prompts"], "--output_dir", out, "--num_frames", "9",
+                                       *[a.format(**world) for a in extra]]
     return build
 
 
@@ -184,6 +197,17 @@ CASES = {  # name: (command builder, text the message must contain)
     "T5-less teacher without --drop_t5": (_sd3(teacher="no_t5"), "--drop_t5"),
     "SD3 block out of range": (_sd3("--discriminator_blocks", "0,5"), "--discriminator_blocks [5] out of range"),
     "T5 length 0": (_sd3("--max_sequence_length", "0"), "--max_sequence_length must be >= 1"),
+    # CogVideoX
+    "SD3 teacher to the CogVideoX script": (_cog(teacher="sd3"), "distills CogVideoXPipeline teachers"),
+    "CogVideoX teacher to the SD3 script": (_sd3(teacher="cog"), "distills StableDiffusion3Pipeline teachers"),
+    "frames the video VAE cannot take": (_cog("--num_frames", "8"), "--num_frames 8: the VAE compresses time by 2"),
+    "video resolution off the patch grid": (_cog("--resolution", "18"), "--resolution 18 is not divisible by 4"),
+    "video width off the patch grid": (_cog("--width", "30"), "--width 30 is not divisible by 4"),
+    "square and rectangle sizes at once": (_cog("--resolution", "16", "--height", "16"),
+                                           "give --resolution (a square) or --height/--width"),
+    "T5 length a sin-cos CogVideoX cannot take": (_cog("--max_sequence_length", "32", teacher="cog_sincos"),
+                                                  "takes exactly max_text_seq_length = 48"),
+    "CogVideoX block out of range": (_cog("--discriminator_blocks", "0,7"), "--discriminator_blocks [7] out of range"),
     # ADP
     "ADP given prompts": (_adp("--prompts_file", "{prompts}"), "ADP takes its prompts from the ODE pairs"),
     "ODE pairs at another resolution": (_adp(), "are at resolution 64"),
@@ -197,6 +221,7 @@ CASES = {  # name: (command builder, text the message must contain)
                                                                       world["sdxl"], "--output_dir", out]),
                             "exactly one of --prompts_file or --dataset_name"),
     "collect: zero pairs": (_collect("--num_pairs", "0"), "--num_pairs must be >= 1"),
+    "collect: a video teacher": (_collect(teacher="cog"), "ODE pairs feed ADP"),
 }
 
 
@@ -257,3 +282,30 @@ def test_a_finished_run_is_never_overwritten(case, edit, message, world, tmp_pat
 
 def test_catalogue_size():
     assert len(CASES) + 7 >= 40
+
+
+def test_over_long_prompts_warn_before_weights_load(world, tmp_path, monkeypatch, caplog):
+    """Prompts longer than --max_sequence_length T5 tokens are truncated as diffusers truncates them; the CogVideoX
+    script says how many, from the tokenizer alone, before any weights load."""
+    import logging
+
+    import diffusers
+    import transformers
+
+    loaded = []
+
+    def no_weights(*_args, **_kwargs):
+        loaded.append(True)
+        raise RuntimeError("stop: weights")
+
+    for cls in (diffusers.ModelMixin, diffusers.DiffusionPipeline, transformers.PreTrainedModel):
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(no_weights))
+    prompts = tmp_path / "long.txt"
+    prompts.write_text("a red circle\n" + "a very long prompt " * 20 + "\n")
+    module = script("train_adm_cogvideox")
+    args = module.parse_args(["--pretrained_model_name_or_path", world["cog"], "--prompts_file", str(prompts),
+                              "--output_dir", str(tmp_path / "out"), "--validation_prompts", "ok"])
+    with caplog.at_level(logging.WARNING, logger="dmdx"), pytest.raises(RuntimeError, match="stop: weights"):
+        module.main(args)
+    warned = [r for r in caplog.records if "longer than --max_sequence_length 48" in r.getMessage()]
+    assert len(warned) == 1 and "1 of 2 training prompts" in warned[0].getMessage() and loaded

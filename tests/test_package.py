@@ -24,7 +24,8 @@ def test_wheel_contains_dmdx_parts_and_templates(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for module in ("dmdx/training/losses.py", "dmdx/training/parametrization.py", "dmdx/training/loop.py",
                    "dmdx/training/adp.py", "dmdx/pipelines/__init__.py", "dmdx/pipelines/teachers/sdxl.py",
-                   "dmdx/pipelines/teachers/sd3.py", "dmdx/pipelines/tiny_components.py"):
+                   "dmdx/pipelines/teachers/sd3.py", "dmdx/pipelines/teachers/cogvideox.py",
+                   "dmdx/pipelines/tiny_components.py"):
         assert module in names, module
     templates = {n for n in names if n.startswith("dmdx/model_cards/") and n.endswith(".md")}
     assert templates, "model card templates must ship as package data"

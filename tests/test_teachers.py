@@ -218,3 +218,182 @@ def test_both_teachers_run_the_same_loop(teachers, prompts_file, tmp_path, monke
             AcceleratorState._reset_state(True)
         assert os.path.isfile(tmp_path / kind / "model_index.json")
     assert seen == ["SDXLTeacher"] * 2 + ["SD3Teacher"] * 2
+
+
+# ---- CogVideoX ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_cogvideox(tmp_path_factory) -> str:
+    """9 frames at 16x16 px -> latents (5, 4, 8, 8); rotary embeddings (CogVideoX-5b style), 48 T5 tokens."""
+    from diffusers import CogVideoXPipeline
+
+    from dmdx.pipelines.tiny_components import cogvideox_components
+
+    path = str(tmp_path_factory.mktemp("tiny") / "tiny-cogvideox")
+    CogVideoXPipeline(**cogvideox_components()).save_pretrained(path)
+    return path
+
+
+def test_cogvideox_adapter_shapes_schedule_and_blocks(tiny_cogvideox):
+    """Configs only: frames-first latent shape, the resolved defaults, the 8-step trailing student schedule, the
+    v-prediction teacher schedule, default blocks; chosen by adapter_for from model_index.json."""
+    from dmdx.pipelines.teachers import CogVideoXTeacher, adapter_for
+
+    teacher = CogVideoXTeacher(tiny_cogvideox)
+    assert type(adapter_for(tiny_cogvideox)) is CogVideoXTeacher
+    assert teacher.latent_shape() == (5, 4, 8, 8)  # (F_latent, C, H, W): (9 - 1) / 2 + 1 frames, 16 px / 2
+    assert teacher.options == {"num_frames": 9, "max_sequence_length": 48, "height": 16, "width": 16}
+    wide = CogVideoXTeacher(tiny_cogvideox, height=16, width=32, num_frames=5)
+    assert wide.latent_shape() == (3, 4, 8, 16) and wide.latent_shape(8) == (3, 4, 4, 4)
+    scheduler = teacher.default_student_scheduler(8)
+    scheduler.set_timesteps(8)
+    assert type(scheduler).__name__ == "CogVideoXDDIMScheduler"
+    assert scheduler.timesteps.tolist() == [999, 874, 749, 624, 499, 374, 249, 124]
+    schedule = teacher.teacher_schedule()
+    assert schedule.kind == "vp" and schedule.prediction_type == "v_prediction"
+    assert teacher.discriminator_blocks(None) == ["transformer_blocks.0", "transformer_blocks.1"]
+
+
+@pytest.mark.parametrize("snr_shift_scale", [1.0, 3.0])  # the tiny teacher's; CogVideoX-2b's
+def test_cogvideox_v_prediction_x0_and_step_match_the_scheduler(snr_shift_scale):
+    """The loop's x0 from a v-prediction (and its DDIM step to the next student timestep) equal
+    CogVideoXDDIMScheduler.step's pred_original_sample (and prev_sample) at every one of the 8 student timesteps,
+    with the SNR shift and the zero-terminal-SNR rescale read from the scheduler class itself."""
+    from diffusers import CogVideoXDDIMScheduler, DDPMScheduler
+
+    from dmdx.training import schedule_from_scheduler_config
+
+    config = dict(CogVideoXDDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                         clip_sample=False, prediction_type="v_prediction", rescale_betas_zero_snr=True,
+                                         set_alpha_to_one=True, timestep_spacing="trailing",
+                                         snr_shift_scale=snr_shift_scale).config)
+    config["_class_name"] = "CogVideoXDDIMScheduler"  # as scheduler_config.json names it
+    schedule = schedule_from_scheduler_config(config)
+    scheduler = CogVideoXDDIMScheduler.from_config(config)
+    scheduler.set_timesteps(8)
+    g = torch.Generator().manual_seed(0)
+    timesteps = scheduler.timesteps.tolist()
+    for i, t in enumerate(timesteps):
+        x, v = torch.randn(2, 5, 4, 8, 8, generator=g), torch.randn(2, 5, 4, 8, 8, generator=g)
+        prev, x0 = scheduler.step(v, t, x, return_dict=False)
+        tt = torch.full((2,), float(t))
+        ours = schedule.to_x0_noise(v, x, tt)[0]
+        torch.testing.assert_close(ours, x0, rtol=0, atol=2e-5)
+        if i + 1 < len(timesteps):  # the last step goes to the scheduler's final alpha (1.0), not a timestep
+            step = schedule.ode_step(x, ours, tt, torch.full((2,), float(timesteps[i + 1])))
+            torch.testing.assert_close(step, prev, rtol=0, atol=2e-5)
+    if snr_shift_scale != 1.0:  # the class matters: DDPMScheduler on the same config has no SNR shift
+        ddpm = DDPMScheduler.from_config({k: v for k, v in config.items()
+                                          if k not in ("_class_name", "snr_shift_scale")})
+        assert (ddpm.alphas_cumprod[500] - scheduler.alphas_cumprod[500]).abs() > 1e-3
+
+
+def test_cogvideox_predict_rotary_features_and_pipeline(tiny_cogvideox):
+    """Weights: T5 conditioning; the prediction uses the rotary embedding the stock pipeline builds; the block
+    features are frame-major (B, C, F, h, w) maps that get 3-D heads; the stock pipeline samples frame lists."""
+    from diffusers import CogVideoXPipeline
+
+    from dmdx.pipelines.teachers import CogVideoXTeacher
+    from dmdx.training import DiscriminatorHead3D
+    from dmdx.training.loop import build_discriminator
+
+    teacher = CogVideoXTeacher(tiny_cogvideox)
+    shape = teacher.latent_shape()
+    denoiser = teacher.load_denoiser().eval()
+    teacher.load_text_encoders("cpu", torch.float32, denoiser=denoiser)
+    cond = teacher.encode_prompts(TINY_PROMPTS[:3], "cpu")
+    negative = teacher.negative_conditioning("cpu")
+    assert cond.keys() == negative.keys() == {"prompt_embeds"}
+    assert cond["prompt_embeds"].shape == (3, 48, 32) and negative["prompt_embeds"].shape == (1, 48, 32)
+
+    x, t = torch.randn(3, *shape), torch.tensor([900.0, 500.5, 20.0])
+    pipe = CogVideoXPipeline.from_pretrained(tiny_cogvideox)
+    rotary = pipe._prepare_rotary_positional_embeddings(16, 16, shape[0], "cpu")
+    with torch.no_grad():
+        out = teacher.predict(denoiser, x, t, cond)
+        stock = denoiser(hidden_states=x, encoder_hidden_states=cond["prompt_embeds"], timestep=t,
+                         image_rotary_emb=rotary, return_dict=False)[0]
+        plain = denoiser(hidden_states=x, encoder_hidden_states=cond["prompt_embeds"], timestep=t,
+                         return_dict=False)[0]
+    assert out.shape == x.shape and out.dtype == torch.float32
+    torch.testing.assert_close(out, stock, rtol=0, atol=1e-6)
+    assert (out - plain).abs().max() > 1e-4  # the rotary embedding is really applied
+    assert teacher.rotary_embedding(shape, "cpu") is teacher.rotary_embedding(shape, "cpu")  # cached per shape
+
+    # frame-major tokens: the selector on the patch embedding's video tokens == its conv on each frame (no positional
+    # embedding is added with rotary embeddings), so token (f, i, j) lands at map[:, :, f, i, j]
+    select = teacher.feature_selector(shape)
+    with torch.no_grad():
+        tokens = denoiser.patch_embed(cond["prompt_embeds"], x)[:, 48:]
+        per_frame = denoiser.patch_embed.proj(x.flatten(0, 1)).unflatten(0, (3, shape[0])).transpose(1, 2)
+    torch.testing.assert_close(select((tokens, None)), per_frame, rtol=0, atol=1e-6)
+
+    models = types.SimpleNamespace(teacher_base=denoiser, teacher=denoiser, latent_shape=shape,
+                                   teacher_schedule=teacher.teacher_schedule())
+    build_discriminator(teacher, types.SimpleNamespace(discriminator_blocks=None, discriminator_head_channels=16),
+                        models, negative, "cpu")
+    with torch.no_grad():
+        feats = models.features(lambda: teacher.predict(denoiser, x, torch.full((3,), 500.0), cond))
+    assert [tuple(f.shape) for f in feats] == [(3, 32, 5, 4, 4)] * 2  # (B, C, F, h, w)
+    assert all(isinstance(h, DiscriminatorHead3D) for h in models.discriminator_heads.heads)
+    assert models.discriminator_heads(feats).shape == (3,)
+
+    scheduler = teacher.default_student_scheduler(8)
+    videos = teacher.generate(teacher.pipeline(denoiser, scheduler, teacher.load_vae("cpu")), cond, 2,
+                              torch.Generator().manual_seed(0), None)
+    assert len(videos) == 3 and len(videos[0]) == 9 and videos[0][0].size == (16, 16)
+
+
+def test_video_validation_strip_and_trackers(tmp_path, monkeypatch):
+    """save_validation on video samples: a GIF strip (frame t = every prompt's frame t); tensorboard gets
+    add_video with (N, T, C, H, W) uint8, wandb a Video of the strip; image samples keep their PNG grid."""
+    import sys
+
+    from PIL import Image
+
+    from dmdx.training.plumbing import save_validation
+
+    calls = []
+    writer = types.SimpleNamespace(add_video=lambda *a, **k: calls.append(("add_video", a, k)),
+                                   add_images=lambda *a, **k: calls.append(("add_images", a, k)))
+    logged = types.SimpleNamespace(log=lambda data, step: calls.append(("wandb", data, step)), name="wandb")
+    accelerator = types.SimpleNamespace(trackers=[types.SimpleNamespace(name="tensorboard", writer=writer), logged])
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(
+        Video=lambda path, caption=None: ("Video", path, caption), Image=lambda im, caption=None: ("Image", caption)))
+    clips = [[Image.new("RGB", (8, 8), (40 * f, 0, c * 200)) for f in range(5)] for c in range(2)]
+    path = save_validation(accelerator, clips, ["a", "b"], str(tmp_path / "validation" / "step-000003.gif"), 3)
+    gif = Image.open(path)
+    assert gif.n_frames == 5 and gif.size == (16, 8)
+    gif.seek(4)
+    assert gif.convert("RGB").getpixel((12, 4))[2] > 150  # the second prompt's clip on the right
+    (kind, (tag, video, step), kw), (_, data, wstep) = calls
+    assert kind == "add_video" and video.shape == (2, 5, 3, 8, 8) and video.dtype.name == "uint8" and kw["fps"] == 8
+    assert data["validation"] == ("Video", path, "a | b") and step == wstep == 3
+    calls.clear()
+    save_validation(accelerator, [clips[0][0], clips[1][0]], ["a", "b"], str(tmp_path / "step.png"), 4)
+    assert calls[0][0] == "add_images" and Image.open(tmp_path / "step.png").size == (16, 8)
+
+
+def test_cogvideox_15_time_patching(tmp_path):
+    """CogVideoX 1.5 (``patch_size_t``): latent frames padded to a multiple of it as the pipeline pads them, the
+    pipeline's "slice" rotary embedding, (F / p_t)-frame feature maps; the stock pipeline still returns 9 frames."""
+    from diffusers import CogVideoXPipeline
+
+    from dmdx.pipelines.teachers import CogVideoXTeacher
+    from dmdx.pipelines.tiny_components import cogvideox_components
+
+    CogVideoXPipeline(**cogvideox_components(patch_size_t=2)).save_pretrained(tmp_path / "cog15")
+    teacher = CogVideoXTeacher(str(tmp_path / "cog15"))
+    shape = teacher.latent_shape()
+    assert shape == (6, 4, 8, 8)  # 9 frames -> 5 latent frames, padded to 6
+    denoiser = teacher.load_denoiser().eval()
+    pipe = CogVideoXPipeline.from_pretrained(tmp_path / "cog15")
+    for ours, stock in zip(teacher.rotary_embedding(shape, "cpu"),
+                           pipe._prepare_rotary_positional_embeddings(16, 16, shape[0], "cpu")):
+        torch.testing.assert_close(ours, stock, rtol=0, atol=0)
+    x, cond = torch.randn(2, *shape), {"prompt_embeds": torch.randn(2, 48, 32)}
+    with torch.no_grad():
+        assert teacher.predict(denoiser, x, torch.tensor([800.0, 100.0]), cond).shape == x.shape
+    assert teacher.feature_selector(shape)((torch.randn(2, 3 * 4 * 4, 32), None)).shape == (2, 32, 3, 4, 4)
+    videos = teacher.generate(teacher.pipeline(denoiser, teacher.default_student_scheduler(8), teacher.load_vae("cpu")),
+                              {"prompt_embeds": cond["prompt_embeds"][:1]}, 2, torch.Generator().manual_seed(0), None)
+    assert len(videos[0]) == 9

@@ -27,14 +27,17 @@ import torch
 
 from .cli import load_prompts
 from .errors import UsageError
+from .freezing import reshard_fsdp
 from .lora import LoraView, add_lora_adapter, fused_copy
 from .plumbing import (
     TRAINING_CONFIG_NAME,
+    ShardedEMAState,
     accumulated_update,
     check_output_dir,
     check_provenance,
     clean_leftovers,
     ema_weights,
+    fsdp_wrap_classes_of,
     make_accelerator,
     make_lr_scheduler,
     make_optimizer,
@@ -158,7 +161,7 @@ def build_models(adapter, args, accelerator, generator_path: str | None) -> Dist
             module.enable_xformers_memory_efficient_attention()
 
     ema = None
-    if args.use_ema:
+    if args.use_ema and not sharded:  # under FSDP: prepare_models keeps an EMA of the sharded weights
         from diffusers.training_utils import EMAModel
 
         ema = EMAModel(generator.parameters(), decay=args.ema_decay, model_cls=type(generator),
@@ -205,11 +208,17 @@ def prepare_models(args, accelerator, models: DistillationModels) -> None:
         module = getattr(models, attr)
         optimizer = make_optimizer(args, module, lr)
         scheduler = make_lr_scheduler(args, optimizer, ratio, accelerator.num_processes)
-        module, optimizer, scheduler = accelerator.prepare(module, optimizer, scheduler)
+        with fsdp_wrap_classes_of(accelerator, module):
+            module, optimizer, scheduler = accelerator.prepare(module, optimizer, scheduler)
         setattr(models, attr, module)
         models.optimizers[name], models.lr_schedulers[name] = optimizer, scheduler
+    if args.use_ema and models.ema is None:  # FSDP: an EMA of the generator's shards (1/n of a copy per process)
+        from diffusers.training_utils import EMAModel
+
+        models.ema = EMAModel(models.generator.parameters(), decay=args.ema_decay)
     if models.ema is not None:
-        accelerator.register_for_checkpointing(models.ema)
+        sharded = accelerator.distributed_type.name == "FSDP"
+        accelerator.register_for_checkpointing(ShardedEMAState(models.ema) if sharded else models.ema)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -245,6 +254,11 @@ def train_iteration(models: DistillationModels, adapter, args, accelerator, prom
     )
 
     torch.manual_seed(iteration_seed(args.seed, step, accelerator.process_index))
+    # With several processes every rank draws the same student step k per micro-batch (from rank 0's seed): under
+    # FSDP each generator forward of the backward simulation is a collective (all-gather), so the ranks must run
+    # equally many; DDP draws the same k too, so a DDP and an FSDP run of one seed compute the same thing.
+    k_stream = (torch.Generator().manual_seed(iteration_seed(args.seed, step, 0)) if accelerator.num_processes > 1
+                else None)
     m, device, logs = models, accelerator.device, {}
     adm = args.distribution_loss == "adm"
     k_micro, batch = args.gradient_accumulation_steps, args.train_batch_size
@@ -281,7 +295,7 @@ def train_iteration(models: DistillationModels, adapter, args, accelerator, prom
         its first k steps without gradients) and the noise levels t, s."""
         cond, uncond = prompt_source.batch(torch.randint(prompt_source.count, (batch,)))
         z = torch.randn((batch, *m.latent_shape), device=device)
-        k = int(torch.randint(len(ts), ())) if len(ts) > 1 else 0
+        k = int(torch.randint(len(ts), (), generator=k_stream)) if len(ts) > 1 else 0
         x_k = backward_simulate(lambda x, t: gen_x0(generator_plain, x, t, cond), z, ts, k, m.student_schedule,
                                 m.renoise) if k else z
         t = adm_noise_levels(torch.rand(batch, device=device), args.min_timestep_percent,
@@ -481,6 +495,9 @@ def distill(adapter, args, tracker_project: str) -> None:
         raise UsageError("--timestep_sampling shifted needs a flow (rectified-flow) teacher; "
                          f"{adapter.pipeline_class}'s schedule is {adapter.teacher_schedule().kind}.")
     prompts = load_prompts(args)
+    adapter.check_prompts(prompts, "training prompts")
+    if args.validation_prompts:
+        adapter.check_prompts(list(args.validation_prompts), "validation prompts")
     provenance = run_provenance(adapter, args, tracker_project, generator_path,
                                 student_timesteps(scheduler, args.num_student_steps))
     checkpoint = find_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
@@ -547,12 +564,15 @@ def finish_and_export(adapter, args, accelerator, models, *, method: str, genera
     accelerator.wait_for_everyone()
     generator = accelerator.unwrap_model(models.generator)
     if models.ema is not None:
+        reshard_fsdp(generator)  # FSDP: copy into the shards (a no_grad forward may have left units gathered)
         models.ema.copy_to(generator.parameters())
     checksums = None if accelerator.distributed_type.name == "FSDP" else rank_checksums(accelerator, models.generator)
     state = accelerator.get_state_dict(models.generator) if not isinstance(generator, LoraView) else None
+    final_checksum = parameter_checksum(generator)  # every rank: on FSDP's DTensors the sum is a collective
     if accelerator.is_main_process:
         export_student(adapter, args, models, generator, state, method=method, generator_path=generator_path,
-                       samples=samples, schedule_fields=fields, generator_checksum_per_rank=checksums)
+                       samples=samples, schedule_fields=fields, final_checksum=final_checksum,
+                       generator_checksum_per_rank=checksums)
     accelerator.wait_for_everyone()
     accelerator.end_training()
 
@@ -579,7 +599,7 @@ def run_provenance(adapter, args, script: str, generator_path: str | None, times
             "student_timesteps": [float(t) for t in timesteps], "resolution": args.resolution,
             "discriminator": [args.discriminator_blocks, args.discriminator_head_channels,
                               args.discriminator_head_depth] if args.distribution_loss == "adm" else None,
-            "run_id": uuid.uuid4().hex}
+            **adapter.provenance_fields(), "run_id": uuid.uuid4().hex}
 
 
 def student_schedule_fields(models: DistillationModels, method: str) -> dict:
@@ -597,8 +617,8 @@ def student_schedule_fields(models: DistillationModels, method: str) -> dict:
 @torch.no_grad()
 def validate(models, adapter, args, accelerator, step: int, val_cond: dict, vae) -> tuple | None:
     """The validation prompts through the stock pipeline exactly as users will run the student (its scheduler,
-    K steps, no CFG), with the EMA weights when kept; a grid in ``validation/step-N.png`` and the trackers.
-    Returns (images, prompts) on the main process."""
+    K steps, no CFG), with the EMA weights when kept; a grid in ``validation/step-N.png`` (video: a strip in
+    ``step-N.gif``) and the trackers. Returns (samples, prompts) on the main process: images, or frame lists."""
     import copy
 
     generator = accelerator.unwrap_model(models.generator)
@@ -609,18 +629,18 @@ def validate(models, adapter, args, accelerator, step: int, val_cond: dict, vae)
         pipe = adapter.pipeline(denoiser, copy.deepcopy(models.student_scheduler), vae)
         rng = torch.Generator(accelerator.device).manual_seed(args.seed)  # its own: the training stream is untouched
         with accelerator.autocast():
-            images = pipe(**{k: val_cond[k].to(accelerator.device) for k in ("prompt_embeds", "pooled_prompt_embeds")},
-                          num_inference_steps=len(models.student_timesteps), guidance_scale=0.0,
-                          height=args.resolution, width=args.resolution, generator=rng).images
+            images = adapter.generate(pipe, {k: v.to(accelerator.device) for k, v in val_cond.items()},
+                                      len(models.student_timesteps), rng, args.resolution)
     if not accelerator.is_main_process:
         return None
-    save_validation(accelerator, images, args.validation_prompts,
-                    os.path.join(args.output_dir, "validation", f"step-{step:06d}.png"), step)
+    save_validation(accelerator, images, args.validation_prompts, os.path.join(
+        args.output_dir, "validation", f"step-{step:06d}.{'gif' if adapter.video else 'png'}"), step)
     return images, list(args.validation_prompts)
 
 
 def export_student(adapter, args, models, generator, state, *, method: str, generator_path: str | None,
-                   samples: tuple | None, schedule_fields: dict, **extra) -> None:
+                   samples: tuple | None, schedule_fields: dict, final_checksum: float | None = None,
+                   **extra) -> None:
     """Main process: the stock pipeline folder (+ LoRA weights), training config, model card with the final
     validation ``samples`` (images, prompts), upload. ``state``: the full generator's state dict (gathered), None
     for a LoRA generator."""
@@ -636,7 +656,9 @@ def export_student(adapter, args, models, generator, state, *, method: str, gene
         denoiser = adapter.load_denoiser(torch.float32, path=generator_path)
         denoiser.load_state_dict({k: v.float() for k, v in state.items()})
         lora_state = None
-    unchanged = schedule_fields.get("generator_initial_checksum") == parameter_checksum(generator)
+    if final_checksum is None:
+        final_checksum = parameter_checksum(generator)
+    unchanged = schedule_fields.get("generator_initial_checksum") == final_checksum
     if unchanged:
         logger.warning("THE GENERATOR DID NOT CHANGE during training: the exported student is its starting point "
                        "(learning rates, warm-up and --max_train_steps?).")
@@ -653,6 +675,7 @@ def export_student(adapter, args, models, generator, state, *, method: str, gene
     write_model_card(
         args.output_dir, base_model=base, pipeline_class=adapter.pipeline_class,
         num_inference_steps=schedule_fields["num_student_steps"], guidance_scale=0.0, method=method, lora=lora,
+        video=adapter.video,
         sample_images=images, sample_prompts=prompts, training_command=sys.argv,
         hyperparameters=training_hyperparameters({**vars(args), "method": method}),
         repo_id=args.hub_model_id,

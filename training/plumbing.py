@@ -387,14 +387,18 @@ def save_validation(accelerator, images: list, prompts: list[str], path: str, st
 @contextlib.contextmanager
 def ema_weights(ema, module):
     """Inside: ``module`` holds the EMA weights (validation); afterwards its training weights are back."""
+    from .freezing import reshard_fsdp
+
     if ema is None:
         yield
         return
+    reshard_fsdp(module)  # FSDP: swap the sharded weights, and gather them afresh before and after the swap
     ema.store(module.parameters())
     ema.copy_to(module.parameters())
     try:
         yield
     finally:
+        reshard_fsdp(module)
         ema.restore(module.parameters())
 
 
@@ -415,3 +419,26 @@ def fsdp_wrap_classes_of(accelerator, module):
         yield
     finally:
         plugin.transformer_cls_names_to_wrap = names
+
+
+class ShardedEMAState:
+    """What a checkpoint holds for an EMA of FSDP2-sharded (DTensor) weights. accelerate writes a registered
+    object's ``state_dict`` from the main process only, so the shards are gathered into full CPU tensors (every rank
+    takes part, one tensor at a time); on load every rank takes back its own shard. The file is the one an unsharded
+    run writes (``custom_checkpoint_0.pkl``: full tensors)."""
+
+    def __init__(self, ema):
+        self.ema = ema
+
+    def state_dict(self) -> dict:
+        state = self.ema.state_dict()
+        return {**state, "shadow_params": [p.full_tensor().cpu() for p in state["shadow_params"]]}
+
+    def load_state_dict(self, state: dict) -> None:
+        from torch.distributed.tensor import distribute_tensor
+
+        state = dict(state)
+        full, like = state.pop("shadow_params"), self.ema.shadow_params
+        self.ema.load_state_dict(state)
+        self.ema.shadow_params = [distribute_tensor(f.to(p.device, p.dtype), p.device_mesh, p.placements)
+                                  for f, p in zip(full, like)]

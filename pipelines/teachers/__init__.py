@@ -5,10 +5,11 @@ them; nothing else names a diffusers model class."""
 from dmdx.training.errors import UsageError
 
 from .base import TeacherAdapter, model_dtype, read_model_index
+from .cogvideox import CogVideoXTeacher
 from .sd3 import SD3Teacher
 from .sdxl import SDXLTeacher
 
-ADAPTERS = {"sdxl": SDXLTeacher, "sd3": SD3Teacher}
+ADAPTERS = {"sdxl": SDXLTeacher, "sd3": SD3Teacher, "cogvideox": CogVideoXTeacher}
 
 
 def adapter_for(path: str, what: str = "--pretrained_model_name_or_path", **kwargs) -> TeacherAdapter:

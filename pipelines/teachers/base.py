@@ -36,6 +36,21 @@ def read_model_index(path: str, what: str = "--pretrained_model_name_or_path", *
                          f"model_index.json): {e}") from e
 
 
+def transformer_block_names(spec: str | None, num_layers: int) -> list[str]:
+    """``--discriminator_blocks`` as ``transformer_blocks`` indices (DiT teachers); default 4 evenly spaced ones
+    including the last (paper_spec §2.6 says "several blocks")."""
+    n = num_layers
+    try:
+        indices = sorted({int(b) for b in spec.split(",")}) if spec else \
+            sorted({round(i * (n - 1) / 3) for i in range(4)})
+    except ValueError as e:
+        raise UsageError(f"--discriminator_blocks {spec!r}: give comma-separated block indices.") from e
+    bad = [i for i in indices if not 0 <= i < n]
+    if bad:
+        raise UsageError(f"--discriminator_blocks {bad} out of range: the transformer has {n} blocks.")
+    return [f"transformer_blocks.{i}" for i in indices]
+
+
 class TeacherAdapter:
     """One architecture. Subclasses set the class attributes and implement the methods marked below."""
 
@@ -45,6 +60,7 @@ class TeacherAdapter:
     lora_target_modules: tuple[str, ...] = ()
     sibling_script: str = ""  # named in the wrong-architecture error
     lora_in_diffusers_format: bool = False  # save_lora_weights takes peft keys, or (UNets) diffusers' converted ones
+    video: bool = False  # samples are videos (lists of frames): GIF validation, the video model card
 
     def __init__(self, path: str, *, resolution: int = 1024, revision: str | None = None,
                  variant: str | None = None, cache_dir: str | None = None,
@@ -124,6 +140,13 @@ class TeacherAdapter:
             return cls.from_config(config)
         return self.default_student_scheduler(num_steps)
 
+    def provenance_fields(self) -> dict:
+        """What besides ``--resolution`` fixes a run's shapes and conditioning (a resumed run must match it)."""
+        return {}
+
+    def check_prompts(self, prompts: list[str], what: str) -> None:
+        """Warn (configs and tokenizers only, before any weights) about prompts the text encoder will truncate."""
+
     def config_fingerprint(self) -> dict:
         """What identifies the teacher in a checkpoint's provenance: its pipeline class and denoiser config."""
         keep = {k: v for k, v in self.denoiser_config.items() if not k.startswith("_")}
@@ -183,6 +206,13 @@ class TeacherAdapter:
         pipe = cls(**{k: v for k, v in components.items() if k in accepted})
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+    def generate(self, pipe, cond: dict, num_inference_steps: int, generator, resolution: int) -> list:
+        """Samples of the stock pipeline ``pipe`` (:meth:`pipeline`) from precomputed conditioning, without CFG: a
+        list of PIL images (video adapters: a list of frame lists), one per prompt."""
+        return pipe(**{k: cond[k] for k in ("prompt_embeds", "pooled_prompt_embeds")},
+                    num_inference_steps=num_inference_steps, guidance_scale=0.0, height=resolution, width=resolution,
+                    generator=generator).images
 
     def export_dtype(self, weight_dtype):
         """dtype of the exported pipeline's weights."""

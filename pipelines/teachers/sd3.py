@@ -6,7 +6,7 @@ import torch
 
 from dmdx.training.errors import UsageError
 
-from .base import TeacherAdapter, model_dtype
+from .base import TeacherAdapter, model_dtype, transformer_block_names
 
 
 class SD3Teacher(TeacherAdapter):
@@ -50,16 +50,7 @@ class SD3Teacher(TeacherAdapter):
     def discriminator_blocks(self, spec: str | None) -> list[str]:
         """``--discriminator_blocks`` as ``transformer_blocks`` indices; default 4 evenly spaced ones including the
         last (paper_spec §2.6 says "several blocks")."""
-        n = self.denoiser_config["num_layers"]
-        try:
-            indices = sorted({int(b) for b in spec.split(",")}) if spec else \
-                sorted({round(i * (n - 1) / 3) for i in range(4)})
-        except ValueError as e:
-            raise UsageError(f"--discriminator_blocks {spec!r}: give comma-separated block indices.") from e
-        bad = [i for i in indices if not 0 <= i < n]
-        if bad:
-            raise UsageError(f"--discriminator_blocks {bad} out of range: the transformer has {n} blocks.")
-        return [f"transformer_blocks.{i}" for i in indices]
+        return transformer_block_names(spec, self.denoiser_config["num_layers"])
 
     def default_student_scheduler(self, num_steps: int):
         """The teacher's FlowMatchEulerDiscreteScheduler with ``shift_terminal``: with the stock shift 3.0 a 4-step
