@@ -8,7 +8,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 DEMO_ARGS ?=
 
-.PHONY: demo test lint venv clean
+.PHONY: demo test test-heavy lint venv clean
 
 venv: $(STAMP)
 
@@ -24,7 +24,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q -n 2 --dist loadfile tests
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not heavy" tests
+
+test-heavy: $(STAMP)
+	$(PY) -m pytest -q -n 2 --dist loadfile -m heavy tests
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -308,8 +308,8 @@ def main(argv=None):
             seed_runs[name] = os.path.join(args.output_dir, "runs", name)
             if not args.score_only:
                 train(args, prompts_file, method, float(lr[2:]), int(ratio[1:]), seed)
-    # the other seeds in their own evaluate.py call (the teacher's samples are the same: same prompts and seed)
-    report = {**score(args, list(seed_runs.values()), "seeds"), **report}
+    if seed_runs:  # the other seeds in their own evaluate.py call (the teacher's samples are the same)
+        report = {**score(args, list(seed_runs.values()), "seeds"), **report}
     result = summarise(args, report, grid_runs, seed_runs)
     with open(os.path.join(args.output_dir, "fair.json"), "w") as f:
         json.dump(result, f, indent=1)

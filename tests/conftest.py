@@ -16,6 +16,16 @@ SCRIPTS = os.path.join(REPO, "distill_scripts")
 TINY_PROMPTS = ["a red circle", "a blue square", "a green cat", "two dots", "a digit seven", "a small tree"]
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """accelerate's state is a process-wide singleton: a test that built an ``Accelerator`` must not fix the precision
+    or device of the next test in the same worker (pytest-xdist runs many files per process)."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+
+
 def script_env(**extra) -> dict:
     env = dict(os.environ)
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",

@@ -1,5 +1,5 @@
 """benchmarks/digits_fair.py end to end at toy budgets on the committed SD3 digits teacher: budgeted runs of the real
-script stopped by SIGTERM, checkpoints exported and scored by evaluate.py, the best cell rerun with another seed."""
+script stopped by SIGTERM, checkpoints exported and scored by evaluate.py (one seed: CI time)."""
 
 from __future__ import annotations
 
@@ -19,16 +19,16 @@ def test_fair_benchmark_smoke(tmp_path):
     out = tmp_path / "fair"
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
     subprocess.run([sys.executable, str(REPO / "benchmarks" / "digits_fair.py"), "--teacher", "sd3", "--output_dir",
-                    str(out), "--generator_lrs", "1e-5", "--fake_score_ratios", "1", "--seeds", "0", "1",
+                    str(out), "--generator_lrs", "1e-5", "--fake_score_ratios", "1", "--seeds", "0",
                     "--budget_s", "2", "--checkpointing_steps", "2", "--train_batch_size", "2",
                     "--num_images_per_prompt", "2", "--num_class_free_images", "2", "--teacher_steps", "2"],
                    check=True, env=env, cwd=REPO, capture_output=True, text=True)
     result = json.loads((out / "fair.json").read_text())
     assert set(result["best"]) == {"adm", "dmd"}
     for method, row in result["best"].items():
-        assert row["cell"] == f"{method}_lr1e-05_r1" and row["seeds"] == 2
+        assert row["cell"] == f"{method}_lr1e-05_r1" and row["seeds"] == 1
         assert row["fid_to_teacher"][0] > 0 and row["fid_to_teacher"][1] >= 0
-    for name in ("adm_lr1e-05_r1_s0", "dmd_lr1e-05_r1_s0", "adm_lr1e-05_r1_s1", "dmd_lr1e-05_r1_s1"):
+    for name in ("adm_lr1e-05_r1_s0", "dmd_lr1e-05_r1_s0"):
         budget = json.loads((out / "runs" / name / "budget.json").read_text())
         # stopped by the budget (SIGTERM), not by --max_train_steps, after at least the budget's CPU seconds
         assert budget["cpu_s"] >= 2 and budget["steps"] < 100000

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import REPO, script_env
 
 BENCHMARK = Path(REPO) / "benchmarks" / "step_cost.py"
@@ -93,6 +94,7 @@ def test_step_cost_tiny_sdxl(tmp_path, tiny_sdxl):
     assert len(paired["adm"]) == len(paired["dmd"]) == 1
 
 
+@pytest.mark.heavy  # 3 CPU-min; step_cost's own smoke stays in CI (test_step_cost_tiny_sdxl); run: make test-heavy
 def test_step_cost_full_path_reduced_sd3(tmp_path):
     """The --size full path (real text-encoder and conditioning widths, T5's 256 tokens, the 1024-px VAE config)
     with a one-block MMDiT, at 128 px in bf16, with SD3's recipe: LoRA generator and fake score on the teacher."""
