@@ -197,8 +197,8 @@ KEYS = ("fid_to_teacher", "class_hist_tv_to_teacher", "digit_fid", "prompt_accur
 
 def curve(report: dict, out: str) -> list[dict]:
     """(generator updates, CPU seconds, metrics) at every checkpoint of one run."""
-    log = {entry["step"]: entry for entry in read_log(out)}
-    t0 = read_log(out)[0]["cpu_time"]
+    entries = read_log(out)
+    log, t0 = {entry["step"]: entry for entry in entries}, entries[0]["cpu_time"]
     rows = []
     for step, _ in checkpoints(out):
         metrics = report.get(f"{os.path.basename(out)}@{step}", {})

@@ -395,14 +395,20 @@ def _write_samples(output_dir: str, samples: Sequence, video: bool, fps: float) 
         files.append(rel)
 
     grid_rel = f"{SAMPLES_DIR}/grid.{ext}"
-    if video:  # a GIF strip: frame t shows every sample's frame t (shorter clips hold their last frame)
-        length = max(len(f) for f in loaded)
-        strip = [image_grid([f[min(t, len(f) - 1)] for f in loaded], columns=len(loaded), min_side=128,
-                            max_side=256) for t in range(length)]
+    if video:
+        strip = video_strip(loaded, lambda frames: image_grid(frames, columns=len(frames), min_side=128,
+                                                              max_side=256))
         _save_gif(strip, os.path.join(output_dir, grid_rel), fps)
     else:
         image_grid(loaded).save(os.path.join(output_dir, grid_rel))
     return files, grid_rel
+
+
+def video_strip(clips: Sequence, make_grid) -> list:
+    """The frames of a GIF strip of several clips: frame t is ``make_grid`` of every clip's frame t, side by side
+    (a shorter clip holds its last frame)."""
+    length = max(len(clip) for clip in clips)
+    return [make_grid([clip[min(t, len(clip) - 1)] for clip in clips]) for t in range(length)]
 
 
 def _open_rgb(path: str):

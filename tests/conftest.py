@@ -26,6 +26,28 @@ def fresh_accelerator_state():
     AcceleratorState._reset_state(True)
 
 
+# accelerate config of a one-process CPU launch (what a user's `accelerate config` writes on a CPU machine)
+CPU_ACCELERATE_CONFIG = """compute_environment: LOCAL_MACHINE
+distributed_type: 'NO'
+num_machines: 1
+num_processes: 1
+mixed_precision: 'no'
+use_cpu: true
+"""
+
+
+def recipe_env(hf_home, **extra) -> dict:
+    """A recipe's ``train.sh`` launched as users launch it: offline, one thread, its own ``HF_HOME``, this venv's
+    ``accelerate`` first on PATH; the accelerate config decides the device (``ACCELERATE_USE_CPU`` unset unless
+    given in ``extra``)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               OMP_NUM_THREADS="1", HF_HOME=str(hf_home), PYTHONWARNINGS="ignore",
+               PATH=f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}")
+    env.pop("ACCELERATE_USE_CPU", None)
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
 def script_env(**extra) -> dict:
     env = dict(os.environ)
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",

@@ -10,38 +10,24 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import CPU_ACCELERATE_CONFIG, recipe_env
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "distill_scripts" / "train_adm_cogvideox.py"
-BIN = Path(sys.executable).parent
 PROMPTS = ["a red circle moving right", "a blue square", "a green cat", "the digit 3 spinning", "a small house"]
 TIMESTEPS = [999.0, 874.0, 749.0, 624.0, 499.0, 374.0, 249.0, 124.0]
 
 pytestmark = pytest.mark.slow
 
 
-def _env(tmp):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               OMP_NUM_THREADS="1", HF_HOME=str(tmp / "hf_home"), PYTHONWARNINGS="ignore",
-               PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-    env.pop("ACCELERATE_USE_CPU", None)
-    return env
 
 
-CPU_CONFIG = """compute_environment: LOCAL_MACHINE
-distributed_type: 'NO'
-num_machines: 1
-num_processes: 1
-mixed_precision: 'no'
-use_cpu: true
-"""
 
 
 @pytest.fixture(scope="session")
@@ -55,7 +41,7 @@ def workdir(tmp_path_factory):
                       ).save_pretrained(root / "cog2b")
     CogVideoXPipeline(**cogvideox_components()).save_pretrained(root / "cog5b")
     (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
-    (root / "cpu.yaml").write_text(CPU_CONFIG)
+    (root / "cpu.yaml").write_text(CPU_ACCELERATE_CONFIG)
     return root
 
 
@@ -67,8 +53,8 @@ TINY = ["--num_frames", "9", "--height", "16", "--width", "16", "--mixed_precisi
 
 def _recipe(workdir, recipe: str, teacher: str, output_dir: str, *overrides):
     """``bash distill_scripts/recipes/<recipe>/train.sh`` (the documented real recipe) on a tiny teacher, on CPU."""
-    env = {**_env(workdir), "CONFIG": str(workdir / "cpu.yaml"), "TEACHER": teacher, "PROMPTS": "prompts.txt",
-           "OUTPUT_DIR": output_dir}
+    env = recipe_env(workdir / "hf_home", CONFIG=workdir / "cpu.yaml", TEACHER=teacher, PROMPTS="prompts.txt",
+                     OUTPUT_DIR=output_dir)
     cmd = ["bash", str(REPO / "distill_scripts" / "recipes" / recipe / "train.sh"), *TINY, *overrides]
     proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
@@ -115,8 +101,8 @@ print("RESULT" + json.dumps(results))
 def _check_exports(workdir, folders):
     """``folders``: [(student dir, teacher dir, lora)]; checks shared by every export, returns each one's result."""
     spec = json.dumps([[str(s), str(t), lora] for s, t, lora in folders])
-    proc = subprocess.run([sys.executable, "-c", CHECKER, spec], cwd=workdir, env=_env(workdir), capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", CHECKER, spec], cwd=workdir, env=recipe_env(workdir / "hf_home"),
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads(proc.stdout.split("RESULT", 1)[1])
     assert results.pop("dmdx_imported") is False

@@ -25,12 +25,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import free_port
+from conftest import free_port, recipe_env
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "distill_scripts" / "recipes" / "sd35_large"
 GATE_PATCH = Path(__file__).resolve().parent / "fsdp_cpu"
-BIN = Path(sys.executable).parent
 PROMPTS = ["a red circle", "a blue square", "a green cat", "the digit 3", "a small house"]
 
 pytestmark = pytest.mark.slow
@@ -71,11 +70,9 @@ def runs(tmp_path_factory):
     (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
 
     def run(output_dir: str, config: Path, fsdp: bool) -> str:
-        env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-                   OMP_NUM_THREADS="1", HF_HOME=str(root / "hf_home"), PYTHONWARNINGS="ignore",
-                   ACCELERATE_USE_CPU="true",  # CPU processes over gloo (the recipe's use_cpu: false is for GPUs)
-                   PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", CONFIG=str(config), TEACHER="sd35",
-                   PROMPTS="prompts.txt", OUTPUT_DIR=output_dir)
+        env = recipe_env(root / "hf_home", CONFIG=config, TEACHER="sd35", PROMPTS="prompts.txt",
+                         OUTPUT_DIR=output_dir,
+                         ACCELERATE_USE_CPU="true")  # CPU processes over gloo (the recipe's use_cpu: false is for GPUs)
         env.pop("PYTHONPATH", None)
         if fsdp:
             env["PYTHONPATH"] = str(GATE_PATCH)
@@ -102,7 +99,7 @@ def _sharded(checkpoint: Path, index: int) -> dict[str, torch.Tensor]:
     target = checkpoint.parent / f".full-{checkpoint.name}-{index}.pt"
     if not target.is_file():
         dcp_to_torch_save(str(checkpoint / f"pytorch_model_fsdp_{index}"), str(target))
-    return torch.load(target, weights_only=False)["model"]  # accelerate saves {"model": state_dict}
+    return torch.load(target, weights_only=True)["model"]  # accelerate saves {"model": state_dict}
 
 
 def _unsharded(checkpoint: Path, index: int) -> dict[str, torch.Tensor]:
@@ -139,7 +136,7 @@ def test_fsdp_shards_checkpoints_and_resumes_exactly(runs):
             assert sorted(p.name for p in folder.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"], folder
     assert not (checkpoint / "pytorch_model_fsdp_3").exists()
     # the generator's EMA is kept sharded and saved gathered: full tensors, the shapes of the teacher's weights
-    ema = torch.load(checkpoint / "custom_checkpoint_0.pkl", weights_only=False)["shadow_params"]
+    ema = torch.load(checkpoint / "custom_checkpoint_0.pkl", weights_only=True)["shadow_params"]
     full = _sharded(checkpoint, 0)
     assert [tuple(p.shape) for p in ema] == [tuple(v.shape) for k, v in full.items() if k != "pos_embed.pos_embed"]
     meta = FileSystemReader(str(checkpoint / "pytorch_model_fsdp_0")).read_metadata().state_dict_metadata

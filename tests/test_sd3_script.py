@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -18,21 +17,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CPU_ACCELERATE_CONFIG, recipe_env
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "distill_scripts" / "train_adm_sd3.py"
-BIN = Path(sys.executable).parent
 PROMPTS = ["a red circle", "a blue square", "a green cat", "the digit 3", "a small house"]
 
 pytestmark = pytest.mark.slow
 
 
-def _env(tmp):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               OMP_NUM_THREADS="1", HF_HOME=str(tmp / "hf_home"), PYTHONWARNINGS="ignore",
-               PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-    env.pop("ACCELERATE_USE_CPU", None)
-    return env
 
 
 @pytest.fixture(scope="session")
@@ -47,24 +40,17 @@ def workdir(tmp_path_factory):
         components = {k: v for k, v in components.items() if k not in ("image_encoder", "feature_extractor")}
         StableDiffusion3Pipeline(**components).save_pretrained(root / name)
     (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
-    (root / "cpu.yaml").write_text(CPU_CONFIG)
+    (root / "cpu.yaml").write_text(CPU_ACCELERATE_CONFIG)
     return root
 
 
-CPU_CONFIG = """compute_environment: LOCAL_MACHINE
-distributed_type: 'NO'
-num_machines: 1
-num_processes: 1
-mixed_precision: 'no'
-use_cpu: true
-"""
 # What makes a recipe tiny: the sizes of the tiny teachers, a CPU run of a few steps (later flags win).
 TINY = ["--resolution", "16", "--max_sequence_length", "32", "--mixed_precision", "no", "--report_to", "none",
         "--discriminator_head_channels", "64", "--discriminator_warmup_steps", "1"]
 
 
 def _run(cmd, workdir, env_extra=None, check=True):
-    env = {**_env(workdir), **(env_extra or {})}
+    env = {**recipe_env(workdir / "hf_home"), **(env_extra or {})}
     proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd[:3]} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
@@ -127,7 +113,7 @@ print("RESULT" + json.dumps(result))
 
 def _check_export(workdir, out_dir, teacher, lora):
     proc = subprocess.run([sys.executable, "-c", CHECKER, str(out_dir), str(workdir / teacher), "1" if lora else "0"],
-                          cwd=workdir, env=_env(workdir), capture_output=True, text=True, timeout=300)
+                          cwd=workdir, env=recipe_env(workdir / "hf_home"), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout.split("RESULT", 1)[1])
     assert result["dmdx_imported"] is False

@@ -639,11 +639,11 @@ def validate(models, adapter, args, accelerator, step: int, val_cond: dict, vae)
 
 
 def export_student(adapter, args, models, generator, state, *, method: str, generator_path: str | None,
-                   samples: tuple | None, schedule_fields: dict, final_checksum: float | None = None,
-                   **extra) -> None:
+                   samples: tuple | None, schedule_fields: dict, final_checksum: float, **extra) -> None:
     """Main process: the stock pipeline folder (+ LoRA weights), training config, model card with the final
     validation ``samples`` (images, prompts), upload. ``state``: the full generator's state dict (gathered), None
-    for a LoRA generator."""
+    for a LoRA generator; ``final_checksum``: its weights' checksum (every rank computes it: a collective under
+    FSDP)."""
     from dmdx.pipelines.hub import push_to_hub
     from dmdx.pipelines.model_card import training_hyperparameters, write_model_card
 
@@ -656,8 +656,6 @@ def export_student(adapter, args, models, generator, state, *, method: str, gene
         denoiser = adapter.load_denoiser(torch.float32, path=generator_path)
         denoiser.load_state_dict({k: v.float() for k, v in state.items()})
         lora_state = None
-    if final_checksum is None:
-        final_checksum = parameter_checksum(generator)
     unchanged = schedule_fields.get("generator_initial_checksum") == final_checksum
     if unchanged:
         logger.warning("THE GENERATOR DID NOT CHANGE during training: the exported student is its starting point "

@@ -359,9 +359,9 @@ def save_validation(accelerator, images: list, prompts: list[str], path: str, st
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     video = isinstance(images[0], (list, tuple))
     if video:
-        length = max(len(clip) for clip in images)
-        strip = [make_image_grid([clip[min(t, len(clip) - 1)] for clip in images], rows=1, cols=len(images))
-                 for t in range(length)]
+        from dmdx.pipelines.model_card import video_strip
+
+        strip = video_strip(images, lambda frames: make_image_grid(frames, rows=1, cols=len(frames)))
         export_to_gif(strip, path, fps=fps)
     else:
         make_image_grid(images, rows=1, cols=len(images)).save(path)
