@@ -133,7 +133,7 @@ SD3_LORA = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_
 ATTN_LORA = ("to_k", "to_q", "to_v", "to_out.0")  # = SDXLTeacher's; diffusers' CogVideoX LoRA example's
 
 # What each recipe trains on (README and distill_scripts/recipes). modes: (generator LoRA rank, fake-score LoRA rank),
-# 0 = full fine-tuning; the first is the recipe's own. CogVideoX has no recipe yet: its native 480x720, 49 frames.
+# 0 = full fine-tuning; the first is the recipe's own.
 MODELS = {
     "sdxl": {
         "title": "SDXL", "class": "UNet2DConditionModel", "config": SDXL_UNET, "family": "unet",
@@ -170,7 +170,8 @@ MODELS = {
         "text_encoders": ["t5_xxl"], "units": ("CogVideoXBlock",), "lora_targets": ATTN_LORA,
         "resolution": (480, 720), "frames": 49, "text_tokens": 226, "batch": 1, "gradient_checkpointing": True,
         "ema": False, "lora_rank": 64, "modes": [(0, 0), (64, 64)],
-        "recipe": "no recipe yet (assumed): 480x720, 49 frames, batch 1, gradient checkpointing, LoRA rank 64",
+        "recipe": "recipes/cogvideox_2b: 480x720, 49 frames, batch 1 x 8, full / full, gradient checkpointing, "
+                  "FSDP2 x 8",
         "small": {"num_attention_heads": 1, "max_text_seq_length": 32}, "sizes": [16, 32],
     },
     "cogvideox-5b": {
@@ -179,7 +180,8 @@ MODELS = {
         "text_encoders": ["t5_xxl"], "units": ("CogVideoXBlock",), "lora_targets": ATTN_LORA,
         "resolution": (480, 720), "frames": 49, "text_tokens": 226, "batch": 1, "gradient_checkpointing": True,
         "ema": False, "lora_rank": 64, "modes": [(0, 0), (64, 64)],
-        "recipe": "no recipe yet (assumed): 480x720, 49 frames, batch 1, gradient checkpointing, LoRA rank 64",
+        "recipe": "recipes/cogvideox_5b: 480x720, 49 frames, batch 1 x 8, full / full, gradient checkpointing, "
+                  "FSDP2 x 8",
         "small": {"num_attention_heads": 1, "max_text_seq_length": 32}, "sizes": [16, 32],
     },
 }

@@ -47,6 +47,24 @@ or ``--spec spec.json`` holding ``[{"name": ..., "path": ..., "num_inference_ste
 Writes ``report.json`` (one entry per pipeline name), ``report.md`` (a Markdown table) and ``samples.png``
 (rows: pipelines, columns: prompts).
 
+Video pipelines (``CogVideoXPipeline``, e.g. the video demo's teacher and students) are scored on the moving digits
+(``distill_scripts/digits/moving_digits.py``): ``--num_images_per_prompt`` clips for each of the 40 prompts "a
+handwritten digit <k> moving <left|right|up|down>", at the frame count and text length the transformer was built
+for (``sample_frames``, ``max_text_seq_length``, as the students' model cards call them). Each frame is judged by
+the same digit classifier (the digit found by its centre of ink mass, cropped to 8x8, upsampled as the real digits
+are), so:
+
+* ``fid_to_teacher`` / ``digit_fid``: per-frame classifier-feature FID to the reference's frames / to the frames of
+  held-out real moving digits; ``class_hist_tv_to_teacher``: per prompt, the TV distance between the frames'
+  predicted-class histograms and the reference's, averaged; ``direction_hist_tv_to_teacher``: the same for the
+  clips' motion directions;
+* ``prompt_accuracy``: share of frames showing the prompted digit; ``direction_accuracy``: share of clips whose
+  digit moves the prompted way (least-squares trajectory of the centres); ``temporal_consistency``: per clip, the
+  share of frames agreeing with its most frequent class, averaged (1.0: the digit never changes identity);
+* ``diversity``: mean pairwise distance between clips of one prompt (mean frame feature), relative to the reference;
+  ``seconds_per_video``. Besides ``samples.png`` (the middle frame, one column per digit), ``samples.gif`` animates
+  one clip per pipeline and digit.
+
 Several runs (e.g. one per training seed) combine into mean ± sd per metric and pipeline:
 
     python distill_scripts/evaluate.py --aggregate seed0/report.json seed1/report.json seed2/report.json \
@@ -72,6 +90,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits"))
 from digit_classifier import ASSETS_DIR, load_classifier  # noqa: E402
 from digits_data import CLASS_FREE_PROMPT, evaluation_prompts, load_digits_split  # noqa: E402
+from moving_digits import DIRECTIONS, crop_digits, digit_centres, load_moving_digits, motion_directions, video_prompts  # noqa: E402
 
 MODE_SHARE = 0.05
 NUM_CLASSES = 10
@@ -90,6 +109,29 @@ COLUMNS = (
     ("diversity (rel.)", "diversity", ".3f"),
     ("s / image", "seconds_per_image", ".4f"),
 )
+
+
+# text-to-video pipelines, scored on the moving digits (model_index.json's _class_name)
+VIDEO_PIPELINES = ("CogVideoXPipeline",)
+VIDEO_TEACHER_METRIC_KEYS = ("fid_to_teacher", "class_hist_tv_to_teacher", "direction_hist_tv_to_teacher")
+VIDEO_METRIC_KEYS = VIDEO_TEACHER_METRIC_KEYS + ("digit_fid", "prompt_accuracy", "direction_accuracy",
+                                                 "temporal_consistency", "diversity", "nfe", "seconds_per_video")
+VIDEO_COLUMNS = (
+    ("FID to teacher ↓", "fid_to_teacher", ".2f"),
+    ("class-hist TV to teacher ↓", "class_hist_tv_to_teacher", ".3f"),
+    ("direction-hist TV to teacher ↓", "direction_hist_tv_to_teacher", ".3f"),
+    ("digit-FID (real, per frame) ↓", "digit_fid", ".2f"),
+    ("prompt acc. (frames) ↑", "prompt_accuracy", ".3f"),
+    ("direction acc. ↑", "direction_accuracy", ".3f"),
+    ("temporal consistency ↑", "temporal_consistency", ".3f"),
+    ("diversity (rel.)", "diversity", ".3f"),
+    ("s / video", "seconds_per_video", ".4f"),
+)
+
+
+def pipeline_class_name(path: str) -> str:
+    with open(os.path.join(path, "model_index.json")) as f:
+        return json.load(f).get("_class_name", "")
 
 
 @dataclass
@@ -175,6 +217,11 @@ def parse_args(argv=None):
             parser.error(f"{s.name}: {s.path!r} is not a diffusers pipeline folder (no model_index.json).")
         if s.num_inference_steps < 1:
             parser.error(f"{s.name}: num_inference_steps must be >= 1.")
+    kinds = {s.name: pipeline_class_name(s.path) in VIDEO_PIPELINES for s in specs}
+    if len(set(kinds.values())) > 1:
+        parser.error(f"Mixed image and video pipelines ({', '.join(n for n, v in kinds.items() if v)} are video); "
+                     "evaluate them in separate runs.")
+    args.video = any(kinds.values())
     try:
         args.reference = select_reference(names, args.reference)
     except ValueError as err:
@@ -271,6 +318,79 @@ def score_samples(classifier, images_by_prompt: list[torch.Tensor], real_feats: 
     return score_features(*classify(classifier, images_by_prompt), real_feats)
 
 
+# ---- video metrics ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def judge_clips(classifier, clips: torch.Tensor) -> dict:
+    """Clips (N, F, 3, H, W) in [0, 1] read frame by frame: classifier ``feats`` (N, F, D) and ``preds`` (N, F) of
+    the digit cropped around its centre of ink, and each clip's motion ``directions``."""
+    frames = clips.float().cpu() * 2 - 1
+    n, f = frames.shape[:2]
+    centres = digit_centres(frames)
+    feats = classifier.features(crop_digits(frames.flatten(0, 1), centres.flatten(0, 1)).to(
+        next(classifier.parameters()).device)).cpu()
+    return {"feats": feats.view(n, f, -1), "preds": classifier.head(feats).argmax(1).view(n, f),
+            "directions": motion_directions(centres)}
+
+
+def direction_counts(directions: list[str]) -> np.ndarray:
+    return np.array([directions.count(d) for d in DIRECTIONS], dtype=np.float64)
+
+
+def score_clips(judged: list[dict], real_feats: torch.Tensor) -> dict:
+    """Metrics of one pipeline's clips (one ``judge_clips`` dict per prompt of ``video_prompts()``) against the
+    real moving digits and on their own."""
+    accuracy, direction, consistency = [], [], []
+    for j, (_, label, moving) in zip(judged, video_prompts()):
+        accuracy.append(float((j["preds"] == label).float().mean()))
+        direction.append(float(np.mean([d == moving for d in j["directions"]])))
+        majority = j["preds"].mode(dim=1).values  # each clip's most frequent class
+        consistency.append(float((j["preds"] == majority[:, None]).float().mean()))
+    frames = torch.cat([j["feats"].flatten(0, 1) for j in judged])
+    return {
+        "digit_fid": frechet_distance(frames.double().numpy(), real_feats.double().numpy()),
+        "prompt_accuracy": float(np.mean(accuracy)),
+        "direction_accuracy": float(np.mean(direction)),
+        "temporal_consistency": float(np.mean(consistency)),
+        "per_class_accuracy": [round(float(np.mean(accuracy[4 * k:4 * k + 4])), 4) for k in range(NUM_CLASSES)],
+        "diversity_raw": float(np.mean([mean_pairwise_distance(j["feats"].mean(1)) for j in judged])),
+    }
+
+
+def video_teacher_distances(judged: list[dict], ref: list[dict]) -> dict:
+    """Distances of one pipeline's clips to the reference's (same prompts and seeds): per-frame feature FID, and per
+    prompt the TV distance of the frames' class histograms and of the clips' direction histograms."""
+    class_tv = [total_variation(class_counts(j["preds"]), class_counts(r["preds"])) for j, r in zip(judged, ref)]
+    direction_tv = [total_variation(direction_counts(j["directions"]), direction_counts(r["directions"]))
+                    for j, r in zip(judged, ref)]
+    return {
+        "fid_to_teacher": frechet_distance(torch.cat([j["feats"].flatten(0, 1) for j in judged]).double().numpy(),
+                                           torch.cat([r["feats"].flatten(0, 1) for r in ref]).double().numpy()),
+        "class_hist_tv_to_teacher": float(np.mean(class_tv)),
+        "direction_hist_tv_to_teacher": float(np.mean(direction_tv)),
+        "per_class_hist_tv_to_teacher": [round(float(np.mean(class_tv[4 * k:4 * k + 4])), 4)
+                                         for k in range(NUM_CLASSES)],
+    }
+
+
+def image_teacher_distances(result: dict, ref: dict) -> dict:
+    return teacher_distances(result["feats"], result["preds"], ref["feats"], ref["preds"])
+
+
+@dataclass(frozen=True)
+class Mode:
+    """What an image or a video evaluation reports: its metrics, columns and distances to the reference."""
+    metric_keys: tuple
+    teacher_keys: tuple
+    columns: tuple
+    distances: object  # (result, reference result) -> dict
+    unit: str
+
+
+IMAGE = Mode(METRIC_KEYS, TEACHER_METRIC_KEYS, COLUMNS, image_teacher_distances, "image")
+VIDEO = Mode(VIDEO_METRIC_KEYS, VIDEO_TEACHER_METRIC_KEYS, VIDEO_COLUMNS,
+             lambda result, ref: video_teacher_distances(result["judged"], ref["judged"]), "video")
+
+
 # ---- multi-seed aggregation -------------------------------------------------------------------------------------
 def _flatten(row: dict, prefix: str = "") -> dict:
     """Nested dicts (e.g. the demo's ``training_cost``) as ``parent.child`` keys."""
@@ -300,7 +420,7 @@ def aggregate_reports(reports: list[dict]) -> dict:
     for name in names:
         rows = [report[name] for report in reports if name in report]
         ok = [_flatten(row) for row in rows if "error" not in row]
-        keys = list(dict.fromkeys([k for k in METRIC_KEYS if any(k in row for row in ok)]
+        keys = list(dict.fromkeys([k for k in METRIC_KEYS + VIDEO_METRIC_KEYS if any(k in row for row in ok)]
                                   + [k for row in ok for k in row]))
         entry = {}
         for key in keys:
@@ -356,9 +476,10 @@ def diversity_base(results: dict, reference: str) -> float:
     return row["metrics"]["diversity_raw"] if row else float("nan")
 
 
-def build_report(specs: list[PipelineSpec], results: dict, errors: dict, reference: str) -> dict:
+def build_report(specs: list[PipelineSpec], results: dict, errors: dict, reference: str, mode: Mode = IMAGE) -> dict:
     """report.json: per pipeline, the metrics (teacher-referenced first), or its error. ``results[name]`` holds
-    ``metrics``, ``feats`` and ``preds`` of a finished pipeline."""
+    ``metrics`` and what ``mode.distances`` reads (``feats`` and ``preds``; ``judged`` for video) of a finished
+    pipeline."""
     ref, base = results.get(reference), diversity_base(results, reference)
     report = {}
     for spec in specs:
@@ -371,10 +492,11 @@ def build_report(specs: list[PipelineSpec], results: dict, errors: dict, referen
         m = dict(r["metrics"], reference_pipeline=reference,
                  diversity=r["metrics"]["diversity_raw"] / base if base > 0 else float("nan"))
         if ref is None or spec.name == reference:  # no distances to itself, or to a reference that failed
-            m.update(dict.fromkeys(TEACHER_METRIC_KEYS + ("per_class_hist_tv_to_teacher",)))
+            m.update(dict.fromkeys(mode.teacher_keys + ("per_class_hist_tv_to_teacher",)))
         else:
-            m.update(teacher_distances(r["feats"], r["preds"], ref["feats"], ref["preds"]))
-        report[spec.name] = {k: m[k] for k in METRIC_KEYS} | {k: v for k, v in m.items() if k not in METRIC_KEYS}
+            m.update(mode.distances(r, ref))
+        keys = mode.metric_keys
+        report[spec.name] = {k: m[k] for k in keys} | {k: v for k, v in m.items() if k not in keys}
     return report
 
 
@@ -401,23 +523,23 @@ def _escape(text: str, limit: int = 100) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def _rows(report: dict, reference: str | None, labels: dict | None = None) -> list[str]:
+def _rows(report: dict, reference: str | None, labels: dict | None = None, mode: Mode = IMAGE) -> list[str]:
     lines = []
     for name, r in report.items():
         steps, guidance, nfe = (_mean(r[k]) for k in ("num_inference_steps", "guidance_scale", "nfe"))
         head = f"| {(labels or {}).get(name, name)} | {steps:g} | {guidance:g} | {nfe:g} |"
         if "error" in r:
-            lines.append(f"{head} failed: {_escape(r['error'])} |" + " - |" * (len(COLUMNS) - 1))
+            lines.append(f"{head} failed: {_escape(r['error'])} |" + " - |" * (len(mode.columns) - 1))
             continue
-        cells = ["ref." if name == reference and key in TEACHER_METRIC_KEYS else _cell(r.get(key), fmt, key)
-                 for _, key, fmt in COLUMNS]
+        cells = ["ref." if name == reference and key in mode.teacher_keys else _cell(r.get(key), fmt, key)
+                 for _, key, fmt in mode.columns]
         lines.append(f"{head} {' | '.join(cells)} |")
     return lines
 
 
-def _header() -> list[str]:
-    return ["| pipeline | steps | guidance | NFE | " + " | ".join(h for h, _, _ in COLUMNS) + " |",
-            "|---" * (4 + len(COLUMNS)) + "|"]
+def _header(mode: Mode = IMAGE) -> list[str]:
+    return ["| pipeline | steps | guidance | NFE | " + " | ".join(h for h, _, _ in mode.columns) + " |",
+            "|---" * (4 + len(mode.columns)) + "|"]
 
 
 def _teacher_note(reference: str, failed: bool) -> str:
@@ -447,18 +569,38 @@ def markdown_table(report: dict, real_row: dict, reference: str | None = None) -
             f"`{reference}`.\n")
 
 
+def video_markdown_table(report: dict, real_row: dict, reference: str) -> str:
+    """report.md of a video evaluation; real train clips as a floor."""
+    lines = _header(VIDEO) + _rows(report, reference, mode=VIDEO)
+    real = {**real_row, **dict.fromkeys(VIDEO_TEACHER_METRIC_KEYS + ("seconds_per_video",))}
+    lines.append("| real moving digits (train split) | - | - | - | "
+                 + " | ".join(_cell(real.get(key), fmt, key) for _, key, fmt in VIDEO_COLUMNS) + " |")
+    done = [r for r in report.values() if "error" not in r]
+    n, frames = (done[0]["num_videos_per_prompt"], done[0]["num_frames"]) if done else ("?", "?")
+    failed = reference not in report or "error" in report[reference]
+    note = ("The reference pipeline failed, so there are no distances to it." if failed else
+            f"FID / class-hist / direction-hist TV to teacher: distances to `{reference}`'s clips for the same prompts "
+            "and seeds (per-frame classifier features; per prompt, the TV distance between histograms of frame "
+            "classes and of clip directions, averaged; sampling noise alone makes them positive).")
+    return ("\n".join(lines) + f"\n\n{note} {n} clips of {frames} frames for each of the 40 prompts 'a handwritten "
+            "digit <k> moving <left/right/up/down>'; digit-FID (real) against the frames of the held-out real "
+            "moving digits; each frame judged by the digit classifier on the 8x8 window around the digit's centre "
+            f"of ink; diversity relative to `{reference}`.\n")
+
+
 def aggregate_markdown(aggregate: dict, num_reports: int) -> str:
     """report.md of ``--aggregate``: ``mean ± sd`` cells in the single-run column order."""
     references = {r.get("reference_pipeline") for r in aggregate.values()} - {None}
     reference = references.pop() if len(references) == 1 else None
-    lines = _header()
+    mode = VIDEO if any("direction_accuracy" in r for r in aggregate.values()) else IMAGE
+    lines = _header(mode)
     for name, r in aggregate.items():
         if not r["num_runs"]:
             failed = f"| {name} | - | - | - | failed in all {r['failed_runs']} runs |"
-            lines.append(failed + " - |" * (len(COLUMNS) - 1))
+            lines.append(failed + " - |" * (len(mode.columns) - 1))
             continue
         label = f"{name} ({r['failed_runs']} of {r['failed_runs'] + r['num_runs']} runs failed)"
-        lines += _rows({name: r}, reference, {name: label} if r["failed_runs"] else None)
+        lines += _rows({name: r}, reference, {name: label} if r["failed_runs"] else None, mode)
     note = (_teacher_note(reference, False) + " ") if reference else ""
     return ("\n".join(lines) + f"\n\nmean ± sd (sample standard deviation) over {num_reports} reports. {note}"
             "digit-FID (real) against the 360 held-out real digits.\n")
@@ -515,6 +657,111 @@ def save_grid(path: str, names: list[str], specs: list[PipelineSpec], samples: d
     plt.close(fig)
 
 
+def video_call_kwargs(pipe) -> dict:
+    """Frames and T5 length the transformer was built for: what the students' model cards pass (CogVideoXPipeline's
+    own defaults are 49 frames and 226 tokens, the real CogVideoX's)."""
+    config = pipe.transformer.config
+    return {"num_frames": config.sample_frames, "max_sequence_length": config.max_text_seq_length}
+
+
+@torch.no_grad()
+def generate_clips(pipe, spec: PipelineSpec, prompt: str, num: int, batch_size: int, seed: int) -> torch.Tensor:
+    """``num`` clips (N, F, 3, H, W) in [0, 1]."""
+    out = []
+    for start in range(0, num, batch_size):
+        n = min(batch_size, num - start)
+        gen = torch.Generator(device="cpu").manual_seed(seed + start)
+        result = pipe(prompt, num_inference_steps=spec.num_inference_steps, guidance_scale=spec.guidance_scale,
+                      num_videos_per_prompt=n, generator=gen, output_type="pt", **video_call_kwargs(pipe))
+        out.append(result.frames.float().clamp(0, 1).cpu())
+    return torch.cat(out)
+
+
+def evaluate_video_pipeline(spec: PipelineSpec, classifier, real_feats: torch.Tensor, args, device) -> dict:
+    """As ``evaluate_pipeline``, for a text-to-video pipeline on the moving-digits prompts: ``metrics``, ``clips``
+    (per prompt) and ``judged`` (per prompt, for the distances to the reference)."""
+    from diffusers import DiffusionPipeline
+    from tqdm.auto import tqdm
+
+    prompts, n = video_prompts(), args.num_images_per_prompt
+    pipe = DiffusionPipeline.from_pretrained(spec.path).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    generate_clips(pipe, spec, prompts[0][0], 1, 1, args.seed)  # warm-up (not timed)
+    clips, seconds = [], 0.0
+    for i, (prompt, _, _) in enumerate(tqdm(prompts, desc=f"{spec.name} ({spec.nfe} NFE)")):
+        synchronize(device)
+        start = time.perf_counter()
+        clips.append(generate_clips(pipe, spec, prompt, n, args.batch_size, args.seed * 10000 + 1000 * i))
+        synchronize(device)
+        seconds += time.perf_counter() - start
+    judged = [judge_clips(classifier, c) for c in clips]
+    metrics = score_clips(judged, real_feats)
+    metrics.update(
+        pipeline_class=type(pipe).__name__, scheduler_class=type(pipe.scheduler).__name__, path=spec.path,
+        num_inference_steps=spec.num_inference_steps, guidance_scale=spec.guidance_scale, nfe=spec.nfe,
+        seconds_per_video=seconds / sum(len(c) for c in clips), num_videos_per_prompt=n,
+        num_frames=int(clips[0].shape[1]), resolution=list(clips[0].shape[-2:]),
+    )
+    print(f"{spec.name}: digit_fid {metrics['digit_fid']:.2f}, prompt_accuracy {metrics['prompt_accuracy']:.3f}, "
+          f"direction_accuracy {metrics['direction_accuracy']:.3f}, temporal_consistency "
+          f"{metrics['temporal_consistency']:.3f}, {metrics['seconds_per_video']:.4f} s/video", flush=True)
+    return {"metrics": metrics, "clips": clips, "judged": judged}
+
+
+def real_clips_floor(classifier, args, num_frames: int) -> tuple[torch.Tensor, dict]:
+    """Frame features of the held-out real moving digits, and real train clips (``--num_images_per_prompt`` per
+    prompt, the same digit and direction) scored like a pipeline."""
+    held, _, _, _ = load_moving_digits("held_out", num_frames, seed=args.seed)
+    real_feats = judge_clips(classifier, held.add(1).div(2))["feats"].flatten(0, 1)
+    train, labels, directions, _ = load_moving_digits("train", num_frames, seed=args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    judged = []
+    for _, label, moving in video_prompts():
+        idx = torch.tensor([i for i, (k, d) in enumerate(zip(labels.tolist(), directions))
+                            if k == label and d == moving])
+        pick = idx[torch.randperm(len(idx), generator=gen)[:args.num_images_per_prompt]]
+        judged.append(judge_clips(classifier, train[pick].add(1).div(2)))
+    return real_feats, score_clips(judged, real_feats)
+
+
+def save_video_samples(output_dir: str, names: list[str], results: dict) -> None:
+    """``samples.png``: per pipeline (rows) and digit (columns; directions cycle) the first clip's first, middle and
+    last frame; ``samples.gif``: the same clips animated, 4x enlarged."""
+    from diffusers.utils import export_to_gif, make_image_grid
+    from PIL import Image
+
+    from dmdx.pipelines.model_card import video_strip
+
+    picks = [4 * k + k % len(DIRECTIONS) for k in range(NUM_CLASSES)]  # digit k moving DIRECTIONS[k % 4]
+
+    def pil(frame: torch.Tensor) -> Image.Image:
+        image = Image.fromarray((frame.permute(1, 2, 0) * 255).round().byte().numpy())
+        return image.resize((image.width * 4, image.height * 4), Image.NEAREST)
+
+    clips = [[pil(frame) for frame in results[name]["clips"][p][0]] for name in names for p in picks]
+    still = [make_image_grid([clip[0], clip[len(clip) // 2], clip[-1]], rows=1, cols=3) for clip in clips]
+    make_image_grid(still, rows=len(names), cols=len(picks)).save(os.path.join(output_dir, "samples.png"))
+    strip = video_strip(clips, lambda frames: make_image_grid(frames, rows=len(names), cols=len(picks)))
+    export_to_gif(strip, os.path.join(output_dir, "samples.gif"), fps=4)
+
+
+def main_video(args, classifier, device) -> dict:
+    from transformers import PretrainedConfig
+
+    num_frames = PretrainedConfig.get_config_dict(os.path.join(args.specs[0].path, "transformer"))[0]["sample_frames"]
+    real_feats, real_row = real_clips_floor(classifier, args, num_frames)
+    results, errors = run_pipelines(args.specs, lambda spec: evaluate_video_pipeline(spec, classifier, real_feats,
+                                                                                     args, device))
+    report = build_report(args.specs, results, errors, args.reference, VIDEO)
+    base = diversity_base(results, args.reference)
+    real_row["diversity"] = real_row["diversity_raw"] / base if base > 0 else float("nan")
+    table = video_markdown_table(report, real_row, args.reference)
+    done = [s.name for s in args.specs if s.name in results]
+    if done:
+        save_video_samples(args.output_dir, done, results)
+    return report, table, errors, bool(done)
+
+
 def evaluate_pipeline(spec: PipelineSpec, classifier, real_feats: torch.Tensor, args, device) -> dict:
     """Load, warm up, generate every prompt's samples (timed) and score them: ``metrics``, ``images``, ``feats``,
     ``preds`` (the last two feed the distances to the reference)."""
@@ -567,6 +814,20 @@ def real_digits_floor(classifier, args, device) -> tuple[torch.Tensor, dict]:
     return real_feats, score_samples(classifier, [x.to(device) for x in by_prompt], real_feats)
 
 
+def main_image(args, classifier, device):
+    real_feats, real_row = real_digits_floor(classifier, args, device)
+    results, errors = run_pipelines(args.specs, lambda spec: evaluate_pipeline(spec, classifier, real_feats, args,
+                                                                               device))
+    report = build_report(args.specs, results, errors, args.reference)
+    base = diversity_base(results, args.reference)
+    real_row["diversity"] = real_row["diversity_raw"] / base if base > 0 else float("nan")
+    done = [s for s in args.specs if s.name in results]
+    if done:
+        save_grid(os.path.join(args.output_dir, "samples.png"), [s.name for s in done], done,
+                  {s.name: results[s.name]["images"] for s in done}, args.grid_images_per_cell)
+    return report, markdown_table(report, real_row, args.reference), errors, bool(done)
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.aggregate is not None:
@@ -574,25 +835,17 @@ def main(argv=None):
     os.makedirs(args.output_dir, exist_ok=True)
     device = torch.device(args.device)
     classifier = load_classifier(args.classifier_dir, device=device)
-    real_feats, real_row = real_digits_floor(classifier, args, device)
-
-    results, errors = run_pipelines(args.specs, lambda spec: evaluate_pipeline(spec, classifier, real_feats, args,
-                                                                               device))
-    report = build_report(args.specs, results, errors, args.reference)
-    base = diversity_base(results, args.reference)
-    real_row["diversity"] = real_row["diversity_raw"] / base if base > 0 else float("nan")
-
+    if args.video:
+        report, table, errors, any_done = main_video(args, classifier, device)
+    else:
+        report, table, errors, any_done = main_image(args, classifier, device)
     with open(os.path.join(args.output_dir, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
-    table = markdown_table(report, real_row, args.reference)
     with open(os.path.join(args.output_dir, "report.md"), "w") as f:
         f.write(table)
-    done = [s for s in args.specs if s.name in results]
-    if done:
-        save_grid(os.path.join(args.output_dir, "samples.png"), [s.name for s in done], done,
-                  {s.name: results[s.name]["images"] for s in done}, args.grid_images_per_cell)
     print(table)
-    print(f"Wrote report.json, report.md{' and samples.png' if done else ''} to {args.output_dir}")
+    samples = " and samples.png" + (", samples.gif" if args.video else "")
+    print(f"Wrote report.json, report.md{samples if any_done else ''} to {args.output_dir}")
     if errors:
         raise SystemExit(f"{len(errors)} of {len(args.specs)} pipelines failed ({', '.join(errors)}); report.json "
                          "holds the others and marks these with 'error'.")

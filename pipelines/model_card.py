@@ -62,8 +62,12 @@ REPORT_COLUMNS = {
     "digit_fid": "digit-FID ↓", "prompt_accuracy": "prompt acc. ↑", "mode_entropy": "mode entropy ↑",
     "modes_covered": "modes covered", "diversity": "diversity (rel.)",
     "training_cost.adp_seconds": "ADP s", "training_cost.distillation_seconds": "distillation s",
+    # video reports (moving digits)
+    "seconds_per_video": "s / video", "direction_hist_tv_to_teacher": "direction-hist TV ↓",
+    "direction_accuracy": "direction acc. ↑", "temporal_consistency": "temporal consistency ↑",
 }
-REPORT_HIDDEN = {"diversity_raw", "num_images_per_prompt", "num_class_free_images"}
+REPORT_HIDDEN = {"diversity_raw", "num_images_per_prompt", "num_class_free_images", "num_videos_per_prompt",
+                 "num_frames"}
 _SECRET = re.compile(r"(^|_)(token|password|secret|key)($|_)", re.I)
 
 
@@ -404,6 +408,12 @@ def _write_samples(output_dir: str, samples: Sequence, video: bool, fps: float) 
     return files, grid_rel
 
 
+def indefinite_article(number: int) -> str:
+    """"an" before a number said with a leading vowel sound (8, 11, 18, 80-89, 800-899, ...), else "a"."""
+    digits = str(int(number))
+    return "an" if digits.startswith("8") or (len(digits) in (2, 5) and digits[:2] in ("11", "18")) else "a"
+
+
 def video_strip(clips: Sequence, make_grid) -> list:
     """The frames of a GIF strip of several clips: frame t is ``make_grid`` of every clip's frame t, side by side
     (a shorter clip holds its last frame)."""
@@ -717,7 +727,7 @@ def write_model_card(
         teacher=teacher_md, hub_teacher=hub_id, teacher_short=f"`{hub_id}`" if hub_id else "local",
         pipeline_class=pipeline_class,
         num_inference_steps=num_inference_steps, timesteps=timesteps, sigmas=sigmas, guidance_scale=guidance_scale,
-        scheduler_class=scheduler_class,
+        steps_article=indefinite_article(num_inference_steps), scheduler_class=scheduler_class,
         scheduler_config=json.dumps(dict(scheduler_config), indent=2, sort_keys=True, default=str)
         if scheduler_config else None,
         method_name=method_name, method_description=method_description,

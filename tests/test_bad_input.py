@@ -309,3 +309,15 @@ def test_over_long_prompts_warn_before_weights_load(world, tmp_path, monkeypatch
         module.main(args)
     warned = [r for r in caplog.records if "longer than --max_sequence_length 48" in r.getMessage()]
     assert len(warned) == 1 and "1 of 2 training prompts" in warned[0].getMessage() and loaded
+
+
+def test_adp_refuses_fsdp_before_loading_models():
+    """ADP has no sharded path: an FSDP accelerate config stops with a message naming the DDP config to use."""
+    from types import SimpleNamespace
+
+    from dmdx.training.adp import refuse_fsdp
+    from dmdx.training.errors import UsageError
+
+    refuse_fsdp(SimpleNamespace(distributed_type=SimpleNamespace(name="MULTI_GPU")))  # DDP: fine
+    with pytest.raises(UsageError, match="DDP only.*accelerate_ddp_bf16.yaml"):
+        refuse_fsdp(SimpleNamespace(distributed_type=SimpleNamespace(name="FSDP")))

@@ -436,3 +436,10 @@ def test_refresh_model_card_architecture_extras(tmp_path):
     text = refresh_model_card(out)
     assert 'from_pretrained("sd3-student", text_encoder_3=None, tokenizer_3=None)' in _snippet(text)
     assert "## Without T5" in text and "base_model: stabilityai/stable-diffusion-3-medium-diffusers" in text
+
+
+def test_indefinite_article_before_step_counts():
+    from dmdx.pipelines.model_card import indefinite_article
+
+    assert [indefinite_article(n) for n in (1, 4, 8, 11, 18, 25, 80, 111)] == \
+        ["a", "a", "an", "an", "an", "a", "an", "a"]

@@ -299,6 +299,14 @@ def adp_iteration(models: ADPModels, adapter, args, accelerator, pairs: ODEPairs
     return logs
 
 
+def refuse_fsdp(accelerator) -> None:
+    """ADP trains under DDP only: its generator, latent and pixel discriminators have never run sharded (the ADM loop
+    has; tests/test_fsdp.py), so an FSDP config stops here rather than failing, or silently mis-syncing, later."""
+    if accelerator.distributed_type.name == "FSDP":
+        raise UsageError("train_adp_sdxl.py runs under DDP only (its FSDP path is untested); launch it with a DDP "
+                         "accelerate config such as distill_scripts/recipes/sdxl/accelerate_ddp_bf16.yaml.")
+
+
 def adp_distill(adapter, args) -> None:
     """The whole ADP run: checks, models, loop (checkpoints, validation, logs), export of a stock pipeline with the
     flow scheduler (the ADM stage's ``--pretrained_generator_name_or_path``)."""
@@ -328,6 +336,7 @@ def adp_distill(adapter, args) -> None:
         provenance["run_id"] = check_provenance(checkpoint, provenance, args.max_train_steps)
 
     accelerator = make_accelerator(args, "dmdx-adp")
+    refuse_fsdp(accelerator)
     set_seed(args.seed)
     device = accelerator.device
     if accelerator.is_main_process:

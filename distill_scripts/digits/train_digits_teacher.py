@@ -1,6 +1,8 @@
-"""Train the embedded default's teacher: a tiny text-to-image diffusion model of the real SDXL (or SD3) architecture
-on scikit-learn's real handwritten digits, saved as a stock ``StableDiffusionXLPipeline`` /
-``StableDiffusion3Pipeline`` folder.
+"""Train the embedded default's teacher: a tiny diffusion model of the real SDXL or SD3 (text-to-image) or CogVideoX
+(text-to-video) architecture on scikit-learn's real handwritten digits, saved as a stock
+``StableDiffusionXLPipeline`` / ``StableDiffusion3Pipeline`` / ``CogVideoXPipeline`` folder. The video teacher learns
+the digits moving across the frame in a prompted direction (``moving_digits.py``: "a handwritten digit seven
+moving left").
 
 Order of work, as for the real models:
   1. build the components from configs (``dmdx.pipelines.tiny_components``; tokenizers in code, no downloads);
@@ -9,10 +11,12 @@ Order of work, as for the real models:
   3. train the denoiser with the teacher's own objective on the frozen VAE's latents:
      SDXL: epsilon-prediction DDPM over its 1000 timesteps, with text_time conditioning (pooled text embedding +
      original_size / crops / target_size time ids); SD3: rectified flow (velocity ``noise - x0``) with
-     logit-normal noise levels. Captions are dropped (10% by default) so classifier-free guidance works; an EMA
-     copy of the denoiser is what gets saved;
+     logit-normal noise levels; CogVideoX: v-prediction on its CogVideoXDDIMScheduler's zero-terminal-SNR schedule,
+     with the rotary position embeddings the pipeline builds. Captions are dropped (10% by default) so
+     classifier-free guidance works; an EMA copy of the denoiser is what gets saved;
   4. save with ``save_pretrained`` and check: samples for "a handwritten digit k" (25 steps, CFG) must be
-     recognised by the digit classifier (``digit_classifier.py``), reported as ``prompt_accuracy``.
+     recognised by the digit classifier (``digit_classifier.py``), reported as ``prompt_accuracy``; for video, frame
+     by frame, with the motion direction too (``direction_accuracy``).
 
 The text encoders are tiny (1 layer) and stay frozen at their random initialisation: distinct prompts still give
 distinct embeddings, and the denoiser learns to read them. Since there are only twelve distinct conditionings
@@ -23,6 +27,8 @@ Reproduce the committed teacher (see README.md in this folder for the measured n
 
     python distill_scripts/digits/train_digits_teacher.py --architecture sdxl \
         --output_dir distill_scripts/digits/assets/digits-sdxl-teacher
+    python distill_scripts/digits/train_digits_teacher.py --architecture cogvideox --num_threads 1 \
+        --output_dir distill_scripts/digits/assets/digits-cogvideox-teacher
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from digit_classifier import ASSETS_DIR, load_classifier  # noqa: E402
 from digits_data import CLASS_FREE_PROMPT, class_prompts, evaluation_prompts, load_digits_split, make_captions  # noqa: E402
+from moving_digits import crop_digits, digit_centres, load_moving_digits, motion_directions, video_prompts  # noqa: E402
 
 logger = logging.getLogger("train_digits_teacher")
 
@@ -49,7 +56,7 @@ INFO_NAME = "digits_teacher_info.json"
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Train a tiny SDXL/SD3-architecture teacher on real digits.")
-    parser.add_argument("--architecture", required=True, choices=["sdxl", "sd3"])
+    parser.add_argument("--architecture", required=True, choices=["sdxl", "sd3", "cogvideox"])
     parser.add_argument("--output_dir", default=None,
                         help="Pipeline folder to write (default: distill_scripts/digits/assets/digits-<arch>-teacher).")
     parser.add_argument("--resolution", type=int, default=16, help="Pixel size; the VAE halves it.")
@@ -74,6 +81,16 @@ def parse_args(argv=None):
                         help="MMDiT patch size (SD3's own is 2; at 8x8 latents 2 measured worse, see README.md).")
     parser.add_argument("--sd3_shift", type=float, default=1.0,
                         help="Timestep shift of the SD3 teacher's FlowMatchEulerDiscreteScheduler.")
+    parser.add_argument("--cogvideox_num_layers", type=int, default=2, help="CogVideoX transformer blocks.")
+    parser.add_argument("--cogvideox_num_attention_heads", type=int, default=4)
+    parser.add_argument("--cogvideox_attention_head_dim", type=int, default=16,
+                        help="A multiple of 8 (rotary embeddings split it over time, height and width).")
+    parser.add_argument("--cogvideox_patch_size", type=int, default=1,
+                        help="Spatial patch size (CogVideoX's own is 2; 1 keeps a token per latent pixel at 8x8).")
+    parser.add_argument("--num_frames", type=int, default=9,
+                        help="Video frames (CogVideoX); (num_frames - 1) must be even (the VAE halves time).")
+    parser.add_argument("--clips_per_digit", type=int, default=4,
+                        help="Video clips made of each train digit (directions cycle; offsets drawn per clip).")
     parser.add_argument("--max_train_steps", type=int, default=3000)
     parser.add_argument("--train_batch_size", type=int, default=64)
     parser.add_argument("--learning_rate", type=float, default=1e-3)
@@ -96,17 +113,26 @@ def parse_args(argv=None):
                          f"got {args.resolution}.")
     if not 0 <= args.caption_dropout < 1:
         raise ValueError("--caption_dropout must lie in [0, 1).")
+    if args.architecture == "cogvideox" and (args.num_frames < 3 or args.num_frames % 2 == 0 or args.num_frames > 9):
+        raise ValueError(f"--num_frames {args.num_frames}: the VAE halves time, so it must be odd, and a digit "
+                         f"moving a pixel per frame crosses the 16px frame in at most 9 frames: 3, 5, 7 or 9.")
     return args
 
 
 # ---- components -------------------------------------------------------------------------------------------------
 def build_pipeline(args):
-    from diffusers import StableDiffusion3Pipeline, StableDiffusionXLPipeline
+    from diffusers import CogVideoXPipeline, StableDiffusion3Pipeline, StableDiffusionXLPipeline
 
-    from dmdx.pipelines.tiny_components import sd3_components, sdxl_components
+    from dmdx.pipelines.tiny_components import cogvideox_components, sd3_components, sdxl_components
 
     latent_size = args.resolution // 2
-    if args.architecture == "sdxl":
+    if args.architecture == "cogvideox":
+        comps = cogvideox_components(sample_size=latent_size, sample_frames=args.num_frames,
+                                     num_layers=args.cogvideox_num_layers, patch_size=args.cogvideox_patch_size,
+                                     attention_head_dim=args.cogvideox_attention_head_dim,
+                                     num_attention_heads=args.cogvideox_num_attention_heads, seed=args.seed)
+        pipe = CogVideoXPipeline(**comps)
+    elif args.architecture == "sdxl":
         comps = sdxl_components(sample_size=latent_size, block_out_channels=tuple(args.block_out_channels),
                                 vae_block_out_channels=(32, 64), seed=args.seed)
         pipe = StableDiffusionXLPipeline(**comps)
@@ -128,7 +154,13 @@ def denoiser_of(pipe):
 
 # ---- 2. the VAE -------------------------------------------------------------------------------------------------
 def train_vae(args, vae, images):
+    """``images`` (N, 3, H, W), or video clips (N, F, 3, H, W) (the 3-D VAE takes (B, 3, F, H, W); its latents come
+    back as the pipeline keeps them, (N, F', C, h, w))."""
     from tqdm.auto import tqdm
+
+    video = images.ndim == 5
+    if video:
+        images = images.transpose(1, 2)
 
     vae.train().requires_grad_(True)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=args.vae_learning_rate, weight_decay=0.0)
@@ -153,7 +185,7 @@ def train_vae(args, vae, images):
         latents = torch.cat([vae.encode(images[i:i + 256]).latent_dist.mode() for i in range(0, len(images), 256)])
         recon = torch.cat([vae.decode(latents[i:i + 256]).sample for i in range(0, len(latents), 256)])
     rec_mse = F.mse_loss(recon, images).item()
-    return latents, rec_mse
+    return (latents.transpose(1, 2) if video else latents), rec_mse
 
 
 def set_latent_normalisation(args, vae, latents):
@@ -172,9 +204,17 @@ def set_latent_normalisation(args, vae, latents):
 @torch.no_grad()
 def encode_conditionings(args, pipe, prompts):
     """Per prompt (plus the two unconditional forms: the empty prompt and all-zero embeddings), the pipeline's own
-    prompt encoding: ``{"prompt_embeds": (P, L, D), "pooled": (P, Dp)}``; the last two rows are "" and zeros."""
+    prompt encoding: ``{"prompt_embeds": (P, L, D), "pooled": (P, Dp)}``; the last two rows are "" and zeros.
+    CogVideoX has no pooled embedding, and its pipeline's unconditional input is the encoded "" (never zeros), so
+    its last row repeats "" and "pooled" is empty."""
     embeds, pooled = [], []
     for prompt in list(prompts) + [""]:
+        if args.architecture == "cogvideox":
+            e, _ = pipe.encode_prompt(prompt, do_classifier_free_guidance=False,
+                                      max_sequence_length=pipe.transformer.config.max_text_seq_length, device="cpu")
+            embeds.append(e[0])
+            pooled.append(torch.zeros(0))
+            continue
         if args.architecture == "sdxl":
             e, _, p, _ = pipe.encode_prompt(prompt, device="cpu", num_images_per_prompt=1,
                                             do_classifier_free_guidance=False)
@@ -183,7 +223,7 @@ def encode_conditionings(args, pipe, prompts):
                                             num_images_per_prompt=1, do_classifier_free_guidance=False)
         embeds.append(e[0])
         pooled.append(p[0])
-    embeds.append(torch.zeros_like(embeds[-1]))
+    embeds.append(embeds[-1].clone() if args.architecture == "cogvideox" else torch.zeros_like(embeds[-1]))
     pooled.append(torch.zeros_like(pooled[-1]))
     return {"prompt_embeds": torch.stack(embeds), "pooled": torch.stack(pooled)}
 
@@ -195,7 +235,10 @@ def sdxl_time_ids(args, batch_size):
     return torch.tensor([r, r, 0, 0, r, r], dtype=torch.float32).repeat(batch_size, 1)
 
 
-def denoiser_forward(args, model, x_t, t, prompt_embeds, pooled):
+def denoiser_forward(args, model, x_t, t, prompt_embeds, pooled, rotary=None):
+    if args.architecture == "cogvideox":
+        return model(hidden_states=x_t, timestep=t, encoder_hidden_states=prompt_embeds,
+                     image_rotary_emb=rotary).sample
     if args.architecture == "sdxl":
         cond = {"text_embeds": pooled, "time_ids": sdxl_time_ids(args, x_t.shape[0])}
         return model(x_t, t, encoder_hidden_states=prompt_embeds, added_cond_kwargs=cond).sample
@@ -204,7 +247,7 @@ def denoiser_forward(args, model, x_t, t, prompt_embeds, pooled):
 
 # ---- 3. the denoiser --------------------------------------------------------------------------------------------
 def sample_timesteps(args, schedule, batch_size, gen):
-    if args.architecture == "sdxl":  # DDPM: uniform over the integer training timesteps
+    if args.architecture in ("sdxl", "cogvideox"):  # DDPM family: uniform over the integer training timesteps
         return torch.randint(0, schedule.num_train_timesteps, (batch_size,), generator=gen).float()
     # rectified flow: logit-normal noise levels (SD3's default weighting), then the teacher's shift
     sigma = torch.sigmoid(torch.randn(batch_size, generator=gen))
@@ -219,8 +262,12 @@ def train_denoiser(args, pipe, latents, cond_index, conds, num_prompts):
 
     from dmdx.training import per_sample_mean, schedule_from_scheduler_config
 
-    schedule = schedule_from_scheduler_config(pipe.scheduler.config)
+    schedule = schedule_from_scheduler_config(pipe.scheduler)
     model = denoiser_of(pipe)
+    rotary = None
+    if args.architecture == "cogvideox" and model.config.use_rotary_positional_embeddings:
+        # exactly the embeddings CogVideoXPipeline builds for this size and latent frame count
+        rotary = pipe._prepare_rotary_positional_embeddings(args.resolution, args.resolution, latents.shape[1], "cpu")
     model.train().requires_grad_(True)
     ema = EMAModel(model.parameters(), decay=args.ema_decay, model_cls=type(model), model_config=model.config) \
         if args.use_ema else None
@@ -242,7 +289,7 @@ def train_denoiser(args, pipe, latents, cond_index, conds, num_prompts):
         t = sample_timesteps(args, schedule, len(x0), gen)
         x_t = schedule.add_noise(x0, noise, t)
         target = schedule.model_target(x0, noise, t)
-        pred = denoiser_forward(args, model, x_t, t, conds["prompt_embeds"][c], conds["pooled"][c])
+        pred = denoiser_forward(args, model, x_t, t, conds["prompt_embeds"][c], conds["pooled"][c], rotary)
         loss = per_sample_mean((pred - target) ** 2).mean()
         if not torch.isfinite(loss):
             raise FloatingPointError(f"Non-finite denoising loss at step {step}.")
@@ -284,6 +331,33 @@ def check_prompt_accuracy(args, pipe, classifier):
     return correct / (10 * args.num_validation_images), per_class, counts.tolist()
 
 
+@torch.no_grad()
+def check_video_accuracy(args, pipe, classifier):
+    """Frame-level prompt accuracy and motion-direction accuracy on ``num_validation_images`` clips per video
+    prompt (``validation_steps``, CFG), read as ``evaluate.py`` reads them (digit found in each frame, cropped,
+    classified)."""
+    from tqdm.auto import tqdm
+
+    pipe.set_progress_bar_config(disable=True)
+    per_class = torch.zeros(10)
+    frame_hits, direction_hits, clips = 0.0, 0, 0
+    for i, (prompt, label, direction) in enumerate(tqdm(video_prompts(), desc="check")):
+        gen = torch.Generator().manual_seed(args.seed + i)
+        frames = pipe(prompt, num_inference_steps=args.validation_steps, guidance_scale=args.guidance_scale,
+                      num_videos_per_prompt=args.num_validation_images, height=args.resolution,
+                      width=args.resolution, num_frames=args.num_frames, generator=gen, output_type="pt",
+                      max_sequence_length=pipe.transformer.config.max_text_seq_length).frames
+        frames = frames * 2 - 1  # (N, F, 3, H, W) in [-1, 1]
+        centres = digit_centres(frames)
+        pred = classifier(crop_digits(frames.flatten(0, 1), centres.flatten(0, 1))).argmax(1)
+        hits = (pred == label).float().mean().item()
+        per_class[label] += hits / 4
+        frame_hits += hits * len(frames)
+        direction_hits += sum(d == direction for d in motion_directions(centres))
+        clips += len(frames)
+    return frame_hits / clips, per_class.tolist(), direction_hits / clips
+
+
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -295,9 +369,13 @@ def main(argv=None):
 
     # 1. components and data
     pipe = build_pipeline(args)
-    images, labels = load_digits_split("train", args.resolution)
-    captions = make_captions(labels.numpy(), args.class_free_fraction, args.seed)
-    prompts = evaluation_prompts()
+    if args.architecture == "cogvideox":  # clips of the train digits moving, captioned with their direction
+        images, labels, _, captions = load_moving_digits("train", args.num_frames, args.clips_per_digit, args.seed)
+        prompts = [prompt for prompt, _, _ in video_prompts()]
+    else:
+        images, labels = load_digits_split("train", args.resolution)
+        captions = make_captions(labels.numpy(), args.class_free_fraction, args.seed)
+        prompts = evaluation_prompts()
     cond_index = torch.tensor([prompts.index(c) for c in captions])
     logger.info("%d train digits at %dpx; %d captions class-free; architecture %s", len(images), args.resolution,
                 sum(c == CLASS_FREE_PROMPT for c in captions), args.architecture)
@@ -324,11 +402,15 @@ def main(argv=None):
     from diffusers import DiffusionPipeline
 
     reloaded = DiffusionPipeline.from_pretrained(tmp_dir)
-    acc, per_class, class_free_counts = check_prompt_accuracy(args, reloaded, classifier)
+    if args.architecture == "cogvideox":
+        acc, per_class, direction_acc = check_video_accuracy(args, reloaded, classifier)
+        extra = {"direction_accuracy": round(direction_acc, 4), "num_frames": args.num_frames}
+    else:
+        acc, per_class, class_free_counts = check_prompt_accuracy(args, reloaded, classifier)
+        extra = {"class_free_prompt_class_counts": class_free_counts}
     info = {
         "architecture": args.architecture, "pipeline_class": type(reloaded).__name__,
-        "prompt_accuracy": round(acc, 4), "per_class_accuracy": [round(a, 3) for a in per_class],
-        "class_free_prompt_class_counts": class_free_counts,
+        "prompt_accuracy": round(acc, 4), "per_class_accuracy": [round(a, 3) for a in per_class], **extra,
         "check": {"num_inference_steps": args.validation_steps, "guidance_scale": args.guidance_scale,
                   "images_per_class": args.num_validation_images},
         "vae_reconstruction_mse": round(rec_mse, 6), "final_denoising_loss": round(final_loss, 5),
@@ -340,8 +422,7 @@ def main(argv=None):
     if os.path.isdir(args.output_dir):
         shutil.rmtree(args.output_dir)
     os.replace(tmp_dir, args.output_dir)
-    logger.info("prompt accuracy %.3f (per class %s); class-free prompt classes %s", acc,
-                [round(a, 2) for a in per_class], class_free_counts)
+    logger.info("prompt accuracy %.3f (per class %s); %s", acc, [round(a, 2) for a in per_class], extra)
     logger.info("saved %s to %s", type(reloaded).__name__, args.output_dir)
     return info
 
