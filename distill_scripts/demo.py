@@ -1,7 +1,7 @@
 """The embedded default (`make demo`): DMDX and DMD2 distillation of a real (tiny) SDXL- or SD3-architecture digits
 teacher, end to end with the project's real scripts, then a measured comparison.
 
-    python distill_scripts/demo.py [--output_dir demo_output] [--quick] [--teacher {sdxl,sd3}]
+    python distill_scripts/demo.py [--output_dir demo_output] [--quick] [--teacher {sdxl,sd3,cogvideox}]
 
 Stages with ``--teacher sdxl`` (the default; each one a subprocess, exactly the command a user would type; all of
 them are written to ``<output_dir>/commands.sh``):
@@ -22,6 +22,14 @@ With ``--teacher sd3`` (the paper's SD3 recipe: four steps, ADM alone): 0. the c
 ``digits-sd3-teacher``; 1. ``train_adm_sd3.py --distribution_loss adm`` from the teacher -> ``student``;
 2. ``train_adm_sd3.py --distribution_loss dmd`` (DMD2, same training time) -> ``dmd2``; 3. ``evaluate.py`` on the
 teacher (25 steps, CFG), the students' initialisation (the teacher at 4 steps without CFG), DMD2 and DMDX (4 steps).
+
+With ``--teacher cogvideox`` (the paper's video recipe: eight steps, ADM alone): 0. the committed
+``digits-cogvideox-teacher``, a CogVideoX-architecture text-to-video model of real digits moving across the frame
+("a handwritten digit seven moving left", ``digits/moving_digits.py``); 1. ``train_adm_cogvideox.py
+--distribution_loss adm`` from the teacher -> ``student``; 2. the same with ``dmd`` -> ``dmd2``; 3. ``evaluate.py``
+on the teacher (50 steps, CFG), the students' initialisation (the teacher at 8 steps without CFG), DMD2 and DMDX
+(8 steps): per-frame distance to the teacher and digit-FID, prompt and motion-direction accuracy, temporal
+consistency, s / video, and ``samples.gif``.
 
 Both distillation stages sample a few digit prompts after their last update (``--validation_prompts``), the
 samples and widget examples of the model card each student exports; once evaluated, the two cards are rendered again
@@ -46,14 +54,17 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 DIGITS = os.path.join(HERE, "digits")
-COMMITTED_TEACHERS = {arch: os.path.join(DIGITS, "assets", f"digits-{arch}-teacher") for arch in ("sdxl", "sd3")}
+COMMITTED_TEACHERS = {arch: os.path.join(DIGITS, "assets", f"digits-{arch}-teacher")
+                      for arch in ("sdxl", "sd3", "cogvideox")}
 
 sys.path.insert(0, DIGITS)
 from digits_data import CLASS_FREE_PROMPT, digit_prompt, evaluation_prompts  # noqa: E402
+from moving_digits import video_prompt, video_prompts  # noqa: E402
 
 # The students' validation prompts: sampled once, at the last update (a few pipeline calls), for the samples and
 # widget examples of their model cards. Not part of the recipe: validation changes no training value.
 VALIDATION_PROMPTS = [digit_prompt(k) for k in (3, 5, 7)] + [CLASS_FREE_PROMPT]
+VIDEO_VALIDATION_PROMPTS = [video_prompt(3, "left"), video_prompt(5, "up"), video_prompt(7, "right")]
 
 # The recipes. Budgets were chosen on a 2-core CPU so that a default run stays within ~20 minutes; the DMD2 step
 # count gives it about the same training time as DMDX's ADM stage (DMD2 makes 5 fake-score updates per generator
@@ -83,6 +94,20 @@ SD3_DEFAULT = {
             "ema_decay": 0.99},
     "eval_images_per_prompt": 50, "eval_class_free_images": 200,
 }
+# CogVideoX (the paper's video recipe: ADM alone, 8 steps, full fine-tuning): both students start from the teacher.
+# Each method gets its best measured setting on a digits teacher: for ADM the SD3 demo's (dt = T/8 with a D warm-up,
+# generator lr 5e-6; the paper's T/64 cells of the like-for-like grid never moved off their start), for DMD2 the
+# like-for-like grid's winner (generator lr 2e-5, one fake-score update per generator update). The step counts give
+# both about the same training time on a 2-core CPU (report.md has the measured seconds).
+COGVIDEOX_DEFAULT = {
+    "teacher_guidance_scale": 5.0, "teacher_steps": 50, "num_student_steps": 8,
+    "adm": {"max_train_steps": 150, "train_batch_size": 16, "generator_lr": 5e-6, "fake_score_lr": 1e-4,
+            "discriminator_lr": 1e-4, "discriminator_warmup_steps": 50, "ode_step_dt": 1 / 8,
+            "min_timestep_percent": 1 / 8, "discriminator_head_channels": 16, "ema_decay": 0.99},
+    "dmd": {"max_train_steps": 190, "train_batch_size": 16, "generator_lr": 2e-5, "fake_score_lr": 1e-4,
+            "fake_score_update_ratio": 1, "ema_decay": 0.99},
+    "eval_images_per_prompt": 6, "eval_class_free_images": 6,
+}
 # --quick: the same recipe with tiny budgets (a smoke run of every stage, not a result)
 QUICK_BUDGETS = {
     "num_pairs": 32, "pairs_batch_size": 32,
@@ -108,14 +133,18 @@ def with_budgets(recipe: dict, budgets: dict) -> dict:
 
 SDXL_RECIPES = {"default": SDXL_DEFAULT, "quick": with_budgets(SDXL_DEFAULT, QUICK_BUDGETS)}
 SD3_RECIPES = {"default": SD3_DEFAULT, "quick": with_budgets(SD3_DEFAULT, QUICK_BUDGETS)}
-RECIPES = {"sdxl": SDXL_RECIPES, "sd3": SD3_RECIPES}
+COGVIDEOX_RECIPES = {"default": COGVIDEOX_DEFAULT,
+                     "quick": with_budgets(COGVIDEOX_DEFAULT, {**QUICK_BUDGETS, "eval_images_per_prompt": 2,
+                                                               "eval_class_free_images": 2, "teacher_steps": 4})}
+RECIPES = {"sdxl": SDXL_RECIPES, "sd3": SD3_RECIPES, "cogvideox": COGVIDEOX_RECIPES}
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Run DMDX and DMD2 on the embedded digits teacher and compare them.")
     parser.add_argument("--output_dir", default=None, help="Default: demo_output (sdxl), demo_output_sd3 (sd3).")
-    parser.add_argument("--teacher", default="sdxl", choices=["sdxl", "sd3"],
-                        help="Teacher architecture: sdxl (one-step DMDX: ADP then ADM) or sd3 (four-step ADM).")
+    parser.add_argument("--teacher", default="sdxl", choices=["sdxl", "sd3", "cogvideox"],
+                        help="Teacher architecture: sdxl (one-step DMDX: ADP then ADM), sd3 (four-step ADM) or "
+                             "cogvideox (eight-step video ADM).")
     parser.add_argument("--quick", action="store_true", help="Tiny budgets: a smoke run of every stage.")
     parser.add_argument("--overwrite", action="store_true", help="Delete --output_dir first.")
     parser.add_argument("--num_threads", type=int, default=1,
@@ -181,9 +210,9 @@ def flags(options: dict) -> list[str]:
     return out
 
 
-def validation(stage: dict) -> list[str]:
+def validation(stage: dict, prompts: list[str] = VALIDATION_PROMPTS) -> list[str]:
     """The validation flags of a distillation stage: the card's samples, drawn once, after the last update."""
-    return ["--validation_prompts", *VALIDATION_PROMPTS, "--validation_steps", str(stage["max_train_steps"])]
+    return ["--validation_prompts", *prompts, "--validation_steps", str(stage["max_train_steps"])]
 
 
 def refresh_cards(run, out: str, report_path: str, students: dict[str, str]):
@@ -200,6 +229,12 @@ def refresh_cards(run, out: str, report_path: str, students: dict[str, str]):
         print(f"model card: {os.path.join(path, 'README.md')} (with the {row!r} row of report.json)", flush=True)
 
 
+# train_digits_teacher.py flags beyond its defaults for a teacher trained here (digits/README.md). The committed
+# video teacher was trained in two runs (3000 steps, then 4000 continuing them); a missing one is trained in one.
+TEACHER_TRAINING_FLAGS = {"cogvideox": ("--vae_batch_size", 16, "--vae_train_steps", 600, "--train_batch_size", 32,
+                                        "--max_train_steps", 7000, "--num_validation_images", 5)}
+
+
 def prepare_teacher(run, args, out: str, total: int) -> tuple[str, str]:
     """Stage 0: the committed teacher (trained here if missing) and the prompts file; returns their paths."""
     teacher = COMMITTED_TEACHERS[args.teacher]
@@ -207,14 +242,18 @@ def prepare_teacher(run, args, out: str, total: int) -> tuple[str, str]:
         teacher = os.path.join(out, "teacher")
         cmd = run.python(os.path.join(DIGITS, "train_digits_teacher.py"), "--architecture", args.teacher,
                          "--output_dir", teacher, "--num_threads", args.num_threads)
+        cmd += list(TEACHER_TRAINING_FLAGS.get(args.teacher, ()))
         if args.quick:
             cmd += ["--vae_train_steps", 20, "--max_train_steps", 20, "--num_validation_images", 2]
         run.stage(0, total, "teacher", list(map(str, cmd)), os.path.join(teacher, "model_index.json"))
     else:
         print(f"[0/{total}] teacher: using the committed {os.path.relpath(teacher, REPO)}", flush=True)
     prompts_file = os.path.join(out, "prompts.txt")
-    with open(prompts_file, "w") as f:  # the class-free prompt twice: about the share it had in the teacher's data
-        f.write("\n".join(evaluation_prompts() + [CLASS_FREE_PROMPT]) + "\n")
+    with open(prompts_file, "w") as f:
+        if args.teacher == "cogvideox":  # every digit moving every way
+            f.write("\n".join(prompt for prompt, _, _ in video_prompts()) + "\n")
+        else:  # the class-free prompt twice: about the share it had in the teacher's data
+            f.write("\n".join(evaluation_prompts() + [CLASS_FREE_PROMPT]) + "\n")
     return teacher, prompts_file
 
 
@@ -280,32 +319,31 @@ def run_sdxl(run, args, recipe: dict, out: str):
     return training, student
 
 
-def run_sd3(run, args, recipe: dict, out: str):
-    """Four-step ADM (DMDX's SD3 recipe) and the DMD2 baseline, both from the teacher -> evaluation."""
+# The teachers whose students start from the teacher itself (no ADP stage): the entry script, and its size and
+# validation flags. CogVideoX takes its frames, size and T5 length from the teacher transformer's own config (9
+# frames of 16x16, 48 tokens): the script's defaults.
+FROM_TEACHER = {"sd3": ("train_adm_sd3.py", ["--resolution", 16], VALIDATION_PROMPTS),
+                "cogvideox": ("train_adm_cogvideox.py", [], VIDEO_VALIDATION_PROMPTS)}
+
+
+def run_from_teacher(run, args, recipe: dict, out: str):
+    """Few-step ADM (DMDX's SD3 and CogVideoX recipes: 4 / 8 steps, no ADP) and the DMD2 baseline, both from the
+    teacher, then the evaluation (``init``: the teacher at the students' step count without CFG)."""
     total = 4
     g, k = recipe["teacher_guidance_scale"], recipe["num_student_steps"]
+    script, size, prompts = FROM_TEACHER[args.teacher]
     teacher, prompts_file = prepare_teacher(run, args, out, total)
-    common = ["--pretrained_model_name_or_path", teacher, "--prompts_file", prompts_file, "--resolution", 16,
+    common = ["--pretrained_model_name_or_path", teacher, "--prompts_file", prompts_file, *size,
               "--seed", args.seed, "--num_student_steps", k, "--lora_rank", 0, "--use_ema", "--guidance_scale", g,
               "--lr_scheduler", "constant", "--checkpointing_steps", 10**9, "--mixed_precision", "no"]
-
-    # 1. ADM (DMDX for SD3) -> student/
-    student = os.path.join(out, "student")
-    run.stage(1, total, "adm", run.accelerate(
-        "train_adm_sd3.py", *common, "--distribution_loss", "adm", *flags(recipe["adm"]),
-        *validation(recipe["adm"]), "--output_dir", student),
-        os.path.join(student, "model_index.json"))
-
-    # 2. DMD2 baseline from the same teacher, about the same training time
-    dmd2 = os.path.join(out, "dmd2")
-    run.stage(2, total, "dmd", run.accelerate(
-        "train_adm_sd3.py", *common, "--distribution_loss", "dmd", *flags(recipe["dmd"]),
-        *validation(recipe["dmd"]), "--output_dir", dmd2),
-        os.path.join(dmd2, "model_index.json"))
-
+    # 1. ADM (DMDX) -> student/; 2. DMD2 from the same teacher, about the same training time -> dmd2/
+    student, dmd2 = os.path.join(out, "student"), os.path.join(out, "dmd2")
+    for index, (method, folder) in enumerate((("adm", student), ("dmd", dmd2)), start=1):
+        run.stage(index, total, method, run.accelerate(
+            script, *common, "--distribution_loss", method, *flags(recipe[method]),
+            *validation(recipe[method], prompts), "--output_dir", folder), os.path.join(folder, "model_index.json"))
     # 3. evaluation through stock diffusers
     steps = recipe["teacher_steps"]
-    # "init": the students' starting point, the teacher itself at their step count without CFG
     evaluate_stage(run, 3, total, args, recipe, out, [f"teacher={teacher}:{steps}:{g}", f"init={teacher}:{k}:0",
                                                       f"dmd2={dmd2}:{k}:0", f"dmdx={student}:{k}:0"])
     t = run.timings
@@ -320,6 +358,9 @@ def summary_table(report: dict) -> str:
     columns = (("FID to teacher", "fid_to_teacher", ".2f"), ("class-hist TV", "class_hist_tv_to_teacher", ".3f"),
                ("mode-hist TV", "mode_hist_tv_to_teacher", ".3f"), ("digit-FID (real)", "digit_fid", ".2f"),
                ("prompt acc.", "prompt_accuracy", ".3f"))
+    if any("direction_accuracy" in r for r in report.values()):
+        columns = columns[:2] + (("direction TV", "direction_hist_tv_to_teacher", ".3f"),) + columns[3:] + (
+            ("direction acc.", "direction_accuracy", ".3f"), ("temporal cons.", "temporal_consistency", ".3f"))
     width = max(len(name) for name in report) + 2
     teacher_keys = [key for _, key, _ in columns[:3]]
     lines = [f"{'pipeline':<{width}}{'NFE':>4}" + "".join(f"{h:>18}" for h, _, _ in columns)]
@@ -352,7 +393,7 @@ def main(argv=None):
 
     run = Runner(args, recipe_name)
     start = time.perf_counter()
-    stages = run_sdxl if args.teacher == "sdxl" else run_sd3
+    stages = run_sdxl if args.teacher == "sdxl" else run_from_teacher
     training, student = stages(run, args, recipe, out)
 
     # training cost per pipeline, next to the metrics

@@ -14,15 +14,21 @@ sys.path.insert(0, os.path.join(ROOT, "distill_scripts"))
 pytestmark = pytest.mark.slow
 
 
+def run_demo(tmp_path, out, *args) -> subprocess.CompletedProcess:
+    """demo.py --quick as a user runs it (offline, its own HF_HOME); fails the test with its output if it fails."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               HF_HOME=str(tmp_path / "hf"))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "distill_scripts", "demo.py"), "--quick",
+                           "--output_dir", str(out), *args], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
 def test_demo_quick_end_to_end(tmp_path):
     import evaluate
 
     out = tmp_path / "demo_output"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               HF_HOME=str(tmp_path / "hf"))
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "distill_scripts", "demo.py"), "--quick",
-                           "--output_dir", str(out)], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    proc = run_demo(tmp_path, out)
     for stage in ("[1/6] collect_ode_pairs", "[2/6] adp", "[3/6] adm", "[4/6] dmd", "[5/6] evaluate"):
         assert stage in proc.stdout
 
@@ -65,18 +71,14 @@ def test_demo_quick_end_to_end(tmp_path):
     assert images.shape == (1, 16, 16, 3) and torch.isfinite(torch.from_numpy(images)).all()
 
 
+@pytest.mark.heavy  # the --teacher cogvideox test below runs the same demo stages (run_from_teacher) in CI
 def test_demo_quick_sd3_end_to_end(tmp_path):
     """`--teacher sd3`: four-step ADM (DMDX's SD3 recipe) and DMD2 with train_adm_sd3.py on the SD3 digits
     teacher, evaluated by the same evaluate.py; the student is a stock StableDiffusion3Pipeline folder."""
     import evaluate
 
     out = tmp_path / "demo_output_sd3"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               HF_HOME=str(tmp_path / "hf"))
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "distill_scripts", "demo.py"), "--quick",
-                           "--teacher", "sd3", "--output_dir", str(out)], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    proc = run_demo(tmp_path, out, "--teacher", "sd3")
     for stage in ("[1/4] adm", "[2/4] dmd", "[3/4] evaluate"):
         assert stage in proc.stdout
 
@@ -100,3 +102,39 @@ def test_demo_quick_sd3_end_to_end(tmp_path):
     images = pipe("a handwritten digit three", num_inference_steps=4, guidance_scale=0.0, output_type="np",
                   generator=torch.Generator().manual_seed(0)).images
     assert images.shape == (1, 16, 16, 3) and torch.isfinite(torch.from_numpy(images)).all()
+
+
+def test_demo_quick_cogvideox_end_to_end(tmp_path):
+    """`--teacher cogvideox`: eight-step video ADM and DMD2 with train_adm_cogvideox.py on the committed moving-digits
+    teacher, evaluated by evaluate.py's video path; the student is a stock CogVideoXPipeline folder."""
+    import evaluate
+
+    out = tmp_path / "demo_output_cogvideox"
+    proc = run_demo(tmp_path, out, "--teacher", "cogvideox")
+    assert "teacher: using the committed distill_scripts/digits/assets/digits-cogvideox-teacher" in proc.stdout
+    for stage in ("[1/4] adm", "[2/4] dmd", "[3/4] evaluate"):
+        assert stage in proc.stdout
+
+    report = json.loads((out / "report.json").read_text())
+    assert list(report) == ["teacher", "init", "dmd2", "dmdx"]
+    for name, r in report.items():
+        assert all(k in r for k in evaluate.VIDEO_METRIC_KEYS), name
+        assert r["num_frames"] == 9 and r["pipeline_class"] == "CogVideoXPipeline"
+    assert (report["teacher"]["nfe"], report["init"]["nfe"], report["dmdx"]["nfe"]) == (8, 8, 8)
+    assert report["dmdx"]["scheduler_class"] == "CogVideoXDDIMScheduler"
+    assert report["dmdx"]["training_cost"]["distillation_seconds"] > 0
+    assert (out / "samples.gif").stat().st_size > 0 and "direction acc." in (out / "report.md").read_text()
+    commands = (out / "commands.sh").read_text()
+    assert "train_adm_cogvideox.py" in commands and "--distribution_loss dmd" in commands
+    readme = (out / "student" / "README.md").read_text()
+    assert "| **dmdx** (this model) | 8 | 8 | 0 |" in readme and "direction acc." in readme
+    assert "moving" in readme and ".gif" in readme
+
+    import torch
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(str(out / "student"))
+    frames = pipe("a handwritten digit three moving left", num_inference_steps=8, guidance_scale=0.0,
+                  num_frames=9, max_sequence_length=48, output_type="np",
+                  generator=torch.Generator().manual_seed(0)).frames
+    assert frames.shape == (1, 9, 16, 16, 3) and torch.isfinite(torch.from_numpy(frames)).all()

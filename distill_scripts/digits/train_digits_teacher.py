@@ -27,8 +27,9 @@ Reproduce the committed teacher (see README.md in this folder for the measured n
 
     python distill_scripts/digits/train_digits_teacher.py --architecture sdxl \
         --output_dir distill_scripts/digits/assets/digits-sdxl-teacher
-    python distill_scripts/digits/train_digits_teacher.py --architecture cogvideox --num_threads 1 \
-        --output_dir distill_scripts/digits/assets/digits-cogvideox-teacher
+
+The video teacher took two runs, the second continuing the first (``--init_from``); README.md in this folder has
+both commands.
 """
 
 from __future__ import annotations
@@ -61,6 +62,9 @@ def parse_args(argv=None):
                         help="Pipeline folder to write (default: distill_scripts/digits/assets/digits-<arch>-teacher).")
     parser.add_argument("--resolution", type=int, default=16, help="Pixel size; the VAE halves it.")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--init_from", default=None,
+                        help="A teacher folder this script wrote: continue from its VAE and denoiser (the VAE is kept "
+                             "as it is, with its latent normalisation, when --vae_train_steps is 0).")
     # data
     parser.add_argument("--class_free_fraction", type=float, default=0.2,
                         help="Share of images captioned with the class-free prompt 'a handwritten digit'.")
@@ -142,6 +146,18 @@ def build_pipeline(args):
                                num_attention_heads=args.sd3_num_attention_heads, vae_block_out_channels=(32, 64),
                                shift=args.sd3_shift, with_t5=True, seed=args.seed)
         pipe = StableDiffusion3Pipeline(**comps)
+    return frozen_text_encoders(pipe)
+
+
+def load_pipeline(path: str):
+    """A teacher folder of this script's (``--init_from``), text encoders frozen as ``build_pipeline`` leaves them."""
+    from diffusers import DiffusionPipeline
+
+    return frozen_text_encoders(DiffusionPipeline.from_pretrained(path))
+
+
+def frozen_text_encoders(pipe):
+    """The text encoders stay at their seeded random initialisation (the denoiser learns to read them)."""
     for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
         if getattr(pipe, name, None) is not None:
             getattr(pipe, name).requires_grad_(False).eval()
@@ -368,7 +384,7 @@ def main(argv=None):
     start = time.time()
 
     # 1. components and data
-    pipe = build_pipeline(args)
+    pipe = build_pipeline(args) if args.init_from is None else load_pipeline(args.init_from)
     if args.architecture == "cogvideox":  # clips of the train digits moving, captioned with their direction
         images, labels, _, captions = load_moving_digits("train", args.num_frames, args.clips_per_digit, args.seed)
         prompts = [prompt for prompt, _, _ in video_prompts()]
@@ -382,7 +398,10 @@ def main(argv=None):
 
     # 2. VAE, then latent normalisation
     raw_latents, rec_mse = train_vae(args, pipe.vae, images)
-    latents = set_latent_normalisation(args, pipe.vae, raw_latents)
+    if args.init_from is not None and args.vae_train_steps == 0:  # the VAE as it was trained: its normalisation too
+        latents = (raw_latents - (pipe.vae.config.get("shift_factor") or 0.0)) * pipe.vae.config.scaling_factor
+    else:
+        latents = set_latent_normalisation(args, pipe.vae, raw_latents)
     logger.info("VAE reconstruction MSE %.5f; latents %s, scaling_factor %.4f", rec_mse, tuple(latents.shape[1:]),
                 pipe.vae.config.scaling_factor)
     vae_seconds = time.time() - start
