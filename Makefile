@@ -33,4 +33,4 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 
 clean:
-	rm -rf $(VENV) demo_output demo_output_sd3 .pytest_cache
+	rm -rf $(VENV) demo_output demo_output_sd3 demo_output_cogvideox .pytest_cache

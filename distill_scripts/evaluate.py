@@ -666,13 +666,14 @@ def video_call_kwargs(pipe) -> dict:
 
 @torch.no_grad()
 def generate_clips(pipe, spec: PipelineSpec, prompt: str, num: int, batch_size: int, seed: int) -> torch.Tensor:
-    """``num`` clips (N, F, 3, H, W) in [0, 1]."""
+    """``num`` clips (N, F, 3, H, W) in [0, 1]. The prompt is repeated rather than passed with
+    ``num_videos_per_prompt``, which CogVideoXPipeline ignores (it resets it to 1; diffusers 0.42)."""
     out = []
     for start in range(0, num, batch_size):
         n = min(batch_size, num - start)
         gen = torch.Generator(device="cpu").manual_seed(seed + start)
-        result = pipe(prompt, num_inference_steps=spec.num_inference_steps, guidance_scale=spec.guidance_scale,
-                      num_videos_per_prompt=n, generator=gen, output_type="pt", **video_call_kwargs(pipe))
+        result = pipe([prompt] * n, num_inference_steps=spec.num_inference_steps, guidance_scale=spec.guidance_scale,
+                      generator=gen, output_type="pt", **video_call_kwargs(pipe))
         out.append(result.frames.float().clamp(0, 1).cpu())
     return torch.cat(out)
 
@@ -700,6 +701,7 @@ def evaluate_video_pipeline(spec: PipelineSpec, classifier, real_feats: torch.Te
         pipeline_class=type(pipe).__name__, scheduler_class=type(pipe.scheduler).__name__, path=spec.path,
         num_inference_steps=spec.num_inference_steps, guidance_scale=spec.guidance_scale, nfe=spec.nfe,
         seconds_per_video=seconds / sum(len(c) for c in clips), num_videos_per_prompt=n,
+        num_videos=sum(len(c) for c in clips),
         num_frames=int(clips[0].shape[1]), resolution=list(clips[0].shape[-2:]),
     )
     print(f"{spec.name}: digit_fid {metrics['digit_fid']:.2f}, prompt_accuracy {metrics['prompt_accuracy']:.3f}, "

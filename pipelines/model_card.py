@@ -67,7 +67,7 @@ REPORT_COLUMNS = {
     "direction_accuracy": "direction acc. ↑", "temporal_consistency": "temporal consistency ↑",
 }
 REPORT_HIDDEN = {"diversity_raw", "num_images_per_prompt", "num_class_free_images", "num_videos_per_prompt",
-                 "num_frames"}
+                 "num_frames", "num_videos"}
 _SECRET = re.compile(r"(^|_)(token|password|secret|key)($|_)", re.I)
 
 

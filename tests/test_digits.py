@@ -98,3 +98,34 @@ def test_teacher_trainer_smoke(architecture, tmp_path):
     vae = json.loads((out / "vae" / "config.json").read_text())
     assert vae["scaling_factor"] != 1.0 and vae["shift_factor"] != 0.0  # fitted to the latents
     assert not (tmp_path / f"digits-{architecture}.tmp").exists()
+
+
+@pytest.mark.slow
+def test_video_teacher_trainer_and_init_from(tmp_path):
+    """The CogVideoX teacher trainer on moving digits (a few steps, 5 frames, one clip per digit), then a second run
+    continuing it with ``--init_from``: the VAE and its normalisation are kept, the denoiser moves on from the first
+    run's weights, and the check reports direction accuracy."""
+    import subprocess
+
+    from safetensors.torch import load_file
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               OMP_NUM_THREADS="1", HF_HOME=str(tmp_path / "hf"))
+    common = ["--architecture", "cogvideox", "--num_frames", "5", "--clips_per_digit", "1", "--max_train_steps", "2",
+              "--train_batch_size", "4", "--validation_steps", "2", "--num_validation_images", "1"]
+    first, second = tmp_path / "first", tmp_path / "second"
+    for out, extra in ((first, ["--vae_train_steps", "2", "--vae_batch_size", "4"]),
+                       (second, ["--init_from", str(first), "--vae_train_steps", "0"])):
+        proc = subprocess.run([sys.executable, os.path.join(DIGITS_DIR, "train_digits_teacher.py"), *common, *extra,
+                               "--output_dir", str(out)], env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    info = json.loads((second / "digits_teacher_info.json").read_text())
+    assert info["pipeline_class"] == "CogVideoXPipeline" and 0 <= info["direction_accuracy"] <= 1
+    assert info["num_frames"] == 5 and info["args"]["init_from"] == str(first)
+    assert json.loads((second / "vae" / "config.json").read_text())["scaling_factor"] == \
+        json.loads((first / "vae" / "config.json").read_text())["scaling_factor"] != 1.0
+    assert load_file(str(second / "vae" / "diffusion_pytorch_model.safetensors"))["encoder.conv_in.conv.weight"].equal(
+        load_file(str(first / "vae" / "diffusion_pytorch_model.safetensors"))["encoder.conv_in.conv.weight"])
+    w1 = load_file(str(first / "transformer" / "diffusion_pytorch_model.safetensors"))
+    w2 = load_file(str(second / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert any(not w1[k].equal(w2[k]) for k in w1)

@@ -119,6 +119,7 @@ def test_evaluate_video_pipelines_end_to_end(tiny_video_pipeline, tmp_path):
         assert list(r)[:len(evaluate.VIDEO_METRIC_KEYS)] == list(evaluate.VIDEO_METRIC_KEYS), name
         assert r["num_frames"] == 9 and r["resolution"] == [16, 16] and r["pipeline_class"] == "CogVideoXPipeline"
         assert 0 <= r["prompt_accuracy"] <= 1 and 0 <= r["temporal_consistency"] <= 1
+        assert r["num_videos"] == 40 * 2 and r["diversity_raw"] > 0  # two distinct clips per prompt
     assert report["teacher"]["fid_to_teacher"] is None
     assert report["copy"]["fid_to_teacher"] < 1e-6 and report["copy"]["class_hist_tv_to_teacher"] == 0.0
     assert report["copy"]["direction_hist_tv_to_teacher"] == 0.0

@@ -359,8 +359,9 @@ def check_video_accuracy(args, pipe, classifier):
     frame_hits, direction_hits, clips = 0.0, 0, 0
     for i, (prompt, label, direction) in enumerate(tqdm(video_prompts(), desc="check")):
         gen = torch.Generator().manual_seed(args.seed + i)
-        frames = pipe(prompt, num_inference_steps=args.validation_steps, guidance_scale=args.guidance_scale,
-                      num_videos_per_prompt=args.num_validation_images, height=args.resolution,
+        # the prompt repeated: CogVideoXPipeline ignores num_videos_per_prompt (diffusers 0.42)
+        frames = pipe([prompt] * args.num_validation_images, num_inference_steps=args.validation_steps,
+                      guidance_scale=args.guidance_scale, height=args.resolution,
                       width=args.resolution, num_frames=args.num_frames, generator=gen, output_type="pt",
                       max_sequence_length=pipe.transformer.config.max_text_seq_length).frames
         frames = frames * 2 - 1  # (N, F, 3, H, W) in [-1, 1]
