@@ -748,9 +748,8 @@ def save_video_samples(output_dir: str, names: list[str], results: dict) -> None
 
 
 def main_video(args, classifier, device) -> dict:
-    from transformers import PretrainedConfig
-
-    num_frames = PretrainedConfig.get_config_dict(os.path.join(args.specs[0].path, "transformer"))[0]["sample_frames"]
+    with open(os.path.join(args.specs[0].path, "transformer", "config.json")) as f:  # the real clips' frame count
+        num_frames = json.load(f)["sample_frames"]
     real_feats, real_row = real_clips_floor(classifier, args, num_frames)
     results, errors = run_pipelines(args.specs, lambda spec: evaluate_video_pipeline(spec, classifier, real_feats,
                                                                                      args, device))
