@@ -62,8 +62,8 @@ are), so:
   digit moves the prompted way (least-squares trajectory of the centres); ``temporal_consistency``: per clip, the
   share of frames agreeing with its most frequent class, averaged (1.0: the digit never changes identity);
 * ``diversity``: mean pairwise distance between clips of one prompt (mean frame feature), relative to the reference;
-  ``seconds_per_video``. Besides ``samples.png`` (the middle frame, one column per digit), ``samples.gif`` animates
-  one clip per pipeline and digit.
+  ``seconds_per_video``. Besides ``samples.png`` (first, middle and last frame of one clip per pipeline and digit),
+  ``samples.gif`` animates those clips.
 
 Several runs (e.g. one per training seed) combine into mean ± sd per metric and pipeline:
 
@@ -90,7 +90,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits"))
 from digit_classifier import ASSETS_DIR, load_classifier  # noqa: E402
 from digits_data import CLASS_FREE_PROMPT, evaluation_prompts, load_digits_split  # noqa: E402
-from moving_digits import DIRECTIONS, crop_digits, digit_centres, load_moving_digits, motion_directions, video_prompts  # noqa: E402
+from moving_digits import DIRECTIONS, clip_scores, judge_clips, load_moving_digits, video_prompts  # noqa: E402
 
 MODE_SHARE = 0.05
 NUM_CLASSES = 10
@@ -319,19 +319,6 @@ def score_samples(classifier, images_by_prompt: list[torch.Tensor], real_feats: 
 
 
 # ---- video metrics ----------------------------------------------------------------------------------------------
-@torch.no_grad()
-def judge_clips(classifier, clips: torch.Tensor) -> dict:
-    """Clips (N, F, 3, H, W) in [0, 1] read frame by frame: classifier ``feats`` (N, F, D) and ``preds`` (N, F) of
-    the digit cropped around its centre of ink, and each clip's motion ``directions``."""
-    frames = clips.float().cpu() * 2 - 1
-    n, f = frames.shape[:2]
-    centres = digit_centres(frames)
-    feats = classifier.features(crop_digits(frames.flatten(0, 1), centres.flatten(0, 1)).to(
-        next(classifier.parameters()).device)).cpu()
-    return {"feats": feats.view(n, f, -1), "preds": classifier.head(feats).argmax(1).view(n, f),
-            "directions": motion_directions(centres)}
-
-
 def direction_counts(directions: list[str]) -> np.ndarray:
     return np.array([directions.count(d) for d in DIRECTIONS], dtype=np.float64)
 
@@ -339,19 +326,14 @@ def direction_counts(directions: list[str]) -> np.ndarray:
 def score_clips(judged: list[dict], real_feats: torch.Tensor) -> dict:
     """Metrics of one pipeline's clips (one ``judge_clips`` dict per prompt of ``video_prompts()``) against the
     real moving digits and on their own."""
-    accuracy, direction, consistency = [], [], []
-    for j, (_, label, moving) in zip(judged, video_prompts()):
-        accuracy.append(float((j["preds"] == label).float().mean()))
-        direction.append(float(np.mean([d == moving for d in j["directions"]])))
-        majority = j["preds"].mode(dim=1).values  # each clip's most frequent class
-        consistency.append(float((j["preds"] == majority[:, None]).float().mean()))
+    scores = clip_scores(judged)
     frames = torch.cat([j["feats"].flatten(0, 1) for j in judged])
     return {
         "digit_fid": frechet_distance(frames.double().numpy(), real_feats.double().numpy()),
-        "prompt_accuracy": float(np.mean(accuracy)),
-        "direction_accuracy": float(np.mean(direction)),
-        "temporal_consistency": float(np.mean(consistency)),
-        "per_class_accuracy": [round(float(np.mean(accuracy[4 * k:4 * k + 4])), 4) for k in range(NUM_CLASSES)],
+        "prompt_accuracy": float(np.mean(scores["accuracy"])),
+        "direction_accuracy": float(np.mean(scores["direction"])),
+        "temporal_consistency": float(np.mean(scores["consistency"])),
+        "per_class_accuracy": [round(a, 4) for a in scores["per_class"]],
         "diversity_raw": float(np.mean([mean_pairwise_distance(j["feats"].mean(1)) for j in judged])),
     }
 
@@ -367,8 +349,8 @@ def video_teacher_distances(judged: list[dict], ref: list[dict]) -> dict:
                                            torch.cat([r["feats"].flatten(0, 1) for r in ref]).double().numpy()),
         "class_hist_tv_to_teacher": float(np.mean(class_tv)),
         "direction_hist_tv_to_teacher": float(np.mean(direction_tv)),
-        "per_class_hist_tv_to_teacher": [round(float(np.mean(class_tv[4 * k:4 * k + 4])), 4)
-                                         for k in range(NUM_CLASSES)],
+        "per_class_hist_tv_to_teacher": [round(float(np.mean(class_tv[k * len(DIRECTIONS):(k + 1) * len(DIRECTIONS)])),
+                                               4) for k in range(NUM_CLASSES)],
     }
 
 
@@ -383,12 +365,11 @@ class Mode:
     teacher_keys: tuple
     columns: tuple
     distances: object  # (result, reference result) -> dict
-    unit: str
 
 
-IMAGE = Mode(METRIC_KEYS, TEACHER_METRIC_KEYS, COLUMNS, image_teacher_distances, "image")
+IMAGE = Mode(METRIC_KEYS, TEACHER_METRIC_KEYS, COLUMNS, image_teacher_distances)
 VIDEO = Mode(VIDEO_METRIC_KEYS, VIDEO_TEACHER_METRIC_KEYS, VIDEO_COLUMNS,
-             lambda result, ref: video_teacher_distances(result["judged"], ref["judged"]), "video")
+             lambda result, ref: video_teacher_distances(result["judged"], ref["judged"]))
 
 
 # ---- multi-seed aggregation -------------------------------------------------------------------------------------
@@ -439,15 +420,48 @@ def aggregate_reports(reports: list[dict]) -> dict:
 
 # ---- generation -------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def generate(pipe, spec: PipelineSpec, prompt: str, num_images: int, batch_size: int, seed: int, device):
+def generate(pipe, spec: PipelineSpec, prompt: str, num: int, batch_size: int, seed: int, video: bool = False):
+    """``num`` samples of ``prompt`` in [0, 1]: images (N, 3, H, W), or clips (N, F, 3, H, W) of a video pipeline,
+    called with ``video_call_kwargs``. For video the prompt is repeated rather than passed with
+    ``num_videos_per_prompt``, which CogVideoXPipeline ignores (it resets it to 1; diffusers 0.42)."""
     out = []
-    for start in range(0, num_images, batch_size):
-        n = min(batch_size, num_images - start)
+    for start in range(0, num, batch_size):
+        n = min(batch_size, num - start)
         gen = torch.Generator(device="cpu").manual_seed(seed + start)
-        result = pipe(prompt, num_inference_steps=spec.num_inference_steps, guidance_scale=spec.guidance_scale,
-                      num_images_per_prompt=n, generator=gen, output_type="pt")
-        out.append(result.images.float().clamp(0, 1).cpu())
+        call = dict(num_inference_steps=spec.num_inference_steps, guidance_scale=spec.guidance_scale, generator=gen,
+                    output_type="pt")
+        if video:
+            samples = pipe([prompt] * n, **call, **video_call_kwargs(pipe)).frames
+        else:
+            samples = pipe(prompt, num_images_per_prompt=n, **call).images
+        out.append(samples.float().clamp(0, 1).cpu())
     return torch.cat(out)
+
+
+def sample_pipeline(spec: PipelineSpec, prompts: list[str], counts: list[int], args, device, video: bool = False):
+    """Load ``spec`` with stock ``from_pretrained``, warm it up (one untimed sample), then draw ``counts[i]`` samples
+    of ``prompts[i]`` with the seeds every pipeline shares (so distances to the reference compare like with like).
+    Returns ``(pipe, samples per prompt, seconds spent sampling)``."""
+    from diffusers import DiffusionPipeline
+    from tqdm.auto import tqdm
+
+    pipe = DiffusionPipeline.from_pretrained(spec.path).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    generate(pipe, spec, prompts[0], 1, 1, args.seed, video)  # warm-up (not timed)
+    samples, seconds = [], 0.0
+    for i, (prompt, num) in enumerate(zip(tqdm(prompts, desc=f"{spec.name} ({spec.nfe} NFE)"), counts)):
+        synchronize(device)
+        start = time.perf_counter()
+        samples.append(generate(pipe, spec, prompt, num, args.batch_size, args.seed * 10000 + 1000 * i, video))
+        synchronize(device)
+        seconds += time.perf_counter() - start
+    return pipe, samples, seconds
+
+
+def pipeline_fields(pipe, spec: PipelineSpec) -> dict:
+    """What report.json says of every pipeline besides its metrics."""
+    return dict(pipeline_class=type(pipe).__name__, scheduler_class=type(pipe.scheduler).__name__, path=spec.path,
+                num_inference_steps=spec.num_inference_steps, guidance_scale=spec.guidance_scale, nfe=spec.nfe)
 
 
 def synchronize(device):
@@ -664,45 +678,18 @@ def video_call_kwargs(pipe) -> dict:
     return {"num_frames": config.sample_frames, "max_sequence_length": config.max_text_seq_length}
 
 
-@torch.no_grad()
-def generate_clips(pipe, spec: PipelineSpec, prompt: str, num: int, batch_size: int, seed: int) -> torch.Tensor:
-    """``num`` clips (N, F, 3, H, W) in [0, 1]. The prompt is repeated rather than passed with
-    ``num_videos_per_prompt``, which CogVideoXPipeline ignores (it resets it to 1; diffusers 0.42)."""
-    out = []
-    for start in range(0, num, batch_size):
-        n = min(batch_size, num - start)
-        gen = torch.Generator(device="cpu").manual_seed(seed + start)
-        result = pipe([prompt] * n, num_inference_steps=spec.num_inference_steps, guidance_scale=spec.guidance_scale,
-                      generator=gen, output_type="pt", **video_call_kwargs(pipe))
-        out.append(result.frames.float().clamp(0, 1).cpu())
-    return torch.cat(out)
-
-
 def evaluate_video_pipeline(spec: PipelineSpec, classifier, real_feats: torch.Tensor, args, device) -> dict:
     """As ``evaluate_pipeline``, for a text-to-video pipeline on the moving-digits prompts: ``metrics``, ``clips``
     (per prompt) and ``judged`` (per prompt, for the distances to the reference)."""
-    from diffusers import DiffusionPipeline
-    from tqdm.auto import tqdm
-
-    prompts, n = video_prompts(), args.num_images_per_prompt
-    pipe = DiffusionPipeline.from_pretrained(spec.path).to(device)
-    pipe.set_progress_bar_config(disable=True)
-    generate_clips(pipe, spec, prompts[0][0], 1, 1, args.seed)  # warm-up (not timed)
-    clips, seconds = [], 0.0
-    for i, (prompt, _, _) in enumerate(tqdm(prompts, desc=f"{spec.name} ({spec.nfe} NFE)")):
-        synchronize(device)
-        start = time.perf_counter()
-        clips.append(generate_clips(pipe, spec, prompt, n, args.batch_size, args.seed * 10000 + 1000 * i))
-        synchronize(device)
-        seconds += time.perf_counter() - start
+    n = args.num_images_per_prompt
+    prompts = [prompt for prompt, _, _ in video_prompts()]
+    pipe, clips, seconds = sample_pipeline(spec, prompts, [n] * len(prompts), args, device, video=True)
     judged = [judge_clips(classifier, c) for c in clips]
     metrics = score_clips(judged, real_feats)
     metrics.update(
-        pipeline_class=type(pipe).__name__, scheduler_class=type(pipe.scheduler).__name__, path=spec.path,
-        num_inference_steps=spec.num_inference_steps, guidance_scale=spec.guidance_scale, nfe=spec.nfe,
-        seconds_per_video=seconds / sum(len(c) for c in clips), num_videos_per_prompt=n,
-        num_videos=sum(len(c) for c in clips),
-        num_frames=int(clips[0].shape[1]), resolution=list(clips[0].shape[-2:]),
+        **pipeline_fields(pipe, spec), seconds_per_video=seconds / sum(len(c) for c in clips),
+        num_videos_per_prompt=n, num_videos=sum(len(c) for c in clips), num_frames=int(clips[0].shape[1]),
+        resolution=list(clips[0].shape[-2:]),
     )
     print(f"{spec.name}: digit_fid {metrics['digit_fid']:.2f}, prompt_accuracy {metrics['prompt_accuracy']:.3f}, "
           f"direction_accuracy {metrics['direction_accuracy']:.3f}, temporal_consistency "
@@ -747,7 +734,7 @@ def save_video_samples(output_dir: str, names: list[str], results: dict) -> None
     export_to_gif(strip, os.path.join(output_dir, "samples.gif"), fps=4)
 
 
-def main_video(args, classifier, device) -> dict:
+def main_video(args, classifier, device) -> tuple[dict, str, dict, bool]:
     with open(os.path.join(args.specs[0].path, "transformer", "config.json")) as f:  # the real clips' frame count
         num_frames = json.load(f)["sample_frames"]
     real_feats, real_row = real_clips_floor(classifier, args, num_frames)
@@ -766,31 +753,14 @@ def main_video(args, classifier, device) -> dict:
 def evaluate_pipeline(spec: PipelineSpec, classifier, real_feats: torch.Tensor, args, device) -> dict:
     """Load, warm up, generate every prompt's samples (timed) and score them: ``metrics``, ``images``, ``feats``,
     ``preds`` (the last two feed the distances to the reference)."""
-    from diffusers import DiffusionPipeline
-    from tqdm.auto import tqdm
-
     prompts, n, n_free = evaluation_prompts(), args.num_images_per_prompt, args.num_class_free_images
-    pipe = DiffusionPipeline.from_pretrained(spec.path).to(device)
-    pipe.set_progress_bar_config(disable=True)
-    generate(pipe, spec, prompts[0], 1, 1, args.seed, device)  # warm-up (not timed)
-    images_by_prompt, seconds = [], 0.0
-    for i, prompt in enumerate(tqdm(prompts, desc=f"{spec.name} ({spec.nfe} NFE)")):
-        synchronize(device)
-        start = time.perf_counter()
-        num = n_free if prompt == CLASS_FREE_PROMPT else n
-        # the same seeds for every pipeline, so distances to the reference compare like with like
-        images_by_prompt.append(generate(pipe, spec, prompt, num, args.batch_size, args.seed * 10000 + 1000 * i,
-                                         device))
-        synchronize(device)
-        seconds += time.perf_counter() - start
+    counts = [n_free if prompt == CLASS_FREE_PROMPT else n for prompt in prompts]
+    pipe, images_by_prompt, seconds = sample_pipeline(spec, prompts, counts, args, device)
     feats, preds = classify(classifier, [x.to(device) for x in images_by_prompt])
     metrics = score_features(feats, preds, real_feats)
     metrics.update(
-        pipeline_class=type(pipe).__name__, scheduler_class=type(pipe.scheduler).__name__, path=spec.path,
-        num_inference_steps=spec.num_inference_steps, guidance_scale=spec.guidance_scale, nfe=spec.nfe,
-        seconds_per_image=seconds / sum(len(x) for x in images_by_prompt), num_images_per_prompt=n,
-        num_class_free_images=n_free,
-        resolution=list(images_by_prompt[0].shape[-2:]),
+        **pipeline_fields(pipe, spec), seconds_per_image=seconds / sum(len(x) for x in images_by_prompt),
+        num_images_per_prompt=n, num_class_free_images=n_free, resolution=list(images_by_prompt[0].shape[-2:]),
     )
     print(f"{spec.name}: digit_fid {metrics['digit_fid']:.2f}, prompt_accuracy {metrics['prompt_accuracy']:.3f}, "
           f"mode_entropy {metrics['mode_entropy']:.3f}, modes_covered {metrics['modes_covered']}, "
@@ -815,7 +785,7 @@ def real_digits_floor(classifier, args, device) -> tuple[torch.Tensor, dict]:
     return real_feats, score_samples(classifier, [x.to(device) for x in by_prompt], real_feats)
 
 
-def main_image(args, classifier, device):
+def main_image(args, classifier, device) -> tuple[dict, str, dict, bool]:
     real_feats, real_row = real_digits_floor(classifier, args, device)
     results, errors = run_pipelines(args.specs, lambda spec: evaluate_pipeline(spec, classifier, real_feats, args,
                                                                                device))

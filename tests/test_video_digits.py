@@ -36,16 +36,12 @@ def test_clips_move_one_pixel_per_frame_as_prompted(held_out):
 
 
 def test_the_classifier_reads_real_clips_frame_by_frame(held_out):
-    import evaluate
     from digit_classifier import load_classifier
 
     clips, labels, directions, _ = held_out
-    judged = evaluate.judge_clips(load_classifier(), clips[:400].add(1).div(2))
+    judged = md.judge_clips(load_classifier(), clips[:400].add(1).div(2))
     assert judged["feats"].shape == (400, 9, 64) and judged["directions"] == directions[:400]
     assert (judged["preds"] == labels[:400, None]).float().mean() > 0.95  # 0.978 over all 1440
-    # a random frame of noise is no digit: the judge does not say "correct" by construction
-    noise = torch.rand(8, 9, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    assert evaluate.judge_clips(load_classifier(), noise)["preds"].unique().numel() <= 10
 
 
 def test_prompts_and_bad_input():
@@ -73,20 +69,20 @@ def test_score_clips_on_real_and_corrupted_clips(held_out):
     for _, label, moving in md.video_prompts():
         idx = [i for i, (k, d) in enumerate(zip(labels.tolist(), directions)) if k == label and d == moving][:6]
         by_prompt.append(clips[idx].add(1).div(2))
-    real_feats = evaluate.judge_clips(classifier, torch.cat(by_prompt))["feats"].flatten(0, 1)
-    judged = [evaluate.judge_clips(classifier, c) for c in by_prompt]
+    real_feats = md.judge_clips(classifier, torch.cat(by_prompt))["feats"].flatten(0, 1)
+    judged = [md.judge_clips(classifier, c) for c in by_prompt]
     real = evaluate.score_clips(judged, real_feats)
     assert real["direction_accuracy"] == 1.0 and real["temporal_consistency"] > 0.97
     assert real["prompt_accuracy"] > 0.95 and real["digit_fid"] < 1.0
 
-    reversed_ = [evaluate.judge_clips(classifier, c.flip(1)) for c in by_prompt]
+    reversed_ = [md.judge_clips(classifier, c.flip(1)) for c in by_prompt]
     assert evaluate.score_clips(reversed_, real_feats)["direction_accuracy"] == 0.0
     assert evaluate.video_teacher_distances(reversed_, judged)["direction_hist_tv_to_teacher"] == 1.0
     gen = torch.Generator().manual_seed(0)
     mixed = torch.cat(by_prompt)
     perm = torch.randperm(mixed.shape[0] * 9, generator=gen)
     shuffled = mixed.flatten(0, 1)[perm].view_as(mixed)
-    scored = evaluate.score_clips([evaluate.judge_clips(classifier, c) for c in shuffled.split(6)], real_feats)
+    scored = evaluate.score_clips([md.judge_clips(classifier, c) for c in shuffled.split(6)], real_feats)
     assert scored["temporal_consistency"] < 0.5 and scored["prompt_accuracy"] < 0.3
     same = evaluate.video_teacher_distances(judged, judged)
     assert same["fid_to_teacher"] < 1e-6 and same["class_hist_tv_to_teacher"] == 0.0

@@ -129,3 +129,31 @@ def motion_directions(centres: torch.Tensor) -> list[str]:
         else:
             out.append("down" if d_row > 0 else "up")
     return out
+
+
+@torch.no_grad()
+def judge_clips(classifier, clips: torch.Tensor) -> dict:
+    """Clips (N, F, 3, H, W) in [0, 1] read frame by frame by the digit classifier: ``feats`` (N, F, D) and ``preds``
+    (N, F) of the digit cropped around its centre of ink, and each clip's motion ``directions``."""
+    frames = clips.float().cpu() * 2 - 1
+    n, f = frames.shape[:2]
+    centres = digit_centres(frames)
+    feats = classifier.features(crop_digits(frames.flatten(0, 1), centres.flatten(0, 1)).to(
+        next(classifier.parameters()).device)).cpu()
+    return {"feats": feats.view(n, f, -1), "preds": classifier.head(feats).argmax(1).view(n, f),
+            "directions": motion_directions(centres)}
+
+
+def clip_scores(judged: list[dict]) -> dict:
+    """Per prompt of ``video_prompts()`` (one ``judge_clips`` dict each): the share of frames showing the prompted
+    digit (``accuracy``), of clips moving the prompted way (``direction``), and per clip the share of frames agreeing
+    with its most frequent class, averaged (``consistency``); ``per_class``: accuracy averaged over directions."""
+    accuracy, direction, consistency = [], [], []
+    for j, (_, label, moving) in zip(judged, video_prompts()):
+        accuracy.append(float((j["preds"] == label).float().mean()))
+        direction.append(float(np.mean([d == moving for d in j["directions"]])))
+        majority = j["preds"].mode(dim=1).values
+        consistency.append(float((j["preds"] == majority[:, None]).float().mean()))
+    k = len(DIRECTIONS)
+    return {"accuracy": accuracy, "direction": direction, "consistency": consistency,
+            "per_class": [float(np.mean(accuracy[k * c:k * c + k])) for c in range(len(DIGIT_NAMES))]}

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from digit_classifier import ASSETS_DIR, load_classifier  # noqa: E402
 from digits_data import CLASS_FREE_PROMPT, class_prompts, evaluation_prompts, load_digits_split, make_captions  # noqa: E402
-from moving_digits import crop_digits, digit_centres, load_moving_digits, motion_directions, video_prompts  # noqa: E402
+from moving_digits import clip_scores, judge_clips, load_moving_digits, video_prompts  # noqa: E402
 
 logger = logging.getLogger("train_digits_teacher")
 
@@ -349,30 +349,23 @@ def check_prompt_accuracy(args, pipe, classifier):
 
 @torch.no_grad()
 def check_video_accuracy(args, pipe, classifier):
-    """Frame-level prompt accuracy and motion-direction accuracy on ``num_validation_images`` clips per video
-    prompt (``validation_steps``, CFG), read as ``evaluate.py`` reads them (digit found in each frame, cropped,
-    classified)."""
+    """Frame-level prompt accuracy (overall and per digit) and motion-direction accuracy on
+    ``num_validation_images`` clips per video prompt (``validation_steps``, CFG), judged as ``evaluate.py`` judges
+    them (``moving_digits.judge_clips``)."""
     from tqdm.auto import tqdm
 
     pipe.set_progress_bar_config(disable=True)
-    per_class = torch.zeros(10)
-    frame_hits, direction_hits, clips = 0.0, 0, 0
-    for i, (prompt, label, direction) in enumerate(tqdm(video_prompts(), desc="check")):
+    judged = []
+    for i, (prompt, _, _) in enumerate(tqdm(video_prompts(), desc="check")):
         gen = torch.Generator().manual_seed(args.seed + i)
         # the prompt repeated: CogVideoXPipeline ignores num_videos_per_prompt (diffusers 0.42)
-        frames = pipe([prompt] * args.num_validation_images, num_inference_steps=args.validation_steps,
-                      guidance_scale=args.guidance_scale, height=args.resolution,
-                      width=args.resolution, num_frames=args.num_frames, generator=gen, output_type="pt",
-                      max_sequence_length=pipe.transformer.config.max_text_seq_length).frames
-        frames = frames * 2 - 1  # (N, F, 3, H, W) in [-1, 1]
-        centres = digit_centres(frames)
-        pred = classifier(crop_digits(frames.flatten(0, 1), centres.flatten(0, 1))).argmax(1)
-        hits = (pred == label).float().mean().item()
-        per_class[label] += hits / 4
-        frame_hits += hits * len(frames)
-        direction_hits += sum(d == direction for d in motion_directions(centres))
-        clips += len(frames)
-    return frame_hits / clips, per_class.tolist(), direction_hits / clips
+        clips = pipe([prompt] * args.num_validation_images, num_inference_steps=args.validation_steps,
+                     guidance_scale=args.guidance_scale, height=args.resolution, width=args.resolution,
+                     num_frames=args.num_frames, generator=gen, output_type="pt",
+                     max_sequence_length=pipe.transformer.config.max_text_seq_length).frames
+        judged.append(judge_clips(classifier, clips))
+    scores = clip_scores(judged)
+    return sum(scores["accuracy"]) / len(judged), scores["per_class"], sum(scores["direction"]) / len(judged)
 
 
 def main(argv=None):
