@@ -25,7 +25,7 @@ Remedies (issue 11) are flags built on ``dmdx.training.remedies``; diagnostics c
 distillation is judged against its teacher) and against the true mixture, with modes covered (a mode counts when
 it holds at least 25% of its fair share), and plotted against updates and against training wall time.
 
-    python benchmarks/mixture_faithful.py --grid --output_dir benchmarks/results    # 11 cells x 3 seeds, ~12-14 min
+    python benchmarks/mixture_faithful.py --grid --output_dir benchmarks/results    # 13 cells x 3 seeds, ~14-17 min
     python benchmarks/mixture_faithful.py --from_json benchmarks/results/mixture_faithful.json  # re-render only
     python benchmarks/mixture_faithful.py --method adm --generator_lr 1e-5 --seeds 0 1 2     # one custom cell
 
@@ -98,6 +98,8 @@ GRID_CELLS = {
     "adm_remove_batch_mean": {"method": "adm", "generator_gradient": "remove_batch_mean"},
     "adm_normalize": {"method": "adm", "generator_gradient": "normalize"},
     "adm_r1_approx": {"method": "adm", "r1_weight": 100.0, "r1": "approximate", "r1_alpha": 0.1},
+    "adm_r1r2_approx": {"method": "adm", "r1_weight": 100.0, "r2_weight": 100.0, "r1": "approximate", "r1_alpha": 0.1},
+    "adm_r1r2_exact": {"method": "adm", "r1_weight": 1.0, "r2_weight": 1.0, "r1": "exact"},
     "adm_d5": {"method": "adm", "discriminator_update_ratio": 5},
     "adm_d_warmup": {"method": "adm", "discriminator_warmup_steps": 200},
     "adm_relative_dt": {"method": "adm", "ode_step_mode": "relative", "ode_step_dt": 1 / 32},
