@@ -68,6 +68,7 @@ def baseline(tiny_sdxl, tmp_path_factory):
     (["--discriminator_r1_weight", "100"], "discriminator", "loss_r1"),
     (["--discriminator_r1_weight", "10", "--discriminator_r1", "exact"], "discriminator", "loss_r1"),
     (["--discriminator_r2_weight", "100"], "discriminator", "loss_r2"),
+    (["--discriminator_r2_weight", "10", "--discriminator_r1", "exact"], "discriminator", "loss_r2"),
     (["--discriminator_r1_weight", "10", "--discriminator_r2_weight", "10", "--discriminator_r1", "exact"],
      "discriminator", "loss_r2"),
     (["--discriminator_head_depth", "1"], "discriminator", None),
@@ -107,44 +108,61 @@ def test_remedies_are_off_by_default_and_validated(tiny_sdxl, tmp_path, capsys):
 
 
 def test_fp32_discriminator_sees_the_gap_bf16_rounds_away(tiny_sdxl, tmp_path):
-    """--discriminator_precision fp32 under bf16: D's backbone is an fp32 copy of the (bf16) teacher, run with
-    autocast off. A change of 1e-4 to D's input (the size of the gap between ADM's two ODE-step outputs at
-    dt = T/64) moves its features as an fp64 teacher says it should; through the bf16 teacher it is mostly rounding."""
+    """--discriminator_precision fp32 under bf16: D's backbone is an fp32 copy of the (bf16) teacher, and it and the
+    heads run with autocast off. A change of 1e-4 to D's input (the size of the gap between ADM's two ODE-step
+    outputs at dt = T/64) moves D's features and logits as an fp64 D says it should; through the bf16 teacher it is
+    mostly rounding."""
+    import copy
     import dataclasses
 
     from dmdx.training import BackboneFeatures
-    from dmdx.training.loop import discriminator_features
+    from dmdx.training.loop import discriminator_features, discriminator_logits
 
     seen = {}
 
     def inspect(models, teacher, source):
-        x = torch.randn((2, *models.latent_shape), generator=torch.Generator().manual_seed(0))
-        s = torch.full((2,), 300.0)
-        cond = {k: v.expand(2, *v.shape[1:]) for k, v in source.negative.items()}
+        x = torch.randn((8, *models.latent_shape), generator=torch.Generator().manual_seed(0))
+        s = torch.full((8,), 300.0)
+        cond = {k: v.expand(8, *v.shape[1:]) for k, v in source.negative.items()}
+        heads = copy.deepcopy(models.discriminator_heads)
+        torch.manual_seed(0)
+        for p in heads.parameters():  # D's last layer starts at zero: a random one gives non-zero logits
+            if not p.any():
+                torch.nn.init.normal_(p, std=0.1)
+
+        def change(m, heads):
+            before, after = (discriminator_features(m, teacher, x_in, s, cond) for x_in in (x, x + 1e-4))
+            logits = [discriminator_logits(m, teacher, heads, x_in, s, cond, False) for x_in in (x, x + 1e-4)]
+            return (torch.cat([(b - a).flatten() for a, b in zip(before, after)]),
+                    (logits[1] - logits[0]).flatten())
+
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            def change(m):
-                before, after = (discriminator_features(m, teacher, x_in, s, cond) for x_in in (x, x + 1e-4))
-                return torch.cat([(b - a).flatten() for a, b in zip(before, after)])
             seen["backbone_dtype"] = next(models.discriminator_backbone.parameters()).dtype
             seen["teacher_dtype"] = next(models.teacher_base.parameters()).dtype
-            seen["fp32"] = change(models)
+            seen["heads_fp32"] = models.discriminator_heads.fp32
+            seen["fp32"] = change(models, heads)
             # the same blocks of the bf16 teacher itself, as without the flag
             on_teacher = BackboneFeatures(models.teacher_base, models.features.module_names,
                                           select=teacher.feature_selector(models.latent_shape))
-            seen["bf16"] = change(dataclasses.replace(models, discriminator_backbone=None, features=on_teacher))
+            heads_plain = copy.deepcopy(heads)  # and heads that follow autocast, as without the flag
+            heads_plain.fp32 = False
+            seen["bf16"] = change(dataclasses.replace(models, discriminator_backbone=None, features=on_teacher),
+                                  heads_plain)
+            on_teacher.remove()
             models.discriminator_backbone.double()
-            seen["fp64"] = change(models)
+            seen["fp64"] = change(models, copy.deepcopy(heads).double())
             models.discriminator_backbone.float()
 
     generator, heads, logs = run_two_iterations(tiny_sdxl, tmp_path, "--discriminator_precision", "fp32",
                                                 mixed_precision="bf16", inspect=inspect)
-    assert seen["teacher_dtype"] == torch.bfloat16 and seen["backbone_dtype"] == torch.float32
+    assert seen["teacher_dtype"] == torch.bfloat16 and seen["backbone_dtype"] == torch.float32 and seen["heads_fp32"]
     cosine = lambda a, b: torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=0).item()
-    assert cosine(seen["fp32"], seen["fp64"]) > 0.99
-    assert cosine(seen["bf16"], seen["fp64"]) < 0.9, cosine(seen["bf16"], seen["fp64"])
+    for part in (0, 1):  # features, logits
+        assert cosine(seen["fp32"][part], seen["fp64"][part]) > 0.99, part
+        assert cosine(seen["bf16"][part], seen["fp64"][part]) < 0.9, part
     assert all(v == v and abs(v) != float("inf") for entry in logs for v in entry.values()), logs
     # without mixed precision the flag changes nothing: no copy is made
     (tmp_path / "no").mkdir()
     run_two_iterations(tiny_sdxl, tmp_path / "no", "--discriminator_precision", "fp32",
-                                        inspect=lambda models, *_: seen.update(copy=models.discriminator_backbone))
+                       inspect=lambda models, *_: seen.update(copy=models.discriminator_backbone))
     assert seen["copy"] is None

@@ -189,6 +189,10 @@ def build_discriminator(adapter, args, models: DistillationModels, negative: dic
     if getattr(args, "discriminator_precision", "mixed") == "fp32" and models.weight_dtype != torch.float32:
         backbone = models.discriminator_backbone = (
             adapter.load_denoiser(torch.float32).requires_grad_(False).eval().to(device))
+        if args.gradient_checkpointing:  # the generator's gradient and exact R1 / R2 go back through it
+            backbone.enable_gradient_checkpointing()
+        if args.enable_xformers_memory_efficient_attention:
+            backbone.enable_xformers_memory_efficient_attention()
     blocks = adapter.discriminator_blocks(args.discriminator_blocks)
     models.features = BackboneFeatures(backbone, blocks, select=adapter.feature_selector(models.latent_shape))
     x = torch.zeros((1, *models.latent_shape), device=device)
@@ -197,7 +201,8 @@ def build_discriminator(adapter, args, models: DistillationModels, negative: dic
         feats = discriminator_features(models, adapter, x, t, negative)
     models.discriminator_heads = DiscriminatorHeads([tuple(f.shape[1:]) for f in feats],
                                                     hidden_channels=args.discriminator_head_channels,
-                                                    num_downsamples=getattr(args, "discriminator_head_depth", 3))
+                                                    num_downsamples=getattr(args, "discriminator_head_depth", 3),
+                                                    fp32=models.discriminator_backbone is not None)
     models.discriminator_heads.to(device)
     models.discriminator_heads.train()
 
@@ -210,6 +215,15 @@ def discriminator_features(models: DistillationModels, adapter, x, s, cond) -> l
         return models.features(lambda: adapter.predict(models.teacher, x, s, cond))
     with torch.autocast(x.device.type, enabled=False):
         return models.features(lambda: adapter.predict(models.discriminator_backbone, x.float(), s.float(), cond))
+
+
+def discriminator_logits(models: DistillationModels, adapter, heads, x, s, cond, backbone_grad: bool) -> torch.Tensor:
+    """D(x, s) = heads(the frozen backbone's block features at (x, s)), fp32 logits. ``backbone_grad``: let the
+    gradient flow through the backbone to ``x`` (the generator's loss, exact R1 / R2). With the fp32 backbone copy the
+    heads were built with ``fp32=True``: they keep autocast off themselves."""
+    with torch.set_grad_enabled(backbone_grad and torch.is_grad_enabled()):
+        feats = discriminator_features(models, adapter, x, s, cond)
+    return heads(feats).float()
 
 
 def prepare_models(args, accelerator, models: DistillationModels) -> None:
@@ -300,10 +314,8 @@ def train_iteration(models: DistillationModels, adapter, args, accelerator, prom
     def fake_x0(model, x, t, cond):  # Choice: the fake score without CFG (DMD2's convention)
         return m.teacher_schedule.to_x0_noise(adapter.predict(model, x, t, cond), x, t)[0]
 
-    def discriminate(heads, x, s, cond, backbone_grad: bool):  # D(x, s) = heads(teacher block features at (x, s))
-        with torch.set_grad_enabled(backbone_grad and torch.is_grad_enabled()):
-            feats = discriminator_features(m, adapter, x, s, cond)
-        return heads(feats).float()
+    def discriminate(heads, x, s, cond, backbone_grad: bool):
+        return discriminator_logits(m, adapter, heads, x, s, cond, backbone_grad)
 
     def draw():
         """A micro-batch: prompts, the student's input at a random step k of its schedule (backward simulation of
@@ -426,9 +438,7 @@ def train_iteration(models: DistillationModels, adapter, args, accelerator, prom
                 x_real, x_fake, level = discriminator_inputs(b["x_real"], b["x_fake"], b["s"])
                 x, s, cond = torch.cat([x_real, x_fake]), torch.cat([level, level]), cat_conditioning(b["cond"],
                                                                                                      b["cond"])
-                with torch.no_grad():
-                    feats = discriminator_features(m, adapter, x, s, cond)
-                logits_real, logits_fake = m.discriminator_heads(feats).float().chunk(2)
+                logits_real, logits_fake = discriminate(m.discriminator_heads, x, s, cond, backbone_grad=False).chunk(2)
                 penalties = {}
                 for name, weight, x_at, logits_at in (("loss_r1", args.discriminator_r1_weight, x_real, logits_real),
                                                       ("loss_r2", args.discriminator_r2_weight, x_fake, logits_fake)):
