@@ -25,7 +25,7 @@ Remedies (issue 11) are flags built on ``dmdx.training.remedies``; diagnostics c
 distillation is judged against its teacher) and against the true mixture, with modes covered (a mode counts when
 it holds at least 25% of its fair share), and plotted against updates and against training wall time.
 
-    python benchmarks/mixture_faithful.py --grid --output_dir benchmarks/results    # 11 cells x 3 seeds, ~12-14 min
+    python benchmarks/mixture_faithful.py --grid --output_dir benchmarks/results    # 13 cells x 3 seeds, ~14-17 min
     python benchmarks/mixture_faithful.py --from_json benchmarks/results/mixture_faithful.json  # re-render only
     python benchmarks/mixture_faithful.py --method adm --generator_lr 1e-5 --seeds 0 1 2     # one custom cell
 
@@ -98,6 +98,8 @@ GRID_CELLS = {
     "adm_remove_batch_mean": {"method": "adm", "generator_gradient": "remove_batch_mean"},
     "adm_normalize": {"method": "adm", "generator_gradient": "normalize"},
     "adm_r1_approx": {"method": "adm", "r1_weight": 100.0, "r1": "approximate", "r1_alpha": 0.1},
+    "adm_r1r2_approx": {"method": "adm", "r1_weight": 100.0, "r2_weight": 100.0, "r1": "approximate", "r1_alpha": 0.1},
+    "adm_r1r2_exact": {"method": "adm", "r1_weight": 1.0, "r2_weight": 1.0, "r1": "exact"},
     "adm_d5": {"method": "adm", "discriminator_update_ratio": 5},
     "adm_d_warmup": {"method": "adm", "discriminator_warmup_steps": 200},
     "adm_relative_dt": {"method": "adm", "ode_step_mode": "relative", "ode_step_dt": 1 / 32},
@@ -162,8 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--head_layers", type=int, default=2, help="hidden layers of each discriminator head")
     g.add_argument("--head_width", type=int, default=64)
     g.add_argument("--r1_weight", type=float, default=0.0, help="weight of the R1 penalty on D's real inputs")
+    g.add_argument("--r2_weight", type=float, default=0.0,
+                   help="weight of the R2 penalty on D's fake inputs (R3GAN: R1 and R2 with one weight)")
     g.add_argument("--r1", choices=["exact", "approximate"], default="exact",
-                   help="exact: ||dD/dx||^2 by double backward; approximate: FastGen's (D(x + alpha n) - D(x))^2")
+                   help="how R1 and R2 are computed. exact: ||dD/dx||^2 by double backward; approximate: FastGen's "
+                        "(D(x + alpha n) - D(x))^2")
     g.add_argument("--r1_alpha", type=float, default=0.1, help="perturbation size of --r1 approximate")
     g.add_argument("--renoise", choices=["none", "shared"], default="none",
                    help="shared: re-noise both predictions to a higher level with the same noise before D (PCM)")
@@ -215,8 +220,8 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse
         p.error("--renoise_min_fraction must be in [0, 1]")
     if not 0 <= args.ema_decay < 1:
         p.error("--ema_decay must be in [0, 1)")
-    if args.head_layers < 0 or args.r1_weight < 0 or args.max_grad_norm < 0:
-        p.error("--head_layers, --r1_weight and --max_grad_norm must be >= 0")
+    if args.head_layers < 0 or args.r1_weight < 0 or args.r2_weight < 0 or args.max_grad_norm < 0:
+        p.error("--head_layers, --r1_weight, --r2_weight and --max_grad_norm must be >= 0")
     unknown = [c for c in args.cells or [] if c not in GRID_CELLS]
     if unknown:
         p.error(f"unknown --cells {unknown}; choose from {list(GRID_CELLS)}")
@@ -486,23 +491,26 @@ class Run:
                                                         self.schedule)
                 gap = (x_real, x_fake, x0)
                 x_real, x_fake, level = self.to_discriminator_level(x_real, x_fake, s)
-            if a.r1_weight > 0 and a.r1 == "exact":
-                x_real = x_real.requires_grad_()
+            if a.r1 == "exact":
+                x_real, x_fake = x_real.requires_grad_(a.r1_weight > 0), x_fake.requires_grad_(a.r2_weight > 0)
             logits_real, logits_fake = self.discriminate_pair(x_real, x_fake, level)
             loss = hinge_discriminator_loss(logits_real, logits_fake).mean()
             if a.r1_weight > 0:
-                loss = loss + a.r1_weight * self.r1(x_real, logits_real, level).mean()
+                loss = loss + a.r1_weight * self.slope_penalty(x_real, logits_real, level).mean()
+            if a.r2_weight > 0:
+                loss = loss + a.r2_weight * self.slope_penalty(x_fake, logits_fake, level).mean()
             self.opt_heads.zero_grad(set_to_none=True)
             loss.backward()
             self.opt_heads.step()
         return {"logits_real": logits_real.detach(), "logits_fake": logits_fake.detach(), "level": level,
                 "gap": gap}
 
-    def r1(self, x_real, logits_real, level):
+    def slope_penalty(self, x, logits, level):
+        """R1 at real inputs, R2 at fake ones: ||dD/dx||^2 per sample, exact or FastGen's finite difference."""
         if self.args.r1 == "exact":
-            return r1_penalty(logits_real, x_real)
-        perturbed = self.discriminate(x_real + self.args.r1_alpha * torch.randn_like(x_real), level)
-        return approximate_r1_penalty(logits_real, perturbed)
+            return r1_penalty(logits, x)
+        perturbed = self.discriminate(x + self.args.r1_alpha * torch.randn_like(x), level)
+        return approximate_r1_penalty(logits, perturbed)
 
     # -- 3. generator ---------------------------------------------------------------------------------------------
     def generator_loss(self):

@@ -50,7 +50,8 @@ def test_grid_smoke_writes_artifacts(tmp_path):
 def test_every_remedy_runs_in_one_custom_cell(tmp_path):
     out = mf.main(["--method", "adm", "--seeds", "1", "--output_dir", str(tmp_path), "--no_plot", "--dim", "4",
                    "--generator_gradient", "remove_batch_mean", "--max_grad_norm", "1.0", "--r1_weight", "0.1",
-                   "--r1", "exact", "--discriminator_update_ratio", "2", "--discriminator_warmup_steps", "2",
+                   "--r2_weight", "0.1", "--r1", "exact", "--discriminator_update_ratio", "2",
+                   "--discriminator_warmup_steps", "2",
                    "--ode_step_mode", "relative", "--ode_step_dt", "1/32", "--renoise", "shared",
                    "--renoise_min_fraction", "0.5", "--head_layers", "1", "--fake_score_update_ratio", "2",
                    "--discriminator_input_precision", "bf16", "--schedule", "vp", *TINY])
@@ -60,7 +61,8 @@ def test_every_remedy_runs_in_one_custom_cell(tmp_path):
     assert (tmp_path / "mixture_faithful.md").exists()
     assert out["target"] == {}
     approximate = mf.main(["--method", "adm", "--seeds", "0", "--output_dir", str(tmp_path), "--no_plot",
-                           "--r1_weight", "10", "--r1", "approximate", "--generator_gradient", "normalize", *TINY])
+                           "--r1_weight", "10", "--r2_weight", "10", "--r1", "approximate", "--generator_gradient",
+                           "normalize", *TINY])
     assert math.isfinite(approximate["cells"]["adm_custom"]["runs"][0]["final"]["energy_to_teacher"])
 
 

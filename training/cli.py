@@ -122,10 +122,18 @@ def distillation_parser(description: str) -> argparse.ArgumentParser:
     g.add_argument("--discriminator_renoise_min", type=float, default=0.0)
     g.add_argument("--discriminator_r1_weight", type=float, default=0.0,
                    help="Weight of an R1 penalty on D's slope at real inputs (0 = off; FastGen: 100-1000).")
+    g.add_argument("--discriminator_r2_weight", type=float, default=0.0,
+                   help="Weight of an R2 penalty on D's slope at fake inputs (0 = off; R3GAN uses R1 and R2 with "
+                        "one weight).")
     g.add_argument("--discriminator_r1", default="approximate", choices=["approximate", "exact"],
-                   help="approximate: FastGen's finite difference (one extra backbone pass, no double backward); "
-                        "exact: ||dD/dx||^2 through the teacher (a double backward).")
+                   help="How the R1 and R2 penalties are computed. approximate: FastGen's finite difference (one "
+                        "extra backbone pass, no double backward); exact: ||dD/dx||^2 through the teacher (a double "
+                        "backward).")
     g.add_argument("--discriminator_r1_alpha", type=float, default=0.1, help="Perturbation scale of approximate R1.")
+    g.add_argument("--discriminator_precision", default="mixed", choices=["mixed", "fp32"],
+                   help="fp32: D's backbone passes run on an fp32 copy of the teacher with autocast off, so the small "
+                        "gap between the two ODE-step outputs D compares survives bf16 / fp16 rounding (costs one fp32 "
+                        "teacher copy of memory; the same as mixed under --mixed_precision no).")
     g.add_argument("--discriminator_head_depth", type=int, default=3,
                    help="Downsampling convs per discriminator head (paper_spec §2.6: 3).")
     g.add_argument("--diagnostics_steps", type=int, default=25,
@@ -190,7 +198,7 @@ def finish_distillation_args(parser: argparse.ArgumentParser, args):
     if args.generator_gradient == "remove_batch_mean" and args.train_batch_size < 2:
         parser.error("--generator_gradient remove_batch_mean needs --train_batch_size >= 2 (with one sample it "
                      "removes the whole gradient).")
-    for name in ("discriminator_r1_weight", "discriminator_r1_alpha"):
+    for name in ("discriminator_r1_weight", "discriminator_r2_weight", "discriminator_r1_alpha"):
         if getattr(args, name) < 0:
             parser.error(f"--{name} must be >= 0, got {getattr(args, name)}.")
     if not 0 <= args.discriminator_renoise_min <= 1:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -90,9 +91,12 @@ class DiscriminatorHeads(nn.Module):
     """One head per feature map; the logit of a sample is the mean over heads."""
 
     def __init__(self, feature_shapes: Sequence[Sequence[int]], hidden_channels: int = 256,
-                 num_downsamples: int = 3, zero_init: bool = True):
-        """``feature_shapes``: per feature, (C, H, W) for 2-D heads or (C, F, H, W) for 3-D (video) heads."""
+                 num_downsamples: int = 3, zero_init: bool = True, fp32: bool = False):
+        """``feature_shapes``: per feature, (C, H, W) for 2-D heads or (C, F, H, W) for 3-D (video) heads.
+        ``fp32``: run in fp32 even under autocast (accelerate's mixed precision wraps a prepared module's forward in
+        autocast; the heads must not round fp32 backbone features back to bf16)."""
         super().__init__()
+        self.fp32 = fp32
         heads = []
         for shape in feature_shapes:
             head_cls = DiscriminatorHead2D if len(shape) == 3 else DiscriminatorHead3D
@@ -105,7 +109,8 @@ class DiscriminatorHeads(nn.Module):
         if len(features) != len(self.heads):
             raise ValueError(f"Got {len(features)} features for {len(self.heads)} heads.")
         dtype = next(self.parameters()).dtype
-        logits = [head(f.to(dtype)) for head, f in zip(self.heads, features)]
+        with torch.autocast(features[0].device.type, enabled=False) if self.fp32 else nullcontext():
+            logits = [head(f.to(dtype)) for head, f in zip(self.heads, features)]
         return torch.stack(logits, dim=0).mean(dim=0)
 
 

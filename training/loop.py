@@ -102,7 +102,7 @@ class DistillationModels:
     generator: Any
     fake_score: Any
     discriminator_heads: Any  # None for dmd
-    features: Any  # BackboneFeatures on teacher_base (None for dmd)
+    features: Any  # BackboneFeatures on D's backbone (None for dmd)
     teacher_schedule: Any
     student_schedule: Any
     student_scheduler: Any
@@ -111,6 +111,7 @@ class DistillationModels:
     latent_shape: tuple
     weight_dtype: torch.dtype
     ema: Any = None
+    discriminator_backbone: Any = None  # None: the teacher itself; else its fp32 copy (--discriminator_precision)
     optimizers: dict = field(default_factory=dict)
     lr_schedulers: dict = field(default_factory=dict)
 
@@ -180,21 +181,49 @@ def build_models(adapter, args, accelerator, generator_path: str | None) -> Dist
 
 
 def build_discriminator(adapter, args, models: DistillationModels, negative: dict, device) -> None:
-    """D's heads on the teacher's chosen blocks; their shapes from one dry run of the teacher."""
+    """D's heads on the teacher's chosen blocks; their shapes from one dry run of the teacher. With
+    ``--discriminator_precision fp32`` under mixed precision, D's backbone is an fp32 copy of the teacher."""
     from . import BackboneFeatures, DiscriminatorHeads
 
+    backbone = models.teacher_base
+    if getattr(args, "discriminator_precision", "mixed") == "fp32" and models.weight_dtype != torch.float32:
+        backbone = models.discriminator_backbone = (
+            adapter.load_denoiser(torch.float32).requires_grad_(False).eval().to(device))
+        if args.gradient_checkpointing:  # the generator's gradient and exact R1 / R2 go back through it
+            backbone.enable_gradient_checkpointing()
+        if args.enable_xformers_memory_efficient_attention:
+            backbone.enable_xformers_memory_efficient_attention()
     blocks = adapter.discriminator_blocks(args.discriminator_blocks)
-    models.features = BackboneFeatures(models.teacher_base, blocks,
-                                       select=adapter.feature_selector(models.latent_shape))
+    models.features = BackboneFeatures(backbone, blocks, select=adapter.feature_selector(models.latent_shape))
     x = torch.zeros((1, *models.latent_shape), device=device)
     t = torch.full((1,), models.teacher_schedule.T / 2, device=device)
     with torch.no_grad():
-        feats = models.features(lambda: adapter.predict(models.teacher, x, t, negative))
+        feats = discriminator_features(models, adapter, x, t, negative)
     models.discriminator_heads = DiscriminatorHeads([tuple(f.shape[1:]) for f in feats],
                                                     hidden_channels=args.discriminator_head_channels,
-                                                    num_downsamples=getattr(args, "discriminator_head_depth", 3))
+                                                    num_downsamples=getattr(args, "discriminator_head_depth", 3),
+                                                    fp32=models.discriminator_backbone is not None)
     models.discriminator_heads.to(device)
     models.discriminator_heads.train()
+
+
+def discriminator_features(models: DistillationModels, adapter, x, s, cond) -> list:
+    """The frozen backbone's block features that D's heads read, at (x, s). The fp32 copy runs with autocast off: the
+    two ODE-step outputs D compares differ by well under 1% of their magnitude, which bf16's 8-bit mantissa rounds
+    away (README "What makes ADM work")."""
+    if models.discriminator_backbone is None:
+        return models.features(lambda: adapter.predict(models.teacher, x, s, cond))
+    with torch.autocast(x.device.type, enabled=False):
+        return models.features(lambda: adapter.predict(models.discriminator_backbone, x.float(), s.float(), cond))
+
+
+def discriminator_logits(models: DistillationModels, adapter, heads, x, s, cond, backbone_grad: bool) -> torch.Tensor:
+    """D(x, s) = heads(the frozen backbone's block features at (x, s)), fp32 logits. ``backbone_grad``: let the
+    gradient flow through the backbone to ``x`` (the generator's loss, exact R1 / R2). With the fp32 backbone copy the
+    heads were built with ``fp32=True``: they keep autocast off themselves."""
+    with torch.set_grad_enabled(backbone_grad and torch.is_grad_enabled()):
+        feats = discriminator_features(models, adapter, x, s, cond)
+    return heads(feats).float()
 
 
 def prepare_models(args, accelerator, models: DistillationModels) -> None:
@@ -285,10 +314,8 @@ def train_iteration(models: DistillationModels, adapter, args, accelerator, prom
     def fake_x0(model, x, t, cond):  # Choice: the fake score without CFG (DMD2's convention)
         return m.teacher_schedule.to_x0_noise(adapter.predict(model, x, t, cond), x, t)[0]
 
-    def discriminate(heads, x, s, cond, backbone_grad: bool):  # D(x, s) = heads(teacher block features at (x, s))
-        with torch.set_grad_enabled(backbone_grad and torch.is_grad_enabled()):
-            feats = m.features(lambda: adapter.predict(m.teacher, x, s, cond))
-        return heads(feats).float()
+    def discriminate(heads, x, s, cond, backbone_grad: bool):
+        return discriminator_logits(m, adapter, heads, x, s, cond, backbone_grad)
 
     def draw():
         """A micro-batch: prompts, the student's input at a random step k of its schedule (backward simulation of
@@ -406,27 +433,30 @@ def train_iteration(models: DistillationModels, adapter, args, accelerator, prom
             diag = []
 
             def pair_logits(b):
-                """D on real and fake (batched through the backbone, which needs no autograd here), and the R1
-                penalty on D's slope at the real inputs when asked for."""
+                """D on real and fake (batched through the backbone, which needs no autograd here), and the penalties
+                on D's slope asked for: R1 at the real inputs, R2 at the fake ones ({name: (weight, per sample)})."""
                 x_real, x_fake, level = discriminator_inputs(b["x_real"], b["x_fake"], b["s"])
                 x, s, cond = torch.cat([x_real, x_fake]), torch.cat([level, level]), cat_conditioning(b["cond"],
                                                                                                      b["cond"])
-                with torch.no_grad():
-                    feats = m.features(lambda: adapter.predict(m.teacher, x, s, cond))
-                logits_real, logits_fake = m.discriminator_heads(feats).float().chunk(2)
-                penalty = None
-                if args.discriminator_r1_weight > 0 and args.discriminator_r1 == "approximate":
-                    x_moved = x_real + args.discriminator_r1_alpha * torch.randn_like(x_real)
-                    penalty = approximate_r1_penalty(logits_real, discriminate(
-                        m.discriminator_heads, x_moved, level, b["cond"], backbone_grad=False))
-                elif args.discriminator_r1_weight > 0:
-                    from torch.nn.attention import SDPBackend, sdpa_kernel
+                logits_real, logits_fake = discriminate(m.discriminator_heads, x, s, cond, backbone_grad=False).chunk(2)
+                penalties = {}
+                for name, weight, x_at, logits_at in (("loss_r1", args.discriminator_r1_weight, x_real, logits_real),
+                                                      ("loss_r2", args.discriminator_r2_weight, x_fake, logits_fake)):
+                    if weight > 0:
+                        penalties[name] = (weight, slope_penalty(x_at, logits_at, level, b["cond"]))
+                return logits_real, logits_fake, penalties
 
-                    x_in = x_real.detach().requires_grad_(True)
-                    with sdpa_kernel(SDPBackend.MATH):  # a double backward: fused attention kernels have none
-                        penalty = r1_penalty(discriminate(m.discriminator_heads, x_in, level, b["cond"],
-                                                          backbone_grad=True), x_in)
-                return logits_real, logits_fake, penalty
+            def slope_penalty(x_at, logits_at, level, cond):
+                """||dD/dx||^2 at ``x_at`` per sample: FastGen's finite difference, or exact (a double backward)."""
+                if args.discriminator_r1 == "approximate":
+                    x_moved = x_at + args.discriminator_r1_alpha * torch.randn_like(x_at)
+                    return approximate_r1_penalty(logits_at, discriminate(m.discriminator_heads, x_moved, level, cond,
+                                                                          backbone_grad=False))
+                from torch.nn.attention import SDPBackend, sdpa_kernel
+
+                x_in = x_at.detach().requires_grad_(True)
+                with sdpa_kernel(SDPBackend.MATH):  # a double backward: fused attention kernels have none
+                    return r1_penalty(discriminate(m.discriminator_heads, x_in, level, cond, backbone_grad=True), x_in)
 
             def discriminator_losses(fresh: bool):
                 for i in range(k_micro):
@@ -438,14 +468,11 @@ def train_iteration(models: DistillationModels, adapter, args, accelerator, prom
                             b["x_real"], b["x_fake"], _ = ode_predictions(b, x0, x_t, fake_frozen)
                     else:
                         b = saved[i]
-                    logits_real, logits_fake, penalty = pair_logits(b)
+                    logits_real, logits_fake, penalties = pair_logits(b)
                     loss = hinge_discriminator_loss(logits_real, logits_fake).mean()
                     diag.append((logits_real.detach(), logits_fake.detach(), b["t"]))
-                    if penalty is None:
-                        yield loss, {"loss_discriminator": loss}
-                    else:
-                        r1 = penalty.mean()
-                        yield loss + args.discriminator_r1_weight * r1, {"loss_discriminator": loss, "loss_r1": r1}
+                    terms = {"loss_discriminator": loss, **{k: p.mean() for k, (_, p) in penalties.items()}}
+                    yield loss + sum(w * terms[k] for k, (w, _) in penalties.items()), terms
 
             for r in range(args.discriminator_update_ratio):
                 diag.clear()
