@@ -185,7 +185,7 @@ def build_discriminator(adapter, args, models: DistillationModels, negative: dic
     ``--discriminator_precision fp32`` under mixed precision, D's backbone is an fp32 copy of the teacher."""
     from . import BackboneFeatures, DiscriminatorHeads
 
-    backbone = models.teacher_base
+    backbone, models.discriminator_backbone = models.teacher_base, None
     if getattr(args, "discriminator_precision", "mixed") == "fp32" and models.weight_dtype != torch.float32:
         backbone = models.discriminator_backbone = (
             adapter.load_denoiser(torch.float32).requires_grad_(False).eval().to(device))
