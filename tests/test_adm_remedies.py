@@ -69,8 +69,6 @@ def baseline(tiny_sdxl, tmp_path_factory):
     (["--discriminator_r1_weight", "10", "--discriminator_r1", "exact"], "discriminator", "loss_r1"),
     (["--discriminator_r2_weight", "100"], "discriminator", "loss_r2"),
     (["--discriminator_r2_weight", "10", "--discriminator_r1", "exact"], "discriminator", "loss_r2"),
-    (["--discriminator_r1_weight", "10", "--discriminator_r2_weight", "10", "--discriminator_r1", "exact"],
-     "discriminator", "loss_r2"),
     (["--discriminator_head_depth", "1"], "discriminator", None),
 ])
 def test_remedy_flag_changes_the_run(flags, moves, logged, baseline, tiny_sdxl, tmp_path):
