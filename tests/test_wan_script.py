@@ -6,7 +6,8 @@ T5 tokenizer), and one built here from the model classes alone, not through that
 (``expand_timesteps``, a residual VAE that patchifies its input, 8 latent channels, three blocks of three heads,
 flow shift 5, its own word-level tokenizer), trained on 5 frames at 32x64 px. The runs are the recipes
 (distill_scripts/recipes/wan_1_3b, wan_14b) with tiny sizes; the exported folders are then loaded by stock diffusers in
-a process that never imports dmdx, and the denoiser calls of a generation are counted with a forward hook.
+a process that never imports dmdx, and the denoiser calls of a generation are counted with a forward hook. The
+wan_14b recipe runs as configured, FSDP2, on 2 CPU processes.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CPU_ACCELERATE_CONFIG, recipe_env
+from conftest import CPU_ACCELERATE_CONFIG, free_port, recipe_env
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red circle moving right", "a blue square", "a green cat", "a small house spinning", "a big dog"]
@@ -73,10 +74,25 @@ SHARED = ["--num_frames", "9", "--height", "16", "--width", "16", "--max_sequenc
 OWN = ["--num_frames", "5", "--height", "32", "--width", "64", "--max_sequence_length", "24"]
 
 
-def _recipe(workdir, recipe: str, teacher: str, output_dir: str, *overrides):
-    """``bash distill_scripts/recipes/<recipe>/train.sh`` (the documented real recipe) on a tiny teacher, on CPU."""
-    env = recipe_env(workdir / "hf_home", CONFIG=workdir / "cpu.yaml", TEACHER=teacher, PROMPTS="prompts.txt",
-                     OUTPUT_DIR=output_dir)
+def _fsdp_config(workdir) -> Path:
+    """The wan_14b recipe's own FSDP2 accelerate config with 2 processes and a free port; nothing else changed."""
+    import yaml
+
+    config = yaml.safe_load((REPO / "distill_scripts" / "recipes" / "wan_14b" / "accelerate_fsdp.yaml").read_text())
+    config.update(num_processes=2, main_process_port=free_port())
+    (workdir / "fsdp.yaml").write_text(yaml.safe_dump(config))
+    return workdir / "fsdp.yaml"
+
+
+def _recipe(workdir, recipe: str, teacher: str, output_dir: str, *overrides, fsdp: bool = False):
+    """``bash distill_scripts/recipes/<recipe>/train.sh`` (the documented real recipe) on a tiny teacher, on CPU: one
+    process, or with ``fsdp`` the recipe's FSDP2 config on 2 CPU processes over gloo (tests/fsdp_cpu lifts only
+    accelerate's GPU gate, as tests/test_fsdp.py does)."""
+    env = recipe_env(workdir / "hf_home", CONFIG=_fsdp_config(workdir) if fsdp else workdir / "cpu.yaml",
+                     TEACHER=teacher, PROMPTS="prompts.txt", OUTPUT_DIR=output_dir)
+    env.pop("PYTHONPATH", None)
+    if fsdp:
+        env.update(ACCELERATE_USE_CPU="true", PYTHONPATH=str(REPO / "tests" / "fsdp_cpu"))
     cmd = ["bash", str(REPO / "distill_scripts" / "recipes" / recipe / "train.sh"), *TINY, *overrides]
     proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
@@ -154,9 +170,11 @@ def runs(workdir):
     logs["lora"] = _recipe(workdir, "wan_1_3b", "wan", "lora_dmd", *SHARED, "--lora_rank", "4",
                            "--fake_score_lora_rank", "4", "--distribution_loss", "dmd", "--max_train_steps", "2",
                            "--checkpointing_steps", "2", "--validation_steps", "100", "--validation_prompts", "a cat")
-    # the teacher the shared builder did not make, through the 14B recipe (full roles, ADM), its own sizes
+    # the teacher the shared builder did not make, through the 14B recipe as configured (FSDP2, full roles, ADM) on 2
+    # CPU processes, at its own sizes
     logs["own"] = _recipe(workdir, "wan_14b", "own", "own_full", *OWN, "--max_train_steps", "2",
-                          "--checkpointing_steps", "2", "--validation_steps", "2", "--validation_prompts", "a red cat")
+                          "--checkpointing_steps", "2", "--validation_steps", "2", "--validation_prompts", "a red cat",
+                          fsdp=True)
     shared_size = {"height": 16, "width": 16, "num_frames": 9, "max_sequence_length": 32}
     own_size = {"height": 32, "width": 64, "num_frames": 5, "max_sequence_length": 24}
     spec = json.dumps([[str(workdir / "full"), str(workdir / "wan"), False, shared_size],
@@ -241,6 +259,12 @@ def test_a_wan_teacher_the_tests_did_not_build_becomes_a_stock_4_step_pipeline(r
     assert config["discriminator_blocks"] == ["blocks.0", "blocks.1", "blocks.2"]
     assert (config["num_frames"], config["height"], config["width"]) == (5, 32, 64)
     assert (workdir / "own_full" / "validation" / "step-000002.gif").is_file()
+    checkpoint = workdir / "own_full" / "checkpoint-2"  # sharded by FSDP2: each rank wrote its part of every network
+    assert all((checkpoint / f"pytorch_model_fsdp_{i}").is_dir() for i in range(3))
+    assert not (checkpoint / "model.safetensors").exists()
+    exported = "transformer/diffusion_pytorch_model.safetensors"
+    student, teacher = _tensors(workdir / "own_full" / exported), _tensors(workdir / "own" / exported)
+    assert student.keys() == teacher.keys() and any(not torch.equal(student[k], teacher[k]) for k in student)
     tokenizer = json.loads((workdir / "own_full" / "tokenizer" / "tokenizer.json").read_text())
     pieces = {piece for piece, _ in tokenizer["model"]["vocab"]}
     assert "\u2581circle" in pieces  # the teacher's own word-level tokenizer ships with the student
