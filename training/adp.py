@@ -1,4 +1,4 @@
-"""Adversarial Distillation Pre-training (ADP, paper_spec §3): DMDX's first stage for one-step students.
+"""Adversarial Distillation Pre-training (ADP, docs/method.md#adp): DMDX's first stage for one-step students.
 
 Teacher ODE pairs (noise x_T, clean latent x_0, prompt) come from collect_ode_pairs.py.
   * Generator: the teacher's denoiser re-parametrised as a rectified-flow velocity model. On the straight line
@@ -47,7 +47,7 @@ from .plumbing import (
 
 logger = logging.getLogger("dmdx")
 
-# The ADP student's scheduler (DESIGN.md §4.5): rectified-flow DPM-Solver of order 1 (= Euler), trailing timesteps.
+# The ADP student's scheduler (docs/method.md#schedule): flow DPM-Solver, order 1 (= Euler), trailing timesteps.
 STUDENT_SCHEDULER = dict(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=1.0, solver_order=1,
                          final_sigmas_type="zero", timestep_spacing="trailing", num_train_timesteps=1000)
 

@@ -1,6 +1,6 @@
 """The one ADM / DMD2 distillation loop, used by every teacher through its adapter (``dmdx.pipelines.teachers``).
 
-One iteration = one generator update (paper_spec §2, §5, §12):
+One iteration = one generator update (docs/method.md#adm):
   1. fake score: ordinary denoising loss on detached generator samples, ``--fake_score_update_ratio`` updates;
   2. generator: x0 = G(x_k, t_k) at one of the student's own timesteps (its input by backward simulation of its
      earlier steps, as DMD2 does); x_t = add_noise(x0, eps, t); one PF-ODE step t -> s = t - dt from the same x_t
@@ -8,7 +8,7 @@ One iteration = one generator update (paper_spec §2, §5, §12):
      x_real, x_fake; loss = -D(x_fake, s). ``--distribution_loss dmd``: DMD2's loss on the two x0 predictions;
   3. discriminator D = the frozen teacher (the same object as the real score) + trainable heads on chosen blocks:
      hinge loss, real = x_real, fake = x_fake (``--discriminator_update_ratio`` updates).
-Choices where the paper is silent are documented in the README ("Choices") and marked "Choice:" here.
+Choices where the paper is silent are documented in docs/method.md#choices and marked "Choice:" here.
 
 What is random in an iteration is drawn after seeding torch with (seed, step, rank): a resumed run draws exactly
 what the uninterrupted run drew, whatever the RNG state, and every rank draws differently.
@@ -169,7 +169,7 @@ def build_models(adapter, args, accelerator, generator_path: str | None) -> Dist
                        model_config=generator.config)
         ema.to(device)
 
-    # The student's schedule: one source of truth, the scheduler it ships with (DESIGN.md §4.5).
+    # The student's schedule: one source of truth, the scheduler it ships with (docs/method.md#schedule).
     scheduler = adapter.student_scheduler(args.num_student_steps, generator_path)
     teacher_schedule = adapter.teacher_schedule()
     return DistillationModels(
@@ -210,7 +210,7 @@ def build_discriminator(adapter, args, models: DistillationModels, negative: dic
 def discriminator_features(models: DistillationModels, adapter, x, s, cond) -> list:
     """The frozen backbone's block features that D's heads read, at (x, s). The fp32 copy runs with autocast off: the
     two ODE-step outputs D compares differ by well under 1% of their magnitude, which bf16's 8-bit mantissa rounds
-    away (README "What makes ADM work")."""
+    away (docs/results.md#remedies)."""
     if models.discriminator_backbone is None:
         return models.features(lambda: adapter.predict(models.teacher, x, s, cond))
     with torch.autocast(x.device.type, enabled=False):

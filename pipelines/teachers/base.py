@@ -38,7 +38,7 @@ def read_model_index(path: str, what: str = "--pretrained_model_name_or_path", *
 
 def transformer_block_names(spec: str | None, num_layers: int) -> list[str]:
     """``--discriminator_blocks`` as ``transformer_blocks`` indices (DiT teachers); default 4 evenly spaced ones
-    including the last (paper_spec §2.6 says "several blocks")."""
+    including the last (the paper says "several blocks": docs/method.md#heads)."""
     n = num_layers
     try:
         indices = sorted({int(b) for b in spec.split(",")}) if spec else \
