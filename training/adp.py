@@ -221,7 +221,8 @@ def adp_iteration(models: ADPModels, adapter, args, accelerator, pairs: ODEPairs
         uniform_timesteps,
         velocity_regression_loss,
     )
-    from .loop import cat_conditioning, iteration_seed
+    from .conditioning import cat_conditioning
+    from .plumbing import iteration_seed
 
     torch.manual_seed(iteration_seed(args.seed, step, accelerator.process_index))
     m, device, logs, saved = models, accelerator.device, {}, {}
@@ -313,7 +314,7 @@ def adp_distill(adapter, args) -> None:
     from accelerate.utils import set_seed
 
     from .checkpointing import find_resume_checkpoint
-    from .loop import finish_and_export, validate
+    from .finish import finish_and_export, validate
 
     # 0. Before any weights: the output folder, the teacher's architecture and resolution, pairs from this teacher
     #    at this size, the SAM path, a resumable checkpoint.
