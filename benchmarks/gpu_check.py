@@ -16,7 +16,7 @@ before the case; on the CPU the resident-set high-water mark) and that peak over
 setup (``memory_plan.predict``, its activations from the committed ``benchmarks/results/memory_plan.json``).
 Writes memory_plan_gpu_check.json (``--out``). Without CUDA (and without ``--device cpu``) it stops with a message.
 
-The GPU machine has no network and no diffusers: bring diffusers (and its wheels) as the README's "On a GPU" says.
+The GPU machine has no network and no diffusers: bring diffusers (and its wheels) as docs/results.md "On a GPU" says.
 """
 
 from __future__ import annotations

@@ -834,7 +834,7 @@ def markdown(result: dict) -> str:
 
 
 def summary_table(result: dict) -> str:
-    """The README's 'what fits where' table: the recipe-size total per GPU for each mode and setup."""
+    """docs/results.md's 'what fits where' table: the recipe-size total per GPU for each mode and setup."""
     lines = ["| teacher | mode | per GPU: 1 GPU | 8 x DDP | 8 x FSDP2 (teacher replicated) | 8 x FSDP2 (teacher "
              "sharded) | 64 x FSDP2 (teacher sharded) |", "|---|---|---|---|---|---|---|"]
     for key, model in result["models"].items():

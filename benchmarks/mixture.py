@@ -8,7 +8,7 @@ The schedule is a rectified flow (``NoiseSchedule("flow", 1000, "flow")``).
 
 One-step MLP students ``G(z) -> x0`` are trained from the same initialisation, for the same number of generator
 updates, with
-  * ADM (paper_spec §2): an MLP fake score trained by denoising on detached generator samples; from one ``x_t`` the
+  * ADM (docs/method.md#adm): an MLP fake score trained by denoising on detached generator samples; from one ``x_t`` the
     teacher and the fake score each take one PF-ODE step to ``t - dt``; an MLP discriminator on that step (and
     optionally on ``x_t``) is trained with the hinge loss; the generator minimises ``-D(fake step)`` with gradients
     through the fake score's input;

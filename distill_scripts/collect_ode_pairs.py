@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Collect teacher ODE pairs (initial noise, final latent, prompt) for ADP pre-training (paper_spec §3.2).
+"""Collect teacher ODE pairs (initial noise, final latent, prompt) for ADP pre-training (docs/method.md#ode-pairs).
 
     accelerate launch distill_scripts/collect_ode_pairs.py \
         --pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 \

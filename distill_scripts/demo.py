@@ -68,7 +68,7 @@ VIDEO_VALIDATION_PROMPTS = [video_prompt(3, "left"), video_prompt(5, "up"), vide
 
 # The recipes. The SDXL and SD3 students use the best cell of each method in the like-for-like grid
 # (benchmarks/digits_fair.py: generator lr x fake-score updates per generator update, both methods, 200 CPU s each,
-# judged by FID to the teacher; README "ADM vs DMD2 like for like"), at its batch size (16), with ADM's fixed flags
+# judged by FID to the teacher; docs/results.md "like for like"), at its batch size (16), with ADM's fixed flags
 # there (dt = T/64, D lr 1e-4, 20 D warm-up updates, 64-channel heads). Step counts are the updates each cell made in
 # its 200 CPU s, so both methods train for about the same time; EMA (0.99) is added to both.
 # Measured times are written to report.json and report.md.

@@ -719,7 +719,7 @@ def save_video_samples(output_dir: str, names: list[str], results: dict) -> None
     from diffusers.utils import export_to_gif, make_image_grid
     from PIL import Image
 
-    from dmdx.pipelines.model_card import video_strip
+    from dmdx.training.plumbing import video_strip
 
     picks = [4 * k + k % len(DIRECTIONS) for k in range(NUM_CLASSES)]  # digit k moving DIRECTIONS[k % 4]
 

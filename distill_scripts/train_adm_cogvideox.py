@@ -28,7 +28,7 @@ def parse_args(input_args=None):
     g.add_argument("--width", type=int, default=None, help="Default: the pipeline's own (720 for CogVideoX).")
     g.add_argument("--max_sequence_length", type=int, default=None,
                    help="T5 tokens; default: the transformer's max_text_seq_length (226).")
-    # Recipe defaults (paper_spec §5: eight steps, full fine-tuning [I], teacher CFG 6; 8k iterations). --resolution
+    # Recipe defaults (the paper: eight steps, 8k iterations; full FT, CFG 6: docs/method.md). --resolution
     # is a square shortcut for --height/--width.
     parser.set_defaults(output_dir="cogvideox-adm", resolution=None, num_student_steps=8, guidance_scale=6.0,
                         lora_rank=0, generator_lr=1e-6, discriminator_lr=1e-5, max_train_steps=8000)

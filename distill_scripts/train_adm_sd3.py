@@ -27,7 +27,7 @@ def parse_args(input_args=None):
     g.add_argument("--shift_terminal", type=float, default=0.25,
                    help="FlowMatchEulerDiscreteScheduler shift_terminal of the shipped scheduler (0 = stock). With "
                         "the stock shift 3.0 a 4-step schedule's last sigma is 0.009, a near no-op step.")
-    # SD3-Medium recipe defaults (paper_spec §12: four steps, LoRA, the pipeline's CFG 7)
+    # SD3-Medium recipe defaults (the paper's Table 2: four steps, LoRA; CFG 7 is the pipeline's)
     parser.set_defaults(output_dir="sd3-adm", num_student_steps=4, guidance_scale=7.0, lora_rank=64,
                         generator_lr=1e-5, discriminator_lr=2e-5, max_train_steps=4000)
     args = finish_distillation_args(parser, parser.parse_args(input_args))

@@ -22,7 +22,7 @@ from dmdx.training.plumbing import exit_on_usage_error
 
 def parse_args(input_args=None):
     parser = distillation_parser(__doc__.split("\n")[0])
-    # SDXL recipe defaults (paper_spec §12: one step, teacher CFG 8 as DMD2, generator lr 5e-7 after ADP)
+    # SDXL recipe defaults (docs/method.md: one step, teacher CFG 8 as DMD2, generator lr 5e-7 after ADP)
     parser.set_defaults(output_dir="sdxl-dmdx", num_student_steps=1, guidance_scale=8.0, generator_lr=5e-7,
                         discriminator_lr=1e-5, fake_score_lora_rank=0)
     return finish_distillation_args(parser, parser.parse_args(input_args))

@@ -6,7 +6,7 @@
         --ode_pairs_dir sdxl-ode-pairs --pixel_discriminator_model facebook/sam-vit-base \
         --output_dir sdxl-adp
 
-The method (paper_spec §3, §12) is ``dmdx.training.adp``; SDXL's specifics are ``dmdx.pipelines.teachers.sdxl``.
+The method (docs/method.md#adp) is ``dmdx.training.adp``; SDXL's specifics are ``dmdx.pipelines.teachers.sdxl``.
 The output is a stock StableDiffusionXLPipeline folder whose scheduler is a rectified-flow DPMSolverMultistep
 (order 1, trailing: one step = timestep 999): the ``--pretrained_generator_name_or_path`` of train_adm_sdxl.py.
 """

@@ -1,4 +1,4 @@
-"""Turn a trained denoiser into a stock diffusers pipeline folder (DESIGN.md §4.5-4.6).
+"""Turn a trained denoiser into a stock diffusers pipeline folder (docs/design.md#export).
 
 The student ships as the teacher's own pipeline class with the distilled denoiser swapped in and the student's
 scheduler, so ``DiffusionPipeline.from_pretrained(folder)`` needs no custom code and

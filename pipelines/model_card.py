@@ -400,6 +400,8 @@ def _write_samples(output_dir: str, samples: Sequence, video: bool, fps: float) 
 
     grid_rel = f"{SAMPLES_DIR}/grid.{ext}"
     if video:
+        from dmdx.training.plumbing import video_strip
+
         strip = video_strip(loaded, lambda frames: image_grid(frames, columns=len(frames), min_side=128,
                                                               max_side=256))
         _save_gif(strip, os.path.join(output_dir, grid_rel), fps)
@@ -412,13 +414,6 @@ def indefinite_article(number: int) -> str:
     """"an" before a number said with a leading vowel sound (8, 11, 18, 80-89, 800-899, ...), else "a"."""
     digits = str(int(number))
     return "an" if digits.startswith("8") or (len(digits) in (2, 5) and digits[:2] in ("11", "18")) else "a"
-
-
-def video_strip(clips: Sequence, make_grid) -> list:
-    """The frames of a GIF strip of several clips: frame t is ``make_grid`` of every clip's frame t, side by side
-    (a shorter clip holds its last frame)."""
-    length = max(len(clip) for clip in clips)
-    return [make_grid([clip[min(t, len(clip) - 1)] for clip in clips]) for t in range(length)]
 
 
 def _open_rgb(path: str):

@@ -38,3 +38,35 @@ def test_public_api_imports():
     for name in ("NoiseSchedule", "schedule_from_scheduler_config", "hinge_discriminator_loss", "dmd_loss",
                  "adm_latent_predictions", "DiscriminatorHeads", "BackboneFeatures", "cubic_timesteps"):
         assert hasattr(training, name), name
+
+
+def _pipelines_imports(source: str) -> list[str]:
+    """Every import of ``pipelines`` / ``dmdx.pipelines`` in ``source`` (absolute or relative, at any depth: the loops
+    used to import inside functions), as ``line: module``."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            names = [base] + [f"{base}.{alias.name}".lstrip(".") for alias in node.names]
+        else:
+            continue
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "pipelines" or parts[:2] == ["dmdx", "pipelines"]:
+                found.append(f"{node.lineno}: {name}")
+                break
+    return found
+
+
+def test_training_never_imports_pipelines():
+    # dmdx.pipelines (the architectures) imports dmdx.training (the method), never the other way round
+    # (docs/design.md#imports): the loops reach export, cards and the Hub through the teacher adapter.
+    planted = "def f():\n    from dmdx.pipelines.hub import push_to_hub\n    from .. import pipelines\nimport os\n"
+    assert _pipelines_imports(planted) == ["2: dmdx.pipelines.hub", "3: pipelines"]  # the check can fail
+    offenders = {path.name: found for path in sorted((ROOT / "training").glob("*.py"))
+                 if (found := _pipelines_imports(path.read_text()))}
+    assert not offenders, offenders

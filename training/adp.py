@@ -1,4 +1,4 @@
-"""Adversarial Distillation Pre-training (ADP, paper_spec §3): DMDX's first stage for one-step students.
+"""Adversarial Distillation Pre-training (ADP, docs/method.md#adp): DMDX's first stage for one-step students.
 
 Teacher ODE pairs (noise x_T, clean latent x_0, prompt) come from collect_ode_pairs.py.
   * Generator: the teacher's denoiser re-parametrised as a rectified-flow velocity model. On the straight line
@@ -47,7 +47,7 @@ from .plumbing import (
 
 logger = logging.getLogger("dmdx")
 
-# The ADP student's scheduler (DESIGN.md §4.5): rectified-flow DPM-Solver of order 1 (= Euler), trailing timesteps.
+# The ADP student's scheduler (docs/method.md#schedule): flow DPM-Solver, order 1 (= Euler), trailing timesteps.
 STUDENT_SCHEDULER = dict(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=1.0, solver_order=1,
                          final_sigmas_type="zero", timestep_spacing="trailing", num_train_timesteps=1000)
 
@@ -221,7 +221,8 @@ def adp_iteration(models: ADPModels, adapter, args, accelerator, pairs: ODEPairs
         uniform_timesteps,
         velocity_regression_loss,
     )
-    from .loop import cat_conditioning, iteration_seed
+    from .conditioning import cat_conditioning
+    from .plumbing import iteration_seed
 
     torch.manual_seed(iteration_seed(args.seed, step, accelerator.process_index))
     m, device, logs, saved = models, accelerator.device, {}, {}
@@ -313,7 +314,7 @@ def adp_distill(adapter, args) -> None:
     from accelerate.utils import set_seed
 
     from .checkpointing import find_resume_checkpoint
-    from .loop import finish_and_export, validate
+    from .finish import finish_and_export, validate
 
     # 0. Before any weights: the output folder, the teacher's architecture and resolution, pairs from this teacher
     #    at this size, the SAM path, a resumable checkpoint.

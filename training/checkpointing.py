@@ -3,7 +3,7 @@
 A checkpoint is ``accelerator.save_state`` (every prepared model, optimizer and LR scheduler, anything registered
 with ``register_for_checkpointing``, and each process's RNG states) written into ``checkpoint-{step}.tmp`` and only
 then renamed to ``checkpoint-{step}``. A crash mid-save leaves a ``.tmp`` folder that :func:`find_resume_checkpoint`
-ignores, so the previous checkpoint stays the one a resume loads (DESIGN.md §4.8).
+ignores, so the previous checkpoint stays the one a resume loads (docs/design.md#checkpoints).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The flags every distillation script shares, in diffusers' vocabulary (DESIGN.md §4.4), and their checks.
+"""The flags every distillation script shares, in diffusers' vocabulary (docs/design.md#flags), and their checks.
 
 Entry scripts call :func:`distillation_parser` / :func:`adp_parser`, add their architecture's own flags, set their
 recipe defaults with ``parser.set_defaults`` and call :func:`finish_distillation_args` (or :func:`finish_common_args`).
@@ -110,7 +110,7 @@ def distillation_parser(description: str) -> argparse.ArgumentParser:
                         "predictions; each further one draws a fresh batch.")
     g.add_argument("--discriminator_warmup_steps", type=int, default=0,
                    help="The first N iterations train only the fake score and D; the generator waits.")
-    g = p.add_argument_group("ADM remedies (README 'What makes ADM work'; the defaults are the paper's method)")
+    g = p.add_argument_group("ADM remedies (docs/results.md#remedies; the defaults are the paper's method)")
     g.add_argument("--generator_gradient", default="none", choices=["none", "normalize", "remove_batch_mean"],
                    help="Reshape the gradient at the generator's output: normalize each sample's to the batch mean "
                         "norm, or remove the batch-common part (ADM's per-sample gradients point the same way).")
@@ -135,7 +135,7 @@ def distillation_parser(description: str) -> argparse.ArgumentParser:
                         "gap between the two ODE-step outputs D compares survives bf16 / fp16 rounding (costs one fp32 "
                         "teacher copy of memory; the same as mixed under --mixed_precision no).")
     g.add_argument("--discriminator_head_depth", type=int, default=3,
-                   help="Downsampling convs per discriminator head (paper_spec §2.6: 3).")
+                   help="Downsampling convs per discriminator head (docs/method.md#heads: 3).")
     g.add_argument("--diagnostics_steps", type=int, default=25,
                    help="Every N steps also log how far the generator's outputs move in one update and, for adm, "
                         "how ADM's generator gradient relates to DMD's (0 = never; costs one generator forward).")

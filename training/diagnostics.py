@@ -1,6 +1,6 @@
 """Diagnostics of an ADM / DMD2 run: cheap, pure functions over tensors, meant to be logged every N steps.
 
-They answer the questions of issue 11 (DESIGN.md §2): is the discriminator's signal there even when its sign
+They answer the questions of issue 11 (docs/method.md#gap): is the discriminator's signal there even when its sign
 accuracy reads 0.5 (per noise band, and as pair order), how large the two latent predictions' difference is against
 the spread of the samples, whether ADM's generator gradient still points along DMD's, how coherent the per-sample
 generator gradients are across the batch, and how far (and how much as one common translation) the generator's
@@ -84,7 +84,7 @@ def prediction_gap(x_real: torch.Tensor, x_fake: torch.Tensor, x0: torch.Tensor)
     """How far apart ADM's two latent predictions are: ``pred_gap_abs`` = mean |x_real - x_fake| per element,
     ``pred_gap_rel`` = that over the spread of the generator's samples x0 (the per-element std over the batch,
     averaged over elements; nan for a batch of one). At dt = T/64 the gap is ~0.004 per element on the SDXL digits
-    teacher, which bf16 rounding of D's input can erase (DESIGN.md §2)."""
+    teacher, which bf16 rounding of D's input can erase (docs/method.md#gap)."""
     gap = (x_real.detach().to(torch.float64) - x_fake.detach().to(torch.float64)).abs().mean()
     spread = _batch_spread(x0)
     return {"pred_gap_abs": gap.item(), "pred_gap_rel": (gap / spread).item()}

@@ -1,7 +1,7 @@
 """Diffusion-based discriminator: a frozen backbone's block features + small trainable heads.
 
-The paper's discriminator is the frozen teacher itself with lightweight heads on several blocks (paper_spec
-§2.1, §2.6). ``BackboneFeatures`` takes those features with forward hooks, so one teacher object serves as both the
+The paper's discriminator (docs/method.md#discriminator) is the frozen teacher itself with lightweight heads on
+several blocks. ``BackboneFeatures`` takes those features with forward hooks, so one teacher object serves as both the
 real score and the discriminator backbone (one copy in memory), and gradients still flow through the backbone to
 its input (needed for the generator's update). ``DiscriminatorHeads`` maps the feature list to one logit per
 sample (mean over heads).
@@ -28,7 +28,7 @@ def _group_norm(channels: int) -> nn.GroupNorm:
 
 
 class DiscriminatorHead2D(nn.Module):
-    """The SDXL-Lightning-style head of paper_spec §2.6: three stride-2 4x4 convs, one 3x3 conv (each
+    """The SDXL-Lightning-style head of docs/method.md#heads: three stride-2 4x4 convs, one 3x3 conv (each
     GroupNorm + SiLU), global average pooling, a linear layer to one logit. A stride-2 conv whose input is already
     smaller than 2x2 becomes a stride-1 3x3 conv, so the head also works on the small maps of tiny models."""
 
@@ -59,7 +59,7 @@ class DiscriminatorHead2D(nn.Module):
 
 
 class DiscriminatorHead3D(nn.Module):
-    """The video head (paper_spec §2.6, "3-D variant"): 3x3x3 convs that downsample space (not time), GroupNorm +
+    """The video head (docs/method.md#heads, the 3-D variant): 3x3x3 convs that downsample space (not time), GroupNorm +
     SiLU, average over space, then over time (the AvgPool1d), and a linear layer. Input: (B, C, F, H, W)."""
 
     def __init__(self, in_channels: int, input_size: Sequence[int], hidden_channels: int = 256,

@@ -1,6 +1,6 @@
 """Freezing a network's parameters for one pass while gradients still flow through its inputs.
 
-ADM's generator update needs exactly this (paper_spec §2.3): the fake score and the discriminator heads take part
+ADM's generator update needs exactly this (docs/method.md#adm): the fake score and the discriminator heads take part
 in the pass, but only the generator may receive gradients. ``requires_grad=False`` on their parameters (rather
 than ``torch.no_grad``) keeps the graph through their inputs back to the generator.
 """

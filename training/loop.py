@@ -1,6 +1,6 @@
 """The one ADM / DMD2 distillation loop, used by every teacher through its adapter (``dmdx.pipelines.teachers``).
 
-One iteration = one generator update (paper_spec §2, §5, §12):
+One iteration = one generator update (docs/method.md#adm):
   1. fake score: ordinary denoising loss on detached generator samples, ``--fake_score_update_ratio`` updates;
   2. generator: x0 = G(x_k, t_k) at one of the student's own timesteps (its input by backward simulation of its
      earlier steps, as DMD2 does); x_t = add_noise(x0, eps, t); one PF-ODE step t -> s = t - dt from the same x_t
@@ -8,7 +8,7 @@ One iteration = one generator update (paper_spec §2, §5, §12):
      x_real, x_fake; loss = -D(x_fake, s). ``--distribution_loss dmd``: DMD2's loss on the two x0 predictions;
   3. discriminator D = the frozen teacher (the same object as the real score) + trainable heads on chosen blocks:
      hinge loss, real = x_real, fake = x_fake (``--discriminator_update_ratio`` updates).
-Choices where the paper is silent are documented in the README ("Choices") and marked "Choice:" here.
+Choices where the paper is silent are documented in docs/method.md#choices and marked "Choice:" here.
 
 What is random in an iteration is drawn after seeding torch with (seed, step, rank): a resumed run draws exactly
 what the uninterrupted run drew, whatever the RNG state, and every rank draws differently.
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,25 +25,23 @@ from typing import Any
 import torch
 
 from .cli import load_prompts
+from .conditioning import cat_conditioning, select_conditioning
 from .errors import UsageError
-from .freezing import reshard_fsdp
-from .lora import LoraView, add_lora_adapter, fused_copy
+from .finish import finish_and_export, validate
+from .lora import LoraView, add_lora_adapter
 from .plumbing import (
-    TRAINING_CONFIG_NAME,
     ShardedEMAState,
     accumulated_update,
     check_output_dir,
     check_provenance,
     clean_leftovers,
-    ema_weights,
     fsdp_wrap_classes_of,
+    iteration_seed,
     make_accelerator,
     make_lr_scheduler,
     make_optimizer,
     parameter_checksum,
-    rank_checksums,
     resume,
-    save_validation,
     tracker_config,
     training_loop,
     weight_dtype_of,
@@ -53,17 +50,6 @@ from .plumbing import (
 )
 
 logger = logging.getLogger("dmdx")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Conditioning: a dict of batch-first tensors (keys chosen by the adapter)
-# ----------------------------------------------------------------------------------------------------------------
-def cat_conditioning(a: dict, b: dict) -> dict:
-    return {k: torch.cat([a[k], b[k]]) for k in a}
-
-
-def select_conditioning(cond: dict, idx: torch.Tensor, device) -> dict:
-    return {k: v[idx].to(device) for k, v in cond.items()}
 
 
 class PromptSource:
@@ -169,7 +155,7 @@ def build_models(adapter, args, accelerator, generator_path: str | None) -> Dist
                        model_config=generator.config)
         ema.to(device)
 
-    # The student's schedule: one source of truth, the scheduler it ships with (DESIGN.md §4.5).
+    # The student's schedule: one source of truth, the scheduler it ships with (docs/method.md#schedule).
     scheduler = adapter.student_scheduler(args.num_student_steps, generator_path)
     teacher_schedule = adapter.teacher_schedule()
     return DistillationModels(
@@ -210,7 +196,7 @@ def build_discriminator(adapter, args, models: DistillationModels, negative: dic
 def discriminator_features(models: DistillationModels, adapter, x, s, cond) -> list:
     """The frozen backbone's block features that D's heads read, at (x, s). The fp32 copy runs with autocast off: the
     two ODE-step outputs D compares differ by well under 1% of their magnitude, which bf16's 8-bit mantissa rounds
-    away (README "What makes ADM work")."""
+    away (docs/results.md#remedies)."""
     if models.discriminator_backbone is None:
         return models.features(lambda: adapter.predict(models.teacher, x, s, cond))
     with torch.autocast(x.device.type, enabled=False):
@@ -253,10 +239,6 @@ def prepare_models(args, accelerator, models: DistillationModels) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # One iteration
 # ----------------------------------------------------------------------------------------------------------------
-def iteration_seed(seed: int, step: int, rank: int) -> int:
-    return (seed * 1_000_003 + step * 7919 + rank * 131) % (2**63 - 1)
-
-
 def train_iteration(models: DistillationModels, adapter, args, accelerator, prompt_source: PromptSource,
                     step: int) -> dict[str, float]:
     """One ADM (or DMD2) iteration = one generator update; returns every loss term and diagnostic (floats)."""
@@ -584,26 +566,6 @@ def distill(adapter, args, tracker_project: str) -> None:
                       samples=samples, fields=fields)
 
 
-def finish_and_export(adapter, args, accelerator, models, *, method: str, generator_path: str | None, samples,
-                      fields: dict) -> None:
-    """After the last step, on every process: the EMA weights into the generator, the ranks' weight checksums, the
-    gathered state; then the main process exports (``export_student``); then everyone ends together."""
-    accelerator.wait_for_everyone()
-    generator = accelerator.unwrap_model(models.generator)
-    if models.ema is not None:
-        reshard_fsdp(generator)  # FSDP: copy into the shards (a no_grad forward may have left units gathered)
-        models.ema.copy_to(generator.parameters())
-    checksums = None if accelerator.distributed_type.name == "FSDP" else rank_checksums(accelerator, models.generator)
-    state = accelerator.get_state_dict(models.generator) if not isinstance(generator, LoraView) else None
-    final_checksum = parameter_checksum(generator)  # every rank: on FSDP's DTensors the sum is a collective
-    if accelerator.is_main_process:
-        export_student(adapter, args, models, generator, state, method=method, generator_path=generator_path,
-                       samples=samples, schedule_fields=fields, final_checksum=final_checksum,
-                       generator_checksum_per_rank=checksums)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-
-
 def check_student_scheduler(adapter, scheduler, generator_path: str | None) -> None:
     """A generator folder that ships its teacher's own many-step scheduler is not a student (e.g. a copy of the
     teacher): distilling from it would ship the teacher's sampler under a student's name."""
@@ -639,75 +601,6 @@ def student_schedule_fields(models: DistillationModels, method: str) -> dict:
             "student_scheduler": type(scheduler).__name__, "student_scheduler_config": dict(scheduler.config),
             "student_prediction_type": models.student_schedule.prediction_type, "renoise_mode": models.renoise,
             "discriminator_blocks": models.features.module_names if models.features else None}
-
-
-@torch.no_grad()
-def validate(models, adapter, args, accelerator, step: int, val_cond: dict, vae) -> tuple | None:
-    """The validation prompts through the stock pipeline exactly as users will run the student (its scheduler,
-    K steps, no CFG), with the EMA weights when kept; a grid in ``validation/step-N.png`` (video: a strip in
-    ``step-N.gif``) and the trackers. Returns (samples, prompts) on the main process: images, or frame lists."""
-    import copy
-
-    generator = accelerator.unwrap_model(models.generator)
-    with ema_weights(models.ema, generator):
-        if isinstance(generator, LoraView):
-            generator.activate()
-        denoiser = generator.base if isinstance(generator, LoraView) else generator
-        pipe = adapter.pipeline(denoiser, copy.deepcopy(models.student_scheduler), vae)
-        rng = torch.Generator(accelerator.device).manual_seed(args.seed)  # its own: the training stream is untouched
-        with accelerator.autocast():
-            images = adapter.generate(pipe, {k: v.to(accelerator.device) for k, v in val_cond.items()},
-                                      len(models.student_timesteps), rng, args.resolution)
-    if not accelerator.is_main_process:
-        return None
-    save_validation(accelerator, images, args.validation_prompts, os.path.join(
-        args.output_dir, "validation", f"step-{step:06d}.{'gif' if adapter.video else 'png'}"), step)
-    return images, list(args.validation_prompts)
-
-
-def export_student(adapter, args, models, generator, state, *, method: str, generator_path: str | None,
-                   samples: tuple | None, schedule_fields: dict, final_checksum: float, **extra) -> None:
-    """Main process: the stock pipeline folder (+ LoRA weights), training config, model card with the final
-    validation ``samples`` (images, prompts), upload. ``state``: the full generator's state dict (gathered), None
-    for a LoRA generator; ``final_checksum``: its weights' checksum (every rank computes it: a collective under
-    FSDP)."""
-    from dmdx.pipelines.hub import push_to_hub
-    from dmdx.pipelines.model_card import training_hyperparameters, write_model_card
-
-    lora = isinstance(generator, LoraView)
-    if lora:
-        denoiser = fused_copy(adapter, generator_path, generator, args.lora_rank,
-                              args.lora_alpha, adapter.lora_target_modules)
-        lora_state = generator.lora_state_dict()
-    else:
-        denoiser = adapter.load_denoiser(torch.float32, path=generator_path)
-        denoiser.load_state_dict({k: v.float() for k, v in state.items()})
-        lora_state = None
-    unchanged = schedule_fields.get("generator_initial_checksum") == final_checksum
-    if unchanged:
-        logger.warning("THE GENERATOR DID NOT CHANGE during training: the exported student is its starting point "
-                       "(learning rates, warm-up and --max_train_steps?).")
-    try:
-        adapter.export(args.output_dir, denoiser, models.student_scheduler, models.weight_dtype, lora_state)
-    except (OSError, RuntimeError) as e:
-        raise OSError(f"Could not export the student to {args.output_dir}: {e} (full disk or no permission?). The "
-                      "last checkpoint is complete: fix the cause and resume to export.") from e
-    write_training_config(args.output_dir, args, **schedule_fields, generator_unchanged=unchanged,
-                          training_command=sys.argv, **extra)
-    # A LoRA is relative to the weights it was trained on; full weights derive from the teacher.
-    base = (generator_path if lora else None) or args.pretrained_model_name_or_path
-    images, prompts = samples if samples else (None, None)
-    write_model_card(
-        args.output_dir, base_model=base, pipeline_class=adapter.pipeline_class,
-        num_inference_steps=schedule_fields["num_student_steps"], guidance_scale=0.0, method=method, lora=lora,
-        video=adapter.video,
-        sample_images=images, sample_prompts=prompts, training_command=sys.argv,
-        hyperparameters=training_hyperparameters({**vars(args), "method": method}),
-        repo_id=args.hub_model_id,
-        **adapter.card_extras())
-    logger.info("exported the student pipeline to %s (%s)", args.output_dir, TRAINING_CONFIG_NAME)
-    if args.push_to_hub:
-        push_to_hub(args.output_dir, args.hub_model_id, token=args.hub_token, private=args.hub_private_repo)
 
 
 def _kind(rank: int) -> str:

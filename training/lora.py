@@ -1,4 +1,4 @@
-"""LoRA on one base (DESIGN.md §4.7): the generator and the fake score are named peft adapters on the one frozen
+"""LoRA on one base (docs/design.md#lora): the generator and the fake score are named peft adapters on the one frozen
 teacher, the real score is that base with its adapters switched off, and the discriminator's backbone is the same
 object. Each role is a :class:`LoraView`, a module whose parameters (and so optimizer, DDP, checkpoint) are its
 own adapter's alone; calling it switches the base to that adapter.

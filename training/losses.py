@@ -43,7 +43,7 @@ def adm_latent_predictions(
     schedule: NoiseSchedule,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One PF-ODE step ``t -> s`` from the **same** ``x_t`` with the real (teacher, CFG inside ``real_denoise``)
-    and the fake score: the two "latent predictions" ADM's discriminator compares (paper_spec §2.2)."""
+    and the fake score: the two "latent predictions" ADM's discriminator compares (docs/method.md#ode-step)."""
     x_real = schedule.ode_step(x_t, real_denoise(x_t, t), t, s)
     x_fake = schedule.ode_step(x_t, fake_denoise(x_t, t), t, s)
     return x_real, x_fake
@@ -126,7 +126,7 @@ def velocity_regression_loss(v_pred: torch.Tensor, v_target: torch.Tensor) -> to
 @torch.no_grad()
 def discriminator_diagnostics(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> dict[str, float]:
     """Mean logits, their gap, and the discriminator's accuracy (real > 0, fake < 0): the first thing to look at,
-    since ADM's discriminator signal can sit near chance (DESIGN.md §2)."""
+    since ADM's discriminator signal can sit near chance (docs/method.md#gap)."""
     real, fake = logits_real.float(), logits_fake.float()
     # A logit of exactly 0 (zero-initialised heads) is a coin flip, counted as half right, so chance reads 0.5.
     right_real = (real > 0).float() + 0.5 * (real == 0).float()

@@ -14,7 +14,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -142,6 +142,12 @@ def training_loop(accelerator, args, step: int, iterate: Callable[[int], dict], 
                 result = validate(step) or result
     progress.close()
     return result
+
+
+def iteration_seed(seed: int, step: int, rank: int) -> int:
+    """The torch seed of one iteration on one rank: what an iteration draws depends on (seed, step, rank) only, so a
+    resumed run draws what the uninterrupted one drew."""
+    return (seed * 1_000_003 + step * 7919 + rank * 131) % (2**63 - 1)
 
 
 def parameter_checksum(module) -> float:
@@ -349,6 +355,13 @@ def rank_checksums(accelerator, module) -> list:
     return checksums
 
 
+def video_strip(clips: Sequence, make_grid) -> list:
+    """The frames of a GIF strip of several clips: frame t is ``make_grid`` of every clip's frame t, side by side
+    (a shorter clip holds its last frame)."""
+    length = max(len(clip) for clip in clips)
+    return [make_grid([clip[min(t, len(clip) - 1)] for clip in clips]) for t in range(length)]
+
+
 def save_validation(accelerator, images: list, prompts: list[str], path: str, step: int, fps: int = 8) -> str:
     """A one-row grid (``diffusers.utils.make_image_grid``) saved at ``path`` and logged to the trackers. Video
     samples (each a list of frames) become a GIF strip (``export_to_gif``: frame t shows every prompt's frame t),
@@ -359,8 +372,6 @@ def save_validation(accelerator, images: list, prompts: list[str], path: str, st
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     video = isinstance(images[0], (list, tuple))
     if video:
-        from dmdx.pipelines.model_card import video_strip
-
         strip = video_strip(images, lambda frames: make_image_grid(frames, rows=1, cols=len(frames)))
         export_to_gif(strip, path, fps=fps)
     else:

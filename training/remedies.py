@@ -104,7 +104,7 @@ def ode_step_target(t: torch.Tensor, dt: float, T: float, mode: str) -> torch.Te
 def sample_renoise_level(s: torch.Tensor, T: float, min_fraction: float, generator=None) -> torch.Tensor:
     """Per sample, a level ``t' ~ U[max(s, min_fraction * T), T)`` to re-noise the two predictions to.
 
-    Uniform up to T, like ADP's re-noising level (paper_spec §3.4): high levels give D overlapping inputs (smooth
+    Uniform up to T, like ADP's re-noising level (docs/method.md#adp): high levels give D overlapping inputs (smooth
     gradients), low ones keep detail. ``min_fraction`` sets a floor for PCM-style "always noisier" re-noising;
     the level never goes below ``s``, since noise can only be added.
     """

@@ -18,14 +18,14 @@ def uniform_timesteps(batch_size: int, t_min: float, t_max: float, device=None, 
 
 
 def cubic_timesteps(batch_size: int, T: float, device=None, generator=None) -> torch.Tensor:
-    """ADP's generator timestep ``t = (1 - u^3) T``, ``u ~ U[0, 1]``: biased towards high noise (paper_spec §3.3)."""
+    """ADP's generator timestep ``t = (1 - u^3) T``, ``u ~ U[0, 1]``: biased towards high noise (docs/method.md#adp)."""
     u = torch.rand(batch_size, device=device, generator=generator)
     return (1 - u**3) * T
 
 
 def student_timesteps(scheduler, num_inference_steps: int) -> torch.Tensor:
     """The timesteps the shipped scheduler will use for ``num_inference_steps``: the one source of truth for the
-    student's training timesteps (DESIGN.md §4.5). Float, in model-timestep units."""
+    student's training timesteps (docs/method.md#schedule). Float, in model-timestep units."""
     scheduler.set_timesteps(num_inference_steps)
     timesteps = scheduler.timesteps.detach().float().cpu()
     if not torch.isfinite(timesteps).all() or len(timesteps) != num_inference_steps:

@@ -38,7 +38,7 @@ def read_model_index(path: str, what: str = "--pretrained_model_name_or_path", *
 
 def transformer_block_names(spec: str | None, num_layers: int) -> list[str]:
     """``--discriminator_blocks`` as ``transformer_blocks`` indices (DiT teachers); default 4 evenly spaced ones
-    including the last (paper_spec §2.6 says "several blocks")."""
+    including the last (the paper says "several blocks": docs/method.md#heads)."""
     n = num_layers
     try:
         indices = sorted({int(b) for b in spec.split(",")}) if spec else \
@@ -250,3 +250,20 @@ class TeacherAdapter:
     def card_extras(self) -> dict:
         """Model-card arguments this architecture adds (e.g. how to load a student shipped without T5)."""
         return {}
+
+    # ---- publishing: how the training loops reach the model card and the Hub (``dmdx.training`` never imports
+    # ``dmdx.pipelines``; docs/design.md#imports). Each passes its arguments through unchanged.
+    def training_hyperparameters(self, *args, **kwargs):
+        from dmdx.pipelines.model_card import training_hyperparameters
+
+        return training_hyperparameters(*args, **kwargs)
+
+    def write_model_card(self, *args, **kwargs):
+        from dmdx.pipelines.model_card import write_model_card
+
+        return write_model_card(*args, **kwargs)
+
+    def push_to_hub(self, *args, **kwargs):
+        from dmdx.pipelines.hub import push_to_hub
+
+        return push_to_hub(*args, **kwargs)

@@ -49,7 +49,7 @@ class SD3Teacher(TeacherAdapter):
 
     def discriminator_blocks(self, spec: str | None) -> list[str]:
         """``--discriminator_blocks`` as ``transformer_blocks`` indices; default 4 evenly spaced ones including the
-        last (paper_spec §2.6 says "several blocks")."""
+        last (the paper says "several blocks": docs/method.md#heads)."""
         return transformer_block_names(spec, self.denoiser_config["num_layers"])
 
     def default_student_scheduler(self, num_steps: int):

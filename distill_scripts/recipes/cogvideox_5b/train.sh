@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Eight-step ADM student of CogVideoX-5b, full fine-tuning (paper_spec §5: 8 steps, 8k iterations; full fine-tuning is
-# an inference [I]). See the README section "CogVideoX" for every value's source.
+# Eight-step ADM student of CogVideoX-5b, full fine-tuning (the paper: 8 steps, 8k iterations; full fine-tuning is
+# our reading, docs/method.md#choices). See the README section "CogVideoX" for every value's source.
 # Needs: prompts.txt (one prompt per line; the paper uses OpenVid-1M / Vript / Open-Sora-Plan captions), 8 x 141 GB GPUs
 # (H200, FSDP2). Planned peak 122.0 GiB per GPU (benchmarks/results/memory_plan.md, CogVideoX-5b, full / full, 8 x FSDP2,
 # teacher replicated; 49 frames at 480x720, batch 1, gradient checkpointing): a plan, not a measurement. It does not
