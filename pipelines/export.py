@@ -40,9 +40,14 @@ def save_student_pipeline(teacher_path: str, output_dir: str, components: dict[s
     come from the teacher. ``load_kwargs`` go to ``from_pretrained`` (``torch_dtype``, ``variant``, ...).
     Returns the pipeline.
     """
+    import diffusers
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(teacher_path, **components, scheduler=scheduler, **load_kwargs)
+    # The teacher's own class, not DiffusionPipeline: diffusers 0.42's DiffusionPipeline.from_pretrained silently loads
+    # the teacher's weights over a passed component that the class lists as optional (WanPipeline's transformer).
+    name = DiffusionPipeline.load_config(teacher_path, **load_kwargs).get("_class_name", "")
+    pipeline_class = getattr(diffusers, name, DiffusionPipeline)
+    pipe = pipeline_class.from_pretrained(teacher_path, **components, scheduler=scheduler, **load_kwargs)
     os.makedirs(output_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".export-", dir=output_dir)
     try:

@@ -217,3 +217,62 @@ def cogvideox_components(
                                        set_alpha_to_one=True, timestep_spacing="trailing", snr_shift_scale=1.0)
     return {"transformer": transformer, "vae": vae, "scheduler": scheduler, "text_encoder": t5.eval(),
             "tokenizer": t5_tokenizer(max_text_length)}
+
+
+def umt5_config(vocab_size: int, text_hidden: int = 32, num_layers: int = 1):
+    """A tiny UMT5 encoder config (Wan's text encoder family; per-layer relative attention), dropout 0 so identical
+    calls give identical embeddings."""
+    from transformers import UMT5Config
+
+    return UMT5Config(vocab_size=vocab_size, d_model=text_hidden, d_kv=8, d_ff=2 * text_hidden, num_layers=num_layers,
+                      num_heads=2, dropout_rate=0.0, relative_attention_num_buckets=8, pad_token_id=0,
+                      eos_token_id=1, decoder_start_token_id=0)
+
+
+def wan_components(
+    num_layers: int = 2,
+    attention_head_dim: int = 16,
+    num_attention_heads: int = 2,
+    latent_channels: int = 4,
+    patch_size=(1, 2, 2),
+    text_hidden: int = 32,
+    vae_base_dim: int = 16,
+    vae_dim_mult=(1, 2),
+    temporal_downsample=(True,),
+    flow_shift: float = 3.0,
+    max_text_length: int = 32,
+    tokenizer=None,
+    seed: int = 0,
+):
+    """Components of a ``WanPipeline`` (Wan 2.1 text-to-video): ``WanTransformer3DModel`` (flow matching, rotary
+    positions), the causal 3-D ``AutoencoderKLWan`` with per-channel ``latents_mean`` / ``latents_std``, a UMT5 encoder,
+    and the teacher's ``UniPCMultistepScheduler`` with flow sigmas and ``flow_shift`` (as Wan's Diffusers checkpoints
+    ship it). The VAE halves height/width once per ``vae_dim_mult`` level after the first, and time at each level whose
+    ``temporal_downsample`` is True; its ``scale_factor_*`` config says so, since WanPipeline reads them. The rotary
+    embedding splits ``attention_head_dim`` into time / height / width parts (2 * (d // 6) for each space axis): an
+    even ``attention_head_dim`` of at least 12 keeps every part even."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
+    from transformers import UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    inner = attention_head_dim * num_attention_heads
+    transformer = WanTransformer3DModel(
+        patch_size=tuple(patch_size), num_attention_heads=num_attention_heads, attention_head_dim=attention_head_dim,
+        in_channels=latent_channels, out_channels=latent_channels, text_dim=text_hidden, freq_dim=32,
+        ffn_dim=2 * inner, num_layers=num_layers, rope_max_seq_len=64,
+    )
+    generator = torch.Generator().manual_seed(seed)  # per-channel latent statistics, as the real VAE carries them
+    vae = AutoencoderKLWan(
+        base_dim=vae_base_dim, z_dim=latent_channels, dim_mult=list(vae_dim_mult), num_res_blocks=1,
+        temperal_downsample=list(temporal_downsample),
+        latents_mean=(torch.randn(latent_channels, generator=generator) * 0.5).tolist(),
+        latents_std=(1.0 + torch.rand(latent_channels, generator=generator)).tolist(),
+        scale_factor_temporal=2 ** sum(bool(d) for d in temporal_downsample),
+        scale_factor_spatial=2 ** (len(vae_dim_mult) - 1),
+    )
+    tokenizer = tokenizer or t5_tokenizer(max_text_length)
+    text_encoder = UMT5EncoderModel(umt5_config(len(tokenizer), text_hidden))
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                        flow_shift=flow_shift, num_train_timesteps=1000)
+    return {"transformer": transformer, "vae": vae, "scheduler": scheduler, "text_encoder": text_encoder.eval(),
+            "tokenizer": tokenizer, "transformer_2": None}

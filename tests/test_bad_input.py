@@ -15,7 +15,7 @@ from conftest import REPO
 
 SCRIPTS = {name: os.path.join(REPO, "distill_scripts", f"{name}.py")
            for name in ("train_adm_sdxl", "train_adm_sd3", "train_adm_cogvideox", "train_adp_sdxl",
-                        "collect_ode_pairs")}
+                        "collect_ode_pairs", "train_adm_wan")}
 _modules = {}
 
 
@@ -69,7 +69,18 @@ def world(tiny_sdxl, prompts_file, tmp_path_factory):
     CogVideoXPipeline(**cogvideox_components()).save_pretrained(root / "cog")  # rotary (5b style), 48 T5 tokens
     CogVideoXPipeline(**cogvideox_components(use_rotary_positional_embeddings=False)).save_pretrained(
         root / "cog-sincos")  # sin-cos positional embeddings (2b style): exactly 48 T5 tokens
+    from diffusers import WanPipeline
+
+    from dmdx.pipelines.tiny_components import wan_components
+
+    WanPipeline(**wan_components()).save_pretrained(root / "wan")  # 9 frames at 16x16, VAE factors 2 (time, space)
+    two_experts = shutil.copytree(root / "wan", root / "wan-two-experts")  # Wan 2.2 A14B-style: two transformers
+    shutil.copytree(root / "wan" / "transformer", two_experts / "transformer_2")
+    index = json.loads((root / "wan" / "model_index.json").read_text())
+    (two_experts / "model_index.json").write_text(json.dumps(
+        {**index, "transformer_2": ["diffusers", "WanTransformer3DModel"], "boundary_ratio": 0.875}))
     return {"sdxl": tiny_sdxl, "sd3": sd3, "no_t5": str(no_t5), "copy": str(teacher_copy), "prompts": prompts_file,
+            "wan": str(root / "wan"), "wan_two_experts": str(two_experts),
             "cog": str(root / "cog"), "cog_sincos": str(root / "cog-sincos"),
             "empty": str(root / "empty.txt"), "captions": str(root / "captions.jsonl"), "pairs64": str(pairs),
             "no_pairs": str(root / "no-pairs"), "root": root}
@@ -125,6 +136,14 @@ def _cog(*extra, teacher="cog"):
         return "train_adm_cogvideox", ["--pretrained_model_name_or_path", world[teacher], "--prompts_file",
                                        world["prompts"], "--output_dir", out, "--num_frames", "9",
                                        *[a.format(**world) for a in extra]]
+    return build
+
+
+def _wan(*extra, teacher="wan"):
+    def build(world, out):
+        return "train_adm_wan", ["--pretrained_model_name_or_path", world[teacher], "--prompts_file",
+                                 world["prompts"], "--output_dir", out, "--num_frames", "9", "--height", "16",
+                                 "--width", "16", *[a.format(**world) for a in extra]]
     return build
 
 
@@ -208,6 +227,16 @@ CASES = {  # name: (command builder, text the message must contain)
     "T5 length a sin-cos CogVideoX cannot take": (_cog("--max_sequence_length", "32", teacher="cog_sincos"),
                                                   "takes exactly max_text_seq_length = 48"),
     "CogVideoX block out of range": (_cog("--discriminator_blocks", "0,7"), "--discriminator_blocks [7] out of range"),
+    # Wan
+    "CogVideoX teacher to the Wan script": (_wan(teacher="cog"), "distills WanPipeline teachers"),
+    "Wan teacher to the CogVideoX script": (_cog(teacher="wan"), "distills CogVideoXPipeline teachers"),
+    "two-expert Wan 2.2 checkpoint": (_wan(teacher="wan_two_experts"), "two-expert Wan 2.2 checkpoint"),
+    "frames the Wan VAE cannot take": (_wan("--num_frames", "8"), "--num_frames 8: the VAE compresses time by 2"),
+    "Wan width off the patch grid": (_wan("--width", "30"), "--width 30 is not divisible by 4"),
+    "Wan grid beyond the rotary positions": (_wan("--height", "1040"), "rotary positions reach 64"),
+    "Wan block out of range": (_wan("--discriminator_blocks", "0,5"), "--discriminator_blocks [5] out of range"),
+    "Wan shift_terminal above 1": (_wan("--shift_terminal", "1.5"), "--shift_terminal 1.5 must be in [0, 1)"),
+    "Wan UMT5 length 0": (_wan("--max_sequence_length", "0"), "--max_sequence_length must be >= 1"),
     # ADP
     "ADP given prompts": (_adp("--prompts_file", "{prompts}"), "ADP takes its prompts from the ODE pairs"),
     "ODE pairs at another resolution": (_adp(), "are at resolution 64"),

@@ -8,8 +8,10 @@ from .base import TeacherAdapter, model_dtype, read_model_index
 from .cogvideox import CogVideoXTeacher
 from .sd3 import SD3Teacher
 from .sdxl import SDXLTeacher
+from .wan import WanTeacher
 
-ADAPTERS = {"sdxl": SDXLTeacher, "sd3": SD3Teacher, "cogvideox": CogVideoXTeacher}
+ADAPTERS = {"sdxl": SDXLTeacher, "sd3": SD3Teacher, "cogvideox": CogVideoXTeacher,
+            "wan": WanTeacher}
 
 
 def adapter_for(path: str, what: str = "--pretrained_model_name_or_path", **kwargs) -> TeacherAdapter:

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Four-step ADM student of Wan 2.1 T2V 14B, full fine-tuning with FSDP2, 81 frames at 720x1280 (the 14B's 720p use,
+# flow shift 5.0 from its scheduler config). See docs/wan.md for every value's source and what is tested.
+# Needs: prompts.txt, 8 x 141 GB GPUs (H200, FSDP2). By arithmetic (not measured): 2 x 28.6 GB of sharded fp32
+# weights, gradients and Adam states + 28.6 GB for the bf16 teacher, replicated, per GPU, before activations (75,600
+# video tokens per sample); it does not fit an 80 GB GPU at this size. For 480x832 pass --height 480 --width 832.
+# LoRA roles are DDP-only in this toolkit (FSDP shards per role); a LoRA run of the 14B is not a recipe here.
+# Run from anywhere; TEACHER / PROMPTS / OUTPUT_DIR / CONFIG override the defaults. Extra flags are appended
+# ("$@") and later flags win (tests/test_wan_script.py runs this file on tiny models exactly so).
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)
+CONFIG=${CONFIG:-$ROOT/distill_scripts/recipes/wan_14b/accelerate_fsdp.yaml}
+TEACHER=${TEACHER:-Wan-AI/Wan2.1-T2V-14B-Diffusers}
+PROMPTS=${PROMPTS:-prompts.txt}
+OUTPUT_DIR=${OUTPUT_DIR:-wan2.1-14b-adm-4step}
+
+accelerate launch --config_file "$CONFIG" "$ROOT/distill_scripts/train_adm_wan.py" \
+  --pretrained_model_name_or_path "$TEACHER" --prompts_file "$PROMPTS" --output_dir "$OUTPUT_DIR" \
+  --num_frames 81 --height 720 --width 1280 --max_sequence_length 512 --precompute_text_embeddings \
+  --train_batch_size 1 --gradient_accumulation_steps 4 \
+  --num_student_steps 4 --shift_terminal 0.25 \
+  --lora_rank 0 --fake_score_lora_rank 0 \
+  --distribution_loss adm --guidance_scale 5.0 --ode_step_dt 0.015625 \
+  --min_timestep_percent 0.02 --max_timestep_percent 0.98 --timestep_sampling uniform \
+  --fake_score_update_ratio 1 --discriminator_update_ratio 1 --discriminator_warmup_steps 200 \
+  --generator_lr 1e-6 --fake_score_lr 1e-6 --discriminator_lr 1e-5 --max_grad_norm 10 \
+  --mixed_precision bf16 --gradient_checkpointing --allow_tf32 --max_train_steps 8000 \
+  --checkpointing_steps 250 --checkpoints_total_limit 2 --resume_from_checkpoint latest \
+  --validation_prompts "a panda playing a guitar in a bamboo forest" "waves breaking on a rocky shore at sunset" \
+  --validation_steps 500 --report_to tensorboard "$@"
+
+# Baseline on the same teacher and budget: DMD2's loss (fake score updated 5x per generator update):
+#   bash distill_scripts/recipes/wan_14b/train.sh --distribution_loss dmd --fake_score_update_ratio 5 \
+#     --output_dir wan2.1-14b-dmd2-4step
