@@ -87,6 +87,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from dmdx.pipelines.metrics import frechet_distance, mean_pairwise_distance
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits"))
 from digit_classifier import ASSETS_DIR, load_classifier  # noqa: E402
 from digits_data import CLASS_FREE_PROMPT, evaluation_prompts, load_digits_split  # noqa: E402
@@ -235,27 +237,6 @@ def parse_args(argv=None):
 
 
 # ---- metrics ----------------------------------------------------------------------------------------------------
-def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
-    """Frechet distance between Gaussians fitted to two feature sets (rows = samples)."""
-    from scipy import linalg
-
-    mu_a, mu_b = feats_a.mean(0), feats_b.mean(0)
-    cov_a, cov_b = np.cov(feats_a, rowvar=False), np.cov(feats_b, rowvar=False)
-    covmean, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
-    if not np.isfinite(covmean).all():
-        eps = np.eye(cov_a.shape[0]) * 1e-6
-        covmean = linalg.sqrtm((cov_a + eps) @ (cov_b + eps))
-    covmean = covmean.real
-    # clipped at 0: identical sets give -1e-7 from sqrtm's rounding
-    return max(0.0, float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(covmean)))
-
-
-def mean_pairwise_distance(feats: torch.Tensor) -> float:
-    d = torch.cdist(feats.double(), feats.double())
-    n = feats.shape[0]
-    return float(d.sum() / (n * (n - 1)))
-
-
 def normalised_entropy(counts: torch.Tensor) -> float:
     p = counts.double() / counts.sum()
     p = p[p > 0]
