@@ -1,4 +1,35 @@
-"""Evaluate text-to-image pipelines trained on the digits: distance to the teacher, quality, prompt adherence, mode
+"""Evaluate diffusers pipelines against their teacher: on any prompt set with standard metrics (the general mode), or
+on the digits with the digit classifier (the demos' mode, the default).
+
+General mode (``--prompts_file`` or ``--dataset_name``; docs/evaluation.md gives the real-scale commands):
+
+    python distill_scripts/evaluate.py --prompts_file prompts.txt \
+        --pipeline teacher=stabilityai/stable-diffusion-xl-base-1.0:25:5 --pipeline student=OUT:1:0 \
+        --torch_dtype fp16 --num_images_per_prompt 2 --output_dir eval_sdxl
+
+Prompts come from a text file (one per line), a JSONL file (``prompt`` or ``text``), or a data set's caption column,
+streamed (only that column is read: an image column is never downloaded). Each pipeline (a folder or a Hub id; a
+``--spec`` entry may add ``call_kwargs`` such as ``negative_prompt`` or ``num_frames``, ``from_pretrained_kwargs``
+such as ``{"text_encoder_3": null}``, its own ``torch_dtype``, ``variant`` or ``seed``) draws
+``--num_images_per_prompt`` samples per prompt with one seed per (prompt, sample index), the same for every
+pipeline. ``accelerate launch`` shards the generation over processes; every sample is written to
+``OUTPUT_DIR/samples/NAME/`` as a PNG (video: its frames as PNGs and a GIF) with a ``metadata.jsonl`` record, so a
+run that is interrupted resumes where it stopped and the metrics are always computed from disk. Metrics
+(``dmdx.pipelines.metrics``; models loaded with transformers from ``--dinov2_model``, ``--clip_model``,
+``--pickscore_model``, Hub ids or folders):
+
+* ``fd_dinov2_to_teacher`` / ``fd_clip_to_teacher``: Frechet distance to the reference pipeline's samples in DINOv2
+  and CLIP image features ("FID to teacher"; Stein et al. 2023 recommend DINOv2 over Inception); a second seed of
+  the teacher (``--spec`` with ``"seed": 1``) measures what sampling noise alone gives; ``fd_dinov2_real`` to
+  ``--reference_images``;
+* ``clip_score`` (100 * max(cos, 0), torchmetrics' definition), ``pickscore`` (with ``--pickscore_model``);
+* ``diversity``: mean pairwise DINOv2 distance among one prompt's samples, relative to the reference;
+* video, per frame, plus ``subject_consistency`` (VBench's) and ``motion_magnitude`` (relative to the reference);
+* ``seconds_per_image`` (or ``_video``) after a warm-up call, and ``peak_memory_gb`` (CUDA) per pipeline.
+
+The digits mode (no prompt flags) follows.
+
+Evaluate text-to-image pipelines trained on the digits: distance to the teacher, quality, prompt adherence, mode
 coverage, diversity, cost.
 
 Every pipeline is loaded with stock ``DiffusionPipeline.from_pretrained`` and called as a user would call it

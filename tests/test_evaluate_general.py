@@ -17,7 +17,7 @@ SDXL_TEACHER = os.path.join(ASSETS, "digits-sdxl-teacher")
 VIDEO_TEACHER = os.path.join(ASSETS, "digits-cogvideox-teacher")
 
 import evaluate  # noqa: E402
-from test_metrics import save_tiny_clip, save_tiny_dinov2  # noqa: E402
+from test_metrics import save_tiny_clip, save_tiny_dinov2, smooth_images  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -138,10 +138,15 @@ def test_general_mode_on_the_digits_teacher_and_resume(tmp_path, metric_models):
         {"name": "teacher_2steps", "path": SDXL_TEACHER, "num_inference_steps": 2, "guidance_scale": 3.0, "seed": 2,
          "call_kwargs": {"negative_prompt": "blurry"}},
     ]))
+    real = tmp_path / "real"
+    real.mkdir()
+    for i, image in enumerate(smooth_images(6)):
+        image.save(real / f"{i}.jpg")
     out = tmp_path / "eval"
     cmd = ["--prompts_file", str(prompts), "--pipeline", f"teacher={SDXL_TEACHER}:25:3",
            "--pipeline", f"student={SDXL_TEACHER}:1:0", "--spec", str(spec), "--dinov2_model", dinov2,
-           "--clip_model", clip, "--output_dir", str(out), "--num_images_per_prompt", "4", "--batch_size", "8"]
+           "--clip_model", clip, "--output_dir", str(out), "--num_images_per_prompt", "4", "--batch_size", "8",
+           "--reference_images", str(real)]
     _run(cmd, tmp_path)
     report = json.loads((out / "report.json").read_text())
     assert list(report) == ["teacher", "student", "teacher_seed1", "teacher_2steps"]
@@ -149,6 +154,7 @@ def test_general_mode_on_the_digits_teacher_and_resume(tmp_path, metric_models):
         assert "error" not in r, (name, r)
         assert list(r)[:len(evaluate.GENERAL_METRIC_KEYS)] == list(evaluate.GENERAL_METRIC_KEYS)
         assert 0 <= r["clip_score"] <= 100 and r["seconds_per_image"] > 0 and r["diversity"] > 0
+        assert r["fd_dinov2_real"] > 0 and r["pickscore"] is None
         assert (r["num_prompts"], r["num_images_per_prompt"], r["num_images"]) == (4, 4, 16)
         assert r["prompt_set"] == "prompts.txt, 4 prompts" and r["dinov2_model"] == dinov2
         assert r["pipeline_class"] == "StableDiffusionXLPipeline" and r["reference_pipeline"] == "teacher"
@@ -204,12 +210,13 @@ def test_general_mode_on_the_video_demo_teacher(tmp_path, metric_models):
     out = tmp_path / "eval"
     _run(["--prompts_file", str(prompts), "--pipeline", f"teacher={VIDEO_TEACHER}:25:3",
           "--pipeline", f"student={VIDEO_TEACHER}:1:0", "--dinov2_model", dinov2, "--clip_model", clip,
-          "--output_dir", str(out), "--num_images_per_prompt", "2"], tmp_path)
+          "--output_dir", str(out), "--num_images_per_prompt", "2", "--pickscore_model", clip], tmp_path)
     report = json.loads((out / "report.json").read_text())
     for name, r in report.items():
         assert list(r)[:len(evaluate.GENERAL_VIDEO_METRIC_KEYS)] == list(evaluate.GENERAL_VIDEO_METRIC_KEYS)
         assert r["pipeline_class"] == "CogVideoXPipeline" and r["num_frames"] == 9 and r["num_videos"] == 4
         assert 0 < r["subject_consistency"] <= 1 and r["motion_magnitude_raw"] > 0 and r["seconds_per_video"] > 0
+        assert r["pickscore"] is not None and r["pickscore_model"] == clip
         clip_dir = out / "samples" / name / "p00001_s001"
         assert sorted(os.listdir(clip_dir)) == [f"{t:03d}.png" for t in range(9)]
         assert (out / "samples" / name / "p00001_s001.gif").is_file()
