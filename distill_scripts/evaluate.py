@@ -1002,6 +1002,8 @@ def _first_caption(value) -> str | None:
     """A caption cell: a string, or a list of captions (COCO has five per image): its first."""
     if isinstance(value, (list, tuple)):
         value = value[0] if value else None
+    if isinstance(value, dict):  # a caption record (Karpathy's format keeps the text under "raw")
+        value = next((value[k] for k in ("raw", "caption", "text") if value.get(k)), None)
     return None if value is None else " ".join(str(value).split())
 
 
