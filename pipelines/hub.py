@@ -19,7 +19,7 @@ from .model_card import LOCAL_NOTE, SAMPLES_DIR
 
 DEFAULT_IGNORE_PATTERNS = ("checkpoint-*", "checkpoint-*/**", ".export-*", "logs/**", "*.tmp")
 # what an adapter-only upload of a LoRA student sends (the usage snippet loads the adapter and the scheduler)
-ADAPTER_FILES = (LORA_WEIGHT_NAME, "README.md", "scheduler/*", f"{SAMPLES_DIR}/*", "training_config.json")
+ADAPTER_FILES = (LORA_WEIGHT_NAME, "README.md", "scheduler/*", f"{SAMPLES_DIR}/*", "training_config.json", "LICENSE*")
 FULL_PIPELINE_BLOCK = re.compile(r"<!-- full-pipeline -->.*?<!-- /full-pipeline -->\n*", re.S)
 
 

@@ -119,7 +119,8 @@ def teacher_license(base_model: str | os.PathLike | None) -> dict[str, str] | No
     A local teacher folder's ``README.md`` is read with ``ModelCard.load`` (a DMDX student folder without a card
     stands for its own teacher, from its ``training_config.json``); a Hub id's card is read from the local
     Hub cache, else looked up only when online (offline it never waits or errors). A relative ``license_link`` is
-    made absolute for a Hub teacher and dropped for a local one (it would point into the teacher's folder)."""
+    made absolute for a Hub teacher; for a local teacher whose folder holds the linked file it stays relative, with
+    ``license_file`` naming the file to ship beside the card (else it is dropped)."""
     from huggingface_hub import ModelCard, try_to_load_from_cache
 
     if not base_model:
@@ -157,6 +158,10 @@ def teacher_license(base_model: str | os.PathLike | None) -> dict[str, str] | No
             out["license_link"] = link
         elif hub_id:
             out["license_link"] = f"https://huggingface.co/{hub_id}/blob/main/{link.lstrip('./')}"
+        elif not os.path.isabs(link) and ".." not in link.split("/") and os.path.isfile(os.path.join(local, link)):
+            # a local teacher's licence text: shipped beside the student's card (write_model_card copies it)
+            out["license_link"] = os.path.normpath(link).replace(os.sep, "/")
+            out["license_file"] = os.path.join(local, link)
     return out
 
 
@@ -751,7 +756,14 @@ def write_model_card(
 
     # metadata
     inherited = teacher_license(base_model) if license is None else None
-    lic = inherited or {"license": license or "other"}
+    lic = dict(inherited or {"license": license or "other"})
+    license_file = lic.pop("license_file", None)
+    if license_file:  # the teacher's licence text travels with the weights derived from it
+        import shutil
+
+        target = os.path.join(output_dir, lic["license_link"])
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.copyfile(license_file, target)
     all_tags = ["diffusers", "distillation", "dmdx", *METHOD_TAGS[method], "few-step",
                 *(["lora"] if lora else []), "text-to-video" if video else "text-to-image", *tags]
     card_data = ModelCardData(

@@ -251,6 +251,13 @@ def test_licence_inheritance(tmp_path, monkeypatch):
     data = ModelCard.load(os.path.join(out, "README.md")).data.to_dict()
     assert data["license"] == "other" and data["license_name"] == "stabilityai-ai-community"
     assert "`stabilityai-ai-community`" in text and "as its model card declares" in text
+    # the linked licence text in the local teacher's folder travels with the student, linked relatively
+    with open(os.path.join(sd3, "LICENSE.md"), "w") as f:
+        f.write("STABILITY AI COMMUNITY LICENSE\n")
+    text = write_model_card(out, base_model=sd3, **common)
+    data = ModelCard.load(os.path.join(out, "README.md")).data.to_dict()
+    assert data["license_link"] == "LICENSE.md" and "([terms](LICENSE.md))" in text
+    assert open(os.path.join(out, "LICENSE.md")).read() == "STABILITY AI COMMUNITY LICENSE\n"
     # an explicit licence wins; no card means "other"
     write_model_card(out, base_model=sd3, license="mit", **common)
     assert ModelCard.load(os.path.join(out, "README.md")).data.license == "mit"
