@@ -172,6 +172,15 @@ def test_general_mode_on_the_digits_teacher_and_resume(tmp_path, metric_models):
     with Image.open(out / "samples.png") as im:
         assert im.size[0] > 4 * 256 and im.size[1] == 4 * 256
 
+    # the report as a model card's teacher-vs-student table: measured cells, the student's row marked
+    from dmdx.pipelines.model_card import evaluation_table, load_evaluation_report
+
+    table = evaluation_table(load_evaluation_report(str(out / "report.json")), "student")
+    row = next(line for line in table.splitlines() if line.startswith("| **student** (this model) |"))
+    header = table.splitlines()[0].split(" | ")
+    cells = row.split(" | ")
+    assert cells[header.index("FD_DINOv2 to teacher ↓")] != "–" and cells[header.index("CLIP score ↑")] != "–"
+
     # interrupt: one student sample lost its file and its record; everything else stays untouched
     folder = out / "samples" / "student"
     lost = folder / "p00002_s001.png"
@@ -222,3 +231,39 @@ def test_general_mode_on_the_video_demo_teacher(tmp_path, metric_models):
         assert (out / "samples" / name / "p00001_s001.gif").is_file()
     assert report["teacher"]["motion_magnitude"] == 1.0 and report["student"]["fd_dinov2_to_teacher"] > 0
     assert (out / "samples.gif").is_file() and "subject consistency" in (out / "report.md").read_text()
+
+
+@pytest.mark.heavy
+def test_general_mode_sharded_over_two_processes(tmp_path, metric_models):
+    """accelerate launch with 2 CPU processes (DDP over gloo): each writes its share of the batches, the main
+    process merges the records and scores; the samples match a one-process run of the same command."""
+    dinov2, clip = metric_models
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fox in the snow\na city at night\na bowl of soup\n")
+    common = ["--prompts_file", str(prompts), "--pipeline", f"teacher={SDXL_TEACHER}:4:3",
+              "--pipeline", f"student={SDXL_TEACHER}:1:0", "--dinov2_model", dinov2, "--clip_model", clip,
+              "--num_images_per_prompt", "3", "--batch_size", "2"]
+    from conftest import free_port
+
+    env = _env(tmp_path) | {"ACCELERATE_USE_CPU": "true"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--main_process_port", str(free_port()), os.path.join(ROOT, "distill_scripts", "evaluate.py")]
+    proc = subprocess.run([*launch, *common, "--output_dir", str(tmp_path / "two")], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _run([*common, "--output_dir", str(tmp_path / "one")], tmp_path)
+    import numpy as np
+    from PIL import Image
+
+    for name in ("teacher", "student"):
+        folder = tmp_path / "two" / "samples" / name
+        assert not list(folder.glob("metadata.rank*.jsonl"))  # merged into metadata.jsonl
+        records = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+        assert [(r["prompt_index"], r["sample_index"]) for r in records] == [(p, s) for p in range(3)
+                                                                             for s in range(3)]
+        for r in records:  # same seed, same sample, whichever process drew it in whichever batch
+            a = np.asarray(Image.open(folder / r["file"]), dtype=np.float64)
+            b = np.asarray(Image.open(tmp_path / "one" / "samples" / name / r["file"]), dtype=np.float64)
+            assert np.abs(a - b).mean() < 1.0, (name, r["file"])
+    report = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert report["student"]["num_images"] == 9 and report["student"]["fd_dinov2_to_teacher"] > 0
