@@ -379,6 +379,8 @@ def parse_args(argv=None):
                 and not args.general:
             parser.error(f"{s.name}: call_kwargs, from_pretrained_kwargs, torch_dtype, variant and seed in --spec "
                          "belong to the general mode (--prompts_file or --dataset_name).")
+    if args.general and args.pickscore_model == DEFAULT_PICKSCORE_MODEL and args.pickscore_processor is None:
+        args.pickscore_processor = DEFAULT_PICKSCORE_PROCESSOR  # PickScore_v1 ships no processor of its own
     try:
         classes = {s.name: pipeline_class_name(s.path) for s in specs}
         if args.general:
@@ -403,9 +405,6 @@ def parse_args(argv=None):
             parser.error("--num_images_per_prompt and --batch_size must be >= 1.")
         if args.reference_images and not os.path.isdir(args.reference_images):
             parser.error(f"--reference_images {args.reference_images!r} is not a folder.")
-        if args.pickscore_model and args.pickscore_processor is None and \
-                args.pickscore_model == DEFAULT_PICKSCORE_MODEL:
-            args.pickscore_processor = DEFAULT_PICKSCORE_PROCESSOR
         return args
     args.num_images_per_prompt = args.num_images_per_prompt or 50
     args.batch_size = args.batch_size or 100
@@ -1274,7 +1273,7 @@ def sample_features(folder: str, records: dict, prompts: list[str], models: Metr
 
     text = models.text_features(prompts)
     keys = sorted(records)
-    dino, clip, clip_scores, picks, consistency, motion, clip_dino = [], [], [], [], [], [], []
+    dino, clip, clip_scores, picks, consistency, motion, video_dino = [], [], [], [], [], [], []
     for start in range(0, len(keys), chunk):
         part = keys[start:start + chunk]
         samples = [load_sample(folder, records[k], video) for k in part]
@@ -1290,14 +1289,14 @@ def sample_features(folder: str, records: dict, prompts: list[str], models: Metr
         if video:
             offsets = np.cumsum([0] + [len(s) for s in samples])
             for i, s in enumerate(samples):
-                clip_dino.append(d[offsets[i]:offsets[i + 1]])
-                consistency.append(subject_consistency(clip_dino[-1]))
+                video_dino.append(d[offsets[i]:offsets[i + 1]])
+                consistency.append(subject_consistency(video_dino[-1]))
                 motion.append(motion_magnitude(s))
     out = {"keys": keys, "dinov2": torch.cat(dino), "clip": torch.cat(clip),
            "clip_score": torch.cat(clip_scores), "pickscore": torch.cat(picks) if picks else None}
     if video:
         out.update(subject_consistency=consistency, motion=motion,
-                   clip_mean=torch.stack([f.mean(0) for f in clip_dino]))  # one DINOv2 vector per clip
+                   video_mean=torch.stack([f.mean(0) for f in video_dino]))  # one DINOv2 vector per video
     return out
 
 
@@ -1325,7 +1324,7 @@ def general_metrics(spec: PipelineSpec, feats: dict, records: dict, args, real: 
     from dmdx.pipelines.metrics import diversity
 
     n = args.num_images_per_prompt
-    per_prompt = feats["clip_mean"] if video else feats["dinov2"]
+    per_prompt = feats["video_mean"] if video else feats["dinov2"]
     groups = [per_prompt[[i for i, (p, _) in enumerate(feats["keys"]) if p == q]]
               for q in sorted({p for p, _ in feats["keys"]})]
     seconds = [r["seconds"] for r in records.values() if r.get("seconds") is not None]
@@ -1393,9 +1392,9 @@ def general_note(report: dict, reference: str | None, device: str | None = None)
     r = done[0]
     video = "num_videos" in r or "subject_consistency" in r
     unit = "clips" if video else "samples"
-    lines = [f"Prompt set: {r.get('prompt_set')}; {_mean(r.get('num_images_per_prompt'))} {unit} per prompt "
-             f"({_mean(r.get('num_videos' if video else 'num_images'))} in all), the same seed per (prompt, sample) "
-             "for every pipeline."]
+    per_prompt, total = (_mean(r.get(k)) for k in ("num_images_per_prompt", "num_videos" if video else "num_images"))
+    lines = [f"Prompt set: {r.get('prompt_set')}; {per_prompt:g} {unit} per prompt ({total:g} in all), the same seed "
+             "per (prompt, sample) for every pipeline."]
     if reference and reference in report and "error" not in report[reference]:
         lines.append(f"FD to teacher: Frechet distance between the features of each pipeline's {unit} and "
                      f"`{reference}`'s{' (every frame)' if video else ''}, in DINOv2 (`{r.get('dinov2_model')}`) and "
