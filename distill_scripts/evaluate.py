@@ -1444,14 +1444,19 @@ def save_general_samples(output_dir: str, names: list[str], prompts: list[str], 
         scale = side / max(im.size)
         return im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))))
 
-    def labelled(grid):  # the pipeline's name left of its row
+    def labelled(grid):  # the pipeline's name left of its row, the prompt above its column
         from PIL import Image, ImageDraw
 
-        out = Image.new("RGB", (grid.width + 160, grid.height), "white")
-        out.paste(grid, (160, 0))
+        left, top = 160, 24
+        out = Image.new("RGB", (grid.width + left, grid.height + top), "white")
+        out.paste(grid, (left, top))
         draw = ImageDraw.Draw(out)
         for r, name in enumerate(names):
-            draw.text((6, (r + 0.5) * grid.height / len(names)), name[:24], fill="black")
+            draw.text((6, top + (r + 0.5) * grid.height / len(names)), name[:24], fill="black")
+        width = grid.width / len(cols)
+        for c, p in enumerate(cols):
+            text = prompts[p] if len(prompts[p]) <= width // 7 else prompts[p][:int(width // 7) - 3] + "..."
+            draw.text((left + c * width + 4, 6), text, fill="black")
         return out
 
     if not video:
