@@ -1037,12 +1037,18 @@ def load_prompt_set(args) -> tuple[list[str], str]:
         from datasets import load_dataset
 
         name, ext = args.dataset_name, os.path.splitext(args.dataset_name)[1].lstrip(".")
-        try:
+
+        def stream(**kwargs):
             if os.path.isfile(name) and ext in ("json", "jsonl", "csv", "parquet"):
-                dataset = load_dataset({"jsonl": "json"}.get(ext, ext), data_files=name, split=args.split,
-                                       streaming=True)
-            else:
-                dataset = load_dataset(name, args.dataset_config_name, split=args.split, streaming=True)
+                return load_dataset({"jsonl": "json"}.get(ext, ext), data_files=name, split=args.split,
+                                    streaming=True, **kwargs)
+            return load_dataset(name, args.dataset_config_name, split=args.split, streaming=True, **kwargs)
+
+        try:
+            try:  # parquet data (most Hub data sets) reads only this column's bytes from the files
+                dataset = stream(columns=[args.caption_column])
+            except (TypeError, ValueError):  # a builder without a columns option: select_columns below
+                dataset = stream()
         except Exception as err:  # noqa: BLE001 (missing, offline, bad split: named with its flag)
             raise UsageError(f"--dataset_name {name!r} (split {args.split!r}) could not be streamed: "
                              f"{type(err).__name__}: {err}") from err

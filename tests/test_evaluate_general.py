@@ -89,6 +89,21 @@ def test_captions_streamed_without_touching_images(tmp_path, monkeypatch):
     data = tmp_path / "captions.jsonl"  # a local JSON file, streamed
     data.write_text('{"text": "a paper boat", "n": 1}\n{"text": "a brass key", "n": 2}\n')
     assert evaluate.load_prompt_set(_prompt_args(dataset_name=str(data)))[0] == ["a paper boat", "a brass key"]
+    # parquet (how Hub data sets are stored): only the caption column is read from the file
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"image": [{"bytes": b"not a png", "path": "0.png"}] * 2, "caption": ["a kite", "a drum"]})
+    pq.write_table(table, tmp_path / "captions.parquet")
+    calls = []
+
+    def spy(*a, **kwargs):
+        calls.append(kwargs.get("columns"))
+        return real(*a, **kwargs)
+
+    monkeypatch.setattr("datasets.load_dataset", spy)
+    args = _prompt_args(dataset_name=str(tmp_path / "captions.parquet"), caption_column="caption")
+    assert evaluate.load_prompt_set(args)[0] == ["a kite", "a drum"] and calls == [["caption"]]
 
 
 def test_hub_id_reaches_the_loader(tmp_path, monkeypatch, capsys, metric_models):
