@@ -102,6 +102,33 @@ def drop_full_pipeline_usage(output_dir: str) -> bool:
     return True
 
 
+def inherit_teacher_licence(output_dir: str) -> bool:
+    """A card written offline for a Hub teacher whose card was not in the local cache says ``license: other`` with
+    no name. When publishing (online), read the teacher's card and put its licence on the student's card: the
+    metadata and the Licence section. Returns whether the card changed."""
+    from huggingface_hub import ModelCard
+
+    from . import model_card
+
+    path = os.path.join(output_dir, "README.md")
+    card = ModelCard.load(path, ignore_metadata_errors=True)
+    base = card.data.get("base_model")
+    if card.data.get("license") != "other" or card.data.get("license_name") or not isinstance(base, str):
+        return False
+    lic = model_card.teacher_license(base)
+    if not lic or (lic.get("license") == "other" and not lic.get("license_name")):
+        return False
+    lic.pop("license_file", None)
+    data = card.data.to_dict() | lic
+    lora = "lora" in (card.data.get("tags") or [])
+    body = re.sub(r"(^## Licence\n\n).*\Z", lambda m: m.group(1) + model_card.licence_text(
+        f"`{base}`", lora, lic, True) + "\n", card.text, flags=re.S | re.M)
+    from huggingface_hub import ModelCardData
+
+    ModelCard(f"---\n{ModelCardData(**data).to_yaml()}\n---\n{body}").save(path)
+    return True
+
+
 def push_to_hub(output_dir: str, hub_model_id: str, token: str | None = None, private: bool = False,
                 commit_message: str = "Upload DMDX student", ignore_patterns=DEFAULT_IGNORE_PATTERNS,
                 adapter_only: bool | None = None) -> str:
@@ -111,7 +138,8 @@ def push_to_hub(output_dir: str, hub_model_id: str, token: str | None = None, pr
     The token defaults to the logged-in one (``hf auth login`` / ``HF_TOKEN``).
 
     ``adapter_only`` (default: True for a LoRA folder) uploads only ``ADAPTER_FILES``, never the teacher's VAE and
-    text encoders that the fused pipeline beside the adapter holds; False uploads the whole folder."""
+    text encoders that the fused pipeline beside the adapter holds; False uploads the whole folder. A card that
+    could not read its Hub teacher's licence offline gets it now (``inherit_teacher_licence``)."""
     import huggingface_hub
 
     lora = is_lora_folder(output_dir)
@@ -123,6 +151,7 @@ def push_to_hub(output_dir: str, hub_model_id: str, token: str | None = None, pr
     check_upload_folder(output_dir, ignore_patterns, allow)
     repo_id = huggingface_hub.create_repo(hub_model_id, token=token, private=private, exist_ok=True).repo_id
     point_card_at_repo(output_dir, repo_id, hub_model_id)
+    inherit_teacher_licence(output_dir)  # online now: a licence the offline export could not read
     if adapter_only:
         drop_full_pipeline_usage(output_dir)
     huggingface_hub.upload_folder(repo_id=repo_id, folder_path=output_dir, token=token,

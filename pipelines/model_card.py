@@ -165,6 +165,17 @@ def teacher_license(base_model: str | os.PathLike | None) -> dict[str, str] | No
     return out
 
 
+
+def licence_text(teacher_md: str, lora: bool, lic: Mapping[str, str], inherited: bool) -> str:
+    """The card's licence paragraph: the teacher's licence when its card declared one, else a warning."""
+    subject = (f"The adapter is a derivative of {teacher_md} and is" if lora
+               else f"The weights are a derivative of {teacher_md} and are")
+    if not inherited:
+        return f"{subject} released under its licence (`{lic['license']}`); check the teacher's terms before use."
+    terms = f" ([terms]({lic['license_link']}))" if lic.get("license_link") else ""
+    return (f"{subject} released under the teacher's\nlicence, `{lic.get('license_name') or lic['license']}`{terms}, "
+            "as its model card declares.")
+
 # ---- the schedule -------------------------------------------------------------------------------------------------
 def student_schedule(scheduler_or_dir, num_inference_steps: int) -> dict[str, Any]:
     """The exact schedule a scheduler runs for ``num_inference_steps``: ``{"scheduler_class", "timesteps",
@@ -846,8 +857,7 @@ def write_model_card(
         hardware=hardware, cell=_cell,
         training_command=format_training_command(training_command, scrub) if training_command else None,
         hyperparameters=hyper, extra_sections=dict(extra_sections or {}),
-        license=lic["license"], license_name=lic.get("license_name"), license_link=lic.get("license_link"),
-        license_inherited=bool(inherited), lora=lora, guidance_text=guidance_text,
+        licence_text=licence_text(teacher_md, lora, lic, bool(inherited)), lora=lora, guidance_text=guidance_text,
     )
     card = ModelCard(scrub.text(text))
     card.save(os.path.join(output_dir, "README.md"))

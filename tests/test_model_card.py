@@ -596,3 +596,39 @@ def test_push_lora_adapter_only_by_default(tmp_path, monkeypatch):
     full = _finished_student(tmp_path, "full", {"method": "adm", "num_student_steps": 1})
     with pytest.raises(FileNotFoundError, match="adapter_only"):
         push_to_hub(full, "me/full", adapter_only=True)
+
+
+def test_push_reads_the_hub_teachers_licence_missed_offline(tmp_path, monkeypatch):
+    """Exported offline, a Hub teacher's card was not in the cache: `license: other`. Publishing is online, so the
+    teacher's licence is read then and put on the card (metadata and the Licence section) before upload."""
+    import huggingface_hub
+    from huggingface_hub import ModelCard
+
+    from dmdx.pipelines import model_card
+    from dmdx.pipelines.hub import push_to_hub
+
+    out = _student(tmp_path, "sdxl-student")
+    text = model_card.write_model_card(out, base_model="stabilityai/stable-diffusion-xl-base-1.0",
+                                       pipeline_class="StableDiffusionXLPipeline", num_inference_steps=1,
+                                       timesteps=[999], guidance_scale=0.0, method="adm")
+    assert "license: other" in text and "check the teacher's terms before use" in text
+    sent = {}
+
+    class Repo:
+        repo_id = "me/sdxl-student"
+
+    monkeypatch.setattr(huggingface_hub, "create_repo", lambda *a, **k: Repo())
+    monkeypatch.setattr(huggingface_hub, "upload_folder",
+                        lambda **k: sent.update(readme=open(os.path.join(k["folder_path"], "README.md")).read()))
+    looked_up = []
+    monkeypatch.setattr(model_card, "teacher_license",
+                        lambda base: looked_up.append(base) or {"license": "openrail++"})
+    push_to_hub(out, "me/sdxl-student")
+    assert looked_up == ["stabilityai/stable-diffusion-xl-base-1.0"]
+    data = ModelCard.load(os.path.join(out, "README.md")).data.to_dict()
+    assert data["license"] == "openrail++" and data["base_model"] == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert "`openrail++`, as its model card declares" in sent["readme"] and "check the teacher's terms" not in \
+        sent["readme"]
+    assert 'from_pretrained("me/sdxl-student")' in sent["readme"]  # the rest of the card is kept
+    push_to_hub(out, "me/sdxl-student")  # a declared licence is not looked up again
+    assert looked_up == ["stabilityai/stable-diffusion-xl-base-1.0"]
