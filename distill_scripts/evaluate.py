@@ -1,4 +1,35 @@
-"""Evaluate text-to-image pipelines trained on the digits: distance to the teacher, quality, prompt adherence, mode
+"""Evaluate diffusers pipelines against their teacher: on any prompt set with standard metrics (the general mode), or
+on the digits with the digit classifier (the demos' mode, the default).
+
+General mode (``--prompts_file`` or ``--dataset_name``; docs/evaluation.md gives the real-scale commands):
+
+    python distill_scripts/evaluate.py --prompts_file prompts.txt \
+        --pipeline teacher=stabilityai/stable-diffusion-xl-base-1.0:25:5 --pipeline student=OUT:1:0 \
+        --torch_dtype fp16 --num_images_per_prompt 2 --output_dir eval_sdxl
+
+Prompts come from a text file (one per line), a JSONL file (``prompt`` or ``text``), or a data set's caption column,
+streamed (only that column is read: an image column is never downloaded). Each pipeline (a folder or a Hub id; a
+``--spec`` entry may add ``call_kwargs`` such as ``negative_prompt`` or ``num_frames``, ``from_pretrained_kwargs``
+such as ``{"text_encoder_3": null}``, its own ``torch_dtype``, ``variant`` or ``seed``) draws
+``--num_images_per_prompt`` samples per prompt with one seed per (prompt, sample index), the same for every
+pipeline. ``accelerate launch`` shards the generation over processes; every sample is written to
+``OUTPUT_DIR/samples/NAME/`` as a PNG (video: its frames as PNGs and a GIF) with a ``metadata.jsonl`` record, so a
+run that is interrupted resumes where it stopped and the metrics are always computed from disk. Metrics
+(``dmdx.pipelines.metrics``; models loaded with transformers from ``--dinov2_model``, ``--clip_model``,
+``--pickscore_model``, Hub ids or folders):
+
+* ``fd_dinov2_to_teacher`` / ``fd_clip_to_teacher``: Frechet distance to the reference pipeline's samples in DINOv2
+  and CLIP image features ("FID to teacher"; Stein et al. 2023 recommend DINOv2 over Inception); a second seed of
+  the teacher (``--spec`` with ``"seed": 1``) measures what sampling noise alone gives; ``fd_dinov2_real`` to
+  ``--reference_images``;
+* ``clip_score`` (100 * max(cos, 0), torchmetrics' definition), ``pickscore`` (with ``--pickscore_model``);
+* ``diversity``: mean pairwise DINOv2 distance among one prompt's samples, relative to the reference;
+* video, per frame, plus ``subject_consistency`` (VBench's) and ``motion_magnitude`` (relative to the reference);
+* ``seconds_per_image`` (or ``_video``) after a warm-up call, and ``peak_memory_gb`` (CUDA) per pipeline.
+
+The digits mode (no prompt flags) follows.
+
+Evaluate text-to-image pipelines trained on the digits: distance to the teacher, quality, prompt adherence, mode
 coverage, diversity, cost.
 
 Every pipeline is loaded with stock ``DiffusionPipeline.from_pretrained`` and called as a user would call it
@@ -82,10 +113,19 @@ import os
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from dmdx.pipelines.metrics import (
+    DEFAULT_CLIP_MODEL,
+    DEFAULT_DINOV2_MODEL,
+    DEFAULT_PICKSCORE_MODEL,
+    DEFAULT_PICKSCORE_PROCESSOR,
+    frechet_distance,
+    mean_pairwise_distance,
+)
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits"))
 from digit_classifier import ASSETS_DIR, load_classifier  # noqa: E402
@@ -111,8 +151,9 @@ COLUMNS = (
 )
 
 
-# text-to-video pipelines, scored on the moving digits (model_index.json's _class_name)
-VIDEO_PIPELINES = ("CogVideoXPipeline",)
+# text-to-video pipelines (model_index.json's _class_name); in the digits mode scored on the moving digits
+VIDEO_PIPELINES = ("CogVideoXPipeline", "CogVideoXImageToVideoPipeline", "WanPipeline", "HunyuanVideoPipeline",
+                   "LTXPipeline", "MochiPipeline")
 VIDEO_TEACHER_METRIC_KEYS = ("fid_to_teacher", "class_hist_tv_to_teacher", "direction_hist_tv_to_teacher")
 VIDEO_METRIC_KEYS = VIDEO_TEACHER_METRIC_KEYS + ("digit_fid", "prompt_accuracy", "direction_accuracy",
                                                  "temporal_consistency", "diversity", "nfe", "seconds_per_video")
@@ -130,20 +171,69 @@ VIDEO_COLUMNS = (
 
 
 def pipeline_class_name(path: str) -> str:
-    with open(os.path.join(path, "model_index.json")) as f:
-        return json.load(f).get("_class_name", "")
+    """``_class_name`` of a pipeline's ``model_index.json``: read from a local folder, or for a Hub id (``org/name``
+    that is not a local folder) through diffusers' own ``load_config`` (the Hub cache, or the Hub when online).
+    Raises ``UsageError`` naming the path or id, before any weights load."""
+    from dmdx.pipelines.model_card import hub_base_model
+    from dmdx.training.errors import UsageError
+
+    if os.path.isdir(path) or not hub_base_model(path):
+        if not os.path.isfile(os.path.join(path, "model_index.json")):
+            raise UsageError(f"{path!r} is not a diffusers pipeline folder (no model_index.json) nor a Hub id "
+                             "(org/name).")
+        with open(os.path.join(path, "model_index.json")) as f:
+            return json.load(f).get("_class_name", "")
+    from diffusers import DiffusionPipeline
+
+    try:
+        return DiffusionPipeline.load_config(path).get("_class_name", "")
+    except Exception as err:  # noqa: BLE001 (offline, gated, missing: all mean the id cannot be loaded here)
+        offline = " HF_HUB_OFFLINE is set and it is not in the local Hub cache;" if os.environ.get(
+            "HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"} else ""
+        raise UsageError(f"Hub id {path!r}: its model_index.json could not be read ({offline} {type(err).__name__}: "
+                         f"{err}). Download it first (`hf download {path}`) or log in for a gated model.") from err
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SPEC_KEYS = {"name", "path", "num_inference_steps", "guidance_scale", "call_kwargs", "from_pretrained_kwargs",
+             "torch_dtype", "variant", "seed"}
 
 
 @dataclass
 class PipelineSpec:
+    """One pipeline to evaluate. Beyond path, steps and guidance (``--pipeline``), a ``--spec`` entry may give
+    ``call_kwargs`` (extra arguments of the generating call: ``negative_prompt``, ``num_frames``,
+    ``max_sequence_length``, ...), ``from_pretrained_kwargs`` (e.g. ``{"text_encoder_3": null}`` for an SD3 student
+    without T5), its own ``torch_dtype`` / ``variant``, and a ``seed`` other than ``--seed`` (the same pipeline at
+    another seed: the sampling-noise floor of the distances)."""
     name: str
     path: str
     num_inference_steps: int
     guidance_scale: float
+    call_kwargs: dict = field(default_factory=dict)
+    from_pretrained_kwargs: dict = field(default_factory=dict)
+    torch_dtype: str | None = None
+    variant: str | None = None
+    seed: int | None = None
 
     @property
     def nfe(self) -> int:
         return self.num_inference_steps * (2 if self.guidance_scale > 1.0 else 1)
+
+
+def spec_from_dict(d: dict, where: str) -> PipelineSpec:
+    """A ``--spec`` entry; unknown keys or a bad dtype are named."""
+    unknown = set(d) - SPEC_KEYS
+    if unknown or not {"name", "path", "num_inference_steps", "guidance_scale"} <= set(d):
+        raise ValueError(f"{where}: each entry needs name, path, num_inference_steps, guidance_scale and may hold "
+                         f"{sorted(SPEC_KEYS - {'name', 'path', 'num_inference_steps', 'guidance_scale'})}; got "
+                         f"{sorted(d)}.")
+    if d.get("torch_dtype") is not None and d["torch_dtype"] not in DTYPES:
+        raise ValueError(f"{where}: {d['name']}: torch_dtype must be one of {sorted(DTYPES)}, got "
+                         f"{d['torch_dtype']!r}.")
+    return PipelineSpec(d["name"], d["path"], int(d["num_inference_steps"]), float(d["guidance_scale"]),
+                        dict(d.get("call_kwargs") or {}), dict(d.get("from_pretrained_kwargs") or {}),
+                        d.get("torch_dtype"), d.get("variant"), None if d.get("seed") is None else int(d["seed"]))
 
 
 def parse_pipeline_arg(value: str) -> PipelineSpec:
@@ -169,14 +259,41 @@ def select_reference(names: list[str], requested: str | None = None) -> str:
     return "teacher" if "teacher" in names else names[0]
 
 
+def check_metric_model(flag: str, value: str | None) -> None:
+    """A metric model flag names a folder holding a transformers ``config.json``, or a Hub id that can be reached
+    (offline: one in the local Hub cache). Checked before any pipeline loads."""
+    from dmdx.pipelines.model_card import hub_base_model, hub_offline
+    from dmdx.training.errors import UsageError
+
+    if value is None:
+        return
+    if os.path.isdir(value):
+        if not os.path.isfile(os.path.join(value, "config.json")):
+            raise UsageError(f"{flag} {value!r} is a folder without a config.json (save the model with "
+                             "save_pretrained, or give its Hub id).")
+        return
+    hub_id = hub_base_model(value)
+    if hub_id is None:
+        raise UsageError(f"{flag} {value!r} is neither a model folder nor a Hub id (org/name).")
+    if hub_offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(hub_id, "config.json"), str):
+            raise UsageError(f"{flag} {hub_id!r}: HF_HUB_OFFLINE is set and the model is not in the local Hub "
+                             f"cache; download it first (`hf download {hub_id}`) or give a local folder.")
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Distance to the teacher, digit-FID, prompt accuracy, mode coverage, "
-                                                 "diversity and speed of digits pipelines.")
+    parser = argparse.ArgumentParser(description="Evaluate diffusers pipelines against a reference (the teacher): "
+                                                 "on the digits (default) or, with --prompts_file / --dataset_name, "
+                                                 "on any prompts with DINOv2 / CLIP / PickScore metrics.")
     parser.add_argument("--pipeline", action="append", type=parse_pipeline_arg, default=[],
                         metavar="NAME=PATH:STEPS:GUIDANCE",
-                        help="A pipeline folder with its step count and guidance scale (repeatable).")
+                        help="A pipeline folder or Hub id with its step count and guidance scale (repeatable).")
     parser.add_argument("--spec", default=None, help="JSON file: a list of {name, path, num_inference_steps, "
-                                                     "guidance_scale} (appended after --pipeline entries).")
+                                                     "guidance_scale[, call_kwargs, from_pretrained_kwargs, "
+                                                     "torch_dtype, variant, seed]} (appended after --pipeline "
+                                                     "entries).")
     parser.add_argument("--reference", default=None, metavar="NAME",
                         help="The pipeline whose samples the teacher-referenced distances and relative diversity "
                              "are measured against (default: the one named 'teacher', else the first).")
@@ -184,22 +301,58 @@ def parse_args(argv=None):
                         help="Instead of evaluating: combine several report.json files (e.g. one per training seed) "
                              "into mean ± sd per metric, written to --output_dir.")
     parser.add_argument("--output_dir", default="eval_output")
-    parser.add_argument("--num_images_per_prompt", type=int, default=50)
+    parser.add_argument("--num_images_per_prompt", type=int, default=None,
+                        help="Samples per prompt (default: 50 on the digits, 1 on a prompt set; diversity needs 2).")
     parser.add_argument("--num_class_free_images", type=int, default=None,
                         help="Samples of the class-free prompt (mode coverage is noisy with few; default: "
                              "--num_images_per_prompt).")
-    parser.add_argument("--batch_size", type=int, default=100, help="Images per pipeline call.")
+    parser.add_argument("--batch_size", type=int, default=None,
+                        help="Images per pipeline call (default: 100 on the digits, 4 on a prompt set).")
     parser.add_argument("--grid_images_per_cell", type=int, default=4, choices=[1, 4, 9],
                         help="Samples shown per (pipeline, prompt) cell of samples.png.")
     parser.add_argument("--classifier_dir", default=ASSETS_DIR)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default=None, help="Default: cuda if available, else cpu.")
+    parser.add_argument("--device", default=None, help="Default: cuda if available, else cpu (with accelerate "
+                                                       "launch: each process's own device).")
+    g = parser.add_argument_group("general mode (any prompts; selected by --prompts_file or --dataset_name)")
+    g.add_argument("--prompts_file", default=None,
+                   help="Prompts: a text file (one per line) or a .jsonl file with a 'prompt' or 'text' field.")
+    g.add_argument("--dataset_name", default=None,
+                   help="Or a datasets name (or a local .json/.jsonl/.csv/.parquet file), streamed; only "
+                        "--caption_column is read (images are never downloaded or decoded).")
+    g.add_argument("--dataset_config_name", default=None)
+    g.add_argument("--caption_column", default="text",
+                   help="The caption column (a list of captions per row: its first one).")
+    g.add_argument("--split", default="train", help="The data set split to read prompts from.")
+    g.add_argument("--max_prompts", type=int, default=None, help="Use the first N prompts.")
+    g.add_argument("--torch_dtype", default="fp32", choices=sorted(DTYPES),
+                   help="dtype every pipeline loads in (a --spec entry may give its own).")
+    g.add_argument("--variant", default=None, help="Weights variant to load (e.g. fp16), as from_pretrained's.")
+    g.add_argument("--dinov2_model", default=DEFAULT_DINOV2_MODEL,
+                   help="DINOv2 model (Hub id or folder): FD_DINOv2 to the reference, to --reference_images, "
+                        "diversity, subject consistency.")
+    g.add_argument("--clip_model", default=DEFAULT_CLIP_MODEL,
+                   help="CLIP model (Hub id or folder, with its processor): CLIP score, FD in CLIP image features.")
+    g.add_argument("--pickscore_model", default=None,
+                   help=f"PickScore model (off unless given; e.g. {DEFAULT_PICKSCORE_MODEL}).")
+    g.add_argument("--pickscore_processor", default=None,
+                   help=f"Processor of --pickscore_model (default: {DEFAULT_PICKSCORE_PROCESSOR} for "
+                        f"{DEFAULT_PICKSCORE_MODEL}, else the model's own).")
+    g.add_argument("--reference_images", default=None, metavar="DIR",
+                   help="A folder of real images: FD_DINOv2 of every pipeline's samples to them.")
+    g.add_argument("--metric_batch_size", type=int, default=32, help="Images per metric-model forward.")
     args = parser.parse_args(argv)
+    from dmdx.training.errors import UsageError
+
     specs = list(args.pipeline)
     if args.spec:
+        if not os.path.isfile(args.spec):
+            parser.error(f"--spec {args.spec!r} is not a file.")
         with open(args.spec) as f:
-            specs += [PipelineSpec(d["name"], d["path"], int(d["num_inference_steps"]), float(d["guidance_scale"]))
-                      for d in json.load(f)]
+            try:
+                specs += [spec_from_dict(d, f"--spec {args.spec}") for d in json.load(f)]
+            except (ValueError, TypeError, KeyError) as err:
+                parser.error(str(err))
     if args.aggregate is not None:
         if specs:
             parser.error("--aggregate combines existing reports; it takes no --pipeline or --spec.")
@@ -212,12 +365,30 @@ def parse_args(argv=None):
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         parser.error(f"Pipeline names must be unique, got {names}.")
+    args.general = bool(args.prompts_file or args.dataset_name)
+    if args.prompts_file and args.dataset_name:
+        parser.error("Give --prompts_file or --dataset_name, not both.")
+    if args.prompts_file and not os.path.isfile(args.prompts_file):
+        parser.error(f"--prompts_file {args.prompts_file!r} does not exist.")
+    if args.max_prompts is not None and args.max_prompts < 1:
+        parser.error("--max_prompts must be >= 1.")
     for s in specs:
-        if not os.path.isfile(os.path.join(s.path, "model_index.json")):
-            parser.error(f"{s.name}: {s.path!r} is not a diffusers pipeline folder (no model_index.json).")
         if s.num_inference_steps < 1:
             parser.error(f"{s.name}: num_inference_steps must be >= 1.")
-    kinds = {s.name: pipeline_class_name(s.path) in VIDEO_PIPELINES for s in specs}
+        if (s.call_kwargs or s.from_pretrained_kwargs or s.torch_dtype or s.variant or s.seed is not None) \
+                and not args.general:
+            parser.error(f"{s.name}: call_kwargs, from_pretrained_kwargs, torch_dtype, variant and seed in --spec "
+                         "belong to the general mode (--prompts_file or --dataset_name).")
+    if args.general and args.pickscore_model == DEFAULT_PICKSCORE_MODEL and args.pickscore_processor is None:
+        args.pickscore_processor = DEFAULT_PICKSCORE_PROCESSOR  # PickScore_v1 ships no processor of its own
+    try:
+        classes = {s.name: pipeline_class_name(s.path) for s in specs}
+        if args.general:
+            for flag in ("--dinov2_model", "--clip_model", "--pickscore_model", "--pickscore_processor"):
+                check_metric_model(flag, getattr(args, flag[2:]))
+    except UsageError as err:
+        parser.error(str(err))
+    kinds = {name: cls in VIDEO_PIPELINES for name, cls in classes.items()}
     if len(set(kinds.values())) > 1:
         parser.error(f"Mixed image and video pipelines ({', '.join(n for n, v in kinds.items() if v)} are video); "
                      "evaluate them in separate runs.")
@@ -226,36 +397,25 @@ def parse_args(argv=None):
         args.reference = select_reference(names, args.reference)
     except ValueError as err:
         parser.error(str(err))
+    args.specs = specs
+    if args.general:
+        args.num_images_per_prompt = args.num_images_per_prompt or 1
+        args.batch_size = args.batch_size or 4
+        if args.num_images_per_prompt < 1 or args.batch_size < 1:
+            parser.error("--num_images_per_prompt and --batch_size must be >= 1.")
+        if args.reference_images and not os.path.isdir(args.reference_images):
+            parser.error(f"--reference_images {args.reference_images!r} is not a folder.")
+        return args
+    args.num_images_per_prompt = args.num_images_per_prompt or 50
+    args.batch_size = args.batch_size or 100
     args.num_class_free_images = args.num_class_free_images or args.num_images_per_prompt
     if min(args.num_images_per_prompt, args.num_class_free_images) < 2:
         parser.error("--num_images_per_prompt and --num_class_free_images must be >= 2 (diversity needs pairs).")
-    args.specs = specs
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return args
 
 
 # ---- metrics ----------------------------------------------------------------------------------------------------
-def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
-    """Frechet distance between Gaussians fitted to two feature sets (rows = samples)."""
-    from scipy import linalg
-
-    mu_a, mu_b = feats_a.mean(0), feats_b.mean(0)
-    cov_a, cov_b = np.cov(feats_a, rowvar=False), np.cov(feats_b, rowvar=False)
-    covmean, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
-    if not np.isfinite(covmean).all():
-        eps = np.eye(cov_a.shape[0]) * 1e-6
-        covmean = linalg.sqrtm((cov_a + eps) @ (cov_b + eps))
-    covmean = covmean.real
-    # clipped at 0: identical sets give -1e-7 from sqrtm's rounding
-    return max(0.0, float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(covmean)))
-
-
-def mean_pairwise_distance(feats: torch.Tensor) -> float:
-    d = torch.cdist(feats.double(), feats.double())
-    n = feats.shape[0]
-    return float(d.sum() / (n * (n - 1)))
-
-
 def normalised_entropy(counts: torch.Tensor) -> float:
     p = counts.double() / counts.sum()
     p = p[p > 0]
@@ -401,7 +561,8 @@ def aggregate_reports(reports: list[dict]) -> dict:
     for name in names:
         rows = [report[name] for report in reports if name in report]
         ok = [_flatten(row) for row in rows if "error" not in row]
-        keys = list(dict.fromkeys([k for k in METRIC_KEYS + VIDEO_METRIC_KEYS if any(k in row for row in ok)]
+        keys = list(dict.fromkeys([k for k in METRIC_KEYS + VIDEO_METRIC_KEYS + GENERAL_VIDEO_METRIC_KEYS
+                                  if any(k in row for row in ok)]
                                   + [k for row in ok for k in row]))
         entry = {}
         for key in keys:
@@ -606,7 +767,11 @@ def aggregate_markdown(aggregate: dict, num_reports: int) -> str:
     """report.md of ``--aggregate``: ``mean ± sd`` cells in the single-run column order."""
     references = {r.get("reference_pipeline") for r in aggregate.values()} - {None}
     reference = references.pop() if len(references) == 1 else None
-    mode = VIDEO if any("direction_accuracy" in r for r in aggregate.values()) else IMAGE
+    general = any("fd_dinov2_to_teacher" in r for r in aggregate.values())
+    if general:
+        mode = GENERAL_VIDEO if any("subject_consistency" in r for r in aggregate.values()) else GENERAL_IMAGE
+    else:
+        mode = VIDEO if any("direction_accuracy" in r for r in aggregate.values()) else IMAGE
     lines = _header(mode)
     for name, r in aggregate.items():
         if not r["num_runs"]:
@@ -615,6 +780,9 @@ def aggregate_markdown(aggregate: dict, num_reports: int) -> str:
             continue
         label = f"{name} ({r['failed_runs']} of {r['failed_runs'] + r['num_runs']} runs failed)"
         lines += _rows({name: r}, reference, {name: label} if r["failed_runs"] else None, mode)
+    if general:
+        return ("\n".join(lines) + f"\n\nmean ± sd (sample standard deviation) over {num_reports} reports.\n\n"
+                + general_note(aggregate, reference) + "\n")
     note = (_teacher_note(reference, False) + " ") if reference else ""
     return ("\n".join(lines) + f"\n\nmean ± sd (sample standard deviation) over {num_reports} reports. {note}"
             "digit-FID (real) against the 360 held-out real digits.\n")
@@ -799,10 +967,592 @@ def main_image(args, classifier, device) -> tuple[dict, str, dict, bool]:
     return report, markdown_table(report, real_row, args.reference), errors, bool(done)
 
 
+# ---- general mode: any prompts, any teacher ---------------------------------------------------------------------
+GENERAL_TEACHER_KEYS = ("fd_dinov2_to_teacher", "fd_clip_to_teacher")
+GENERAL_METRIC_KEYS = GENERAL_TEACHER_KEYS + ("fd_dinov2_real", "clip_score", "pickscore", "diversity", "nfe",
+                                              "seconds_per_image", "peak_memory_gb")
+GENERAL_VIDEO_METRIC_KEYS = GENERAL_TEACHER_KEYS + ("fd_dinov2_real", "clip_score", "pickscore",
+                                                    "subject_consistency", "motion_magnitude", "diversity", "nfe",
+                                                    "seconds_per_video", "peak_memory_gb")
+GENERAL_COLUMNS = (
+    ("FD_DINOv2 to teacher ↓", "fd_dinov2_to_teacher", ".2f"),
+    ("FD_CLIP to teacher ↓", "fd_clip_to_teacher", ".3f"),
+    ("FD_DINOv2 to real ↓", "fd_dinov2_real", ".2f"),
+    ("CLIP score ↑", "clip_score", ".2f"),
+    ("PickScore ↑", "pickscore", ".3f"),
+    ("diversity (rel.)", "diversity", ".3f"),
+    ("s / image", "seconds_per_image", ".4f"),
+    ("peak GiB", "peak_memory_gb", ".2f"),
+)
+GENERAL_VIDEO_COLUMNS = GENERAL_COLUMNS[:5] + (
+    ("subject consistency ↑", "subject_consistency", ".4f"),
+    ("motion (rel.)", "motion_magnitude", ".3f"),
+    ("diversity (rel.)", "diversity", ".3f"),
+    ("s / video", "seconds_per_video", ".4f"),
+    ("peak GiB", "peak_memory_gb", ".2f"),
+)
+GENERAL_IMAGE = Mode(GENERAL_METRIC_KEYS, GENERAL_TEACHER_KEYS, GENERAL_COLUMNS, None)
+GENERAL_VIDEO = Mode(GENERAL_VIDEO_METRIC_KEYS, GENERAL_TEACHER_KEYS, GENERAL_VIDEO_COLUMNS, None)
+SAMPLES_DIR = "samples"
+SETTINGS = "settings.json"
+
+
+def _first_caption(value) -> str | None:
+    """A caption cell: a string, or a list of captions (COCO has five per image): its first."""
+    if isinstance(value, (list, tuple)):
+        value = value[0] if value else None
+    if isinstance(value, dict):  # a caption record (Karpathy's format keeps the text under "raw")
+        value = next((value[k] for k in ("raw", "caption", "text") if value.get(k)), None)
+    return None if value is None else " ".join(str(value).split())
+
+
+def load_prompt_set(args) -> tuple[list[str], str]:
+    """The prompts of the general mode and a description of where they came from (for the report).
+
+    ``--prompts_file``: one prompt per line, or JSONL (``.jsonl``) with a ``prompt`` or ``text`` field per line.
+    ``--dataset_name``: streamed with ``datasets`` (``streaming=True``) and reduced to ``--caption_column`` before any
+    row is read, so an image column is never downloaded or decoded; the first ``--max_prompts`` non-empty captions."""
+    import itertools
+
+    from dmdx.training.errors import UsageError
+
+    if args.prompts_file:
+        prompts = []
+        with open(args.prompts_file, encoding="utf-8") as f:
+            if args.prompts_file.endswith(".jsonl"):
+                for i, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    row = json.loads(line)
+                    text = row.get("prompt", row.get("text")) if isinstance(row, dict) else None
+                    if text is None:
+                        raise UsageError(f"--prompts_file {args.prompts_file!r} line {i}: no 'prompt' or 'text' "
+                                         "field.")
+                    prompts.append(_first_caption(text))
+            else:
+                prompts = [" ".join(line.split()) for line in f]
+        prompts = [p for p in prompts if p][:args.max_prompts]
+        source = os.path.basename(args.prompts_file)
+    else:
+        from datasets import load_dataset
+
+        name, ext = args.dataset_name, os.path.splitext(args.dataset_name)[1].lstrip(".")
+
+        def stream(**kwargs):
+            if os.path.isfile(name) and ext in ("json", "jsonl", "csv", "parquet"):
+                return load_dataset({"jsonl": "json"}.get(ext, ext), data_files=name, split=args.split,
+                                    streaming=True, **kwargs)
+            return load_dataset(name, args.dataset_config_name, split=args.split, streaming=True, **kwargs)
+
+        try:
+            try:  # parquet data (most Hub data sets) reads only this column's bytes from the files
+                dataset = stream(columns=[args.caption_column])
+            except (TypeError, ValueError):  # a builder without a columns option: select_columns below
+                dataset = stream()
+        except Exception as err:  # noqa: BLE001 (missing, offline, bad split: named with its flag)
+            raise UsageError(f"--dataset_name {name!r} (split {args.split!r}) could not be streamed: "
+                             f"{type(err).__name__}: {err}") from err
+        columns = list(dataset.features or {}) if dataset.features is not None else None
+        if columns is not None and args.caption_column not in columns:
+            raise UsageError(f"--caption_column {args.caption_column!r} is not a column of {name} ({columns}).")
+        rows = dataset.select_columns([args.caption_column])  # the other columns are never decoded
+        captions = (_first_caption(row[args.caption_column]) for row in rows)
+        prompts = list(itertools.islice((c for c in captions if c), args.max_prompts))
+        source = (f"{os.path.basename(name) if os.path.isfile(name) else name}"
+                  f"{'/' + args.dataset_config_name if args.dataset_config_name else ''} [{args.split}], column "
+                  f"{args.caption_column!r}")
+    if not prompts:
+        raise UsageError(f"No prompts in {source}.")
+    return prompts, f"{source}, {'first ' if args.max_prompts else ''}{len(prompts)} prompts"
+
+
+def sample_seed(seed: int, prompt_index: int, sample_index: int) -> int:
+    """The noise seed of one (prompt, sample index): the same for every pipeline, independent of batching."""
+    return seed * 1_000_000_007 + prompt_index * 1000 + sample_index
+
+
+def spec_settings(spec: PipelineSpec, args) -> dict:
+    """What a pipeline's samples depend on; a folder of samples made with other settings is never reused."""
+    return {"path": spec.path, "num_inference_steps": spec.num_inference_steps,
+            "guidance_scale": spec.guidance_scale, "call_kwargs": spec.call_kwargs,
+            "from_pretrained_kwargs": spec.from_pretrained_kwargs, "torch_dtype": spec.torch_dtype or args.torch_dtype,
+            "variant": spec.variant or args.variant, "seed": args.seed if spec.seed is None else spec.seed}
+
+
+def sample_name(prompt_index: int, sample_index: int) -> str:
+    return f"p{prompt_index:05d}_s{sample_index:03d}"
+
+
+def read_metadata(folder: str) -> dict:
+    """``{(prompt_index, sample_index): record}`` of the samples written to ``folder`` (every process's
+    ``metadata*.jsonl``), keeping only those whose files exist: a sample is done once its record is written, and the
+    record is written after its files."""
+    import glob
+
+    done = {}
+    for path in sorted(glob.glob(os.path.join(folder, "metadata*.jsonl"))):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # a line cut by an interruption
+                    continue
+                if os.path.isfile(os.path.join(folder, record["file"])):
+                    done[(record["prompt_index"], record["sample_index"])] = record
+    return done
+
+
+def _save_sample(folder: str, name: str, sample, video: bool, fps: int = 8) -> dict:
+    """One image as ``name.png``; one clip as ``name/000.png ...`` plus ``name.gif``. Written to a temporary name
+    first, so an interrupted write never looks finished."""
+    from diffusers.utils import export_to_gif
+
+    if not video:
+        tmp = os.path.join(folder, f".{name}.png")
+        sample.convert("RGB").save(tmp, format="PNG")
+        os.replace(tmp, os.path.join(folder, f"{name}.png"))
+        return {"file": f"{name}.png"}
+    os.makedirs(os.path.join(folder, name), exist_ok=True)
+    for t, frame in enumerate(sample):
+        frame.convert("RGB").save(os.path.join(folder, name, f"{t:03d}.png"))
+    tmp = os.path.join(folder, f".{name}.gif")
+    export_to_gif(list(sample), tmp, fps=fps)
+    os.replace(tmp, os.path.join(folder, f"{name}.gif"))
+    return {"file": f"{name}.gif", "frames": name, "num_frames": len(sample)}
+
+
+def load_sample(folder: str, record: dict, video: bool):
+    """A written sample: a PIL image, or a clip's list of PIL frames."""
+    from PIL import Image
+
+    def rgb(path):
+        with Image.open(path) as im:
+            return im.convert("RGB")
+
+    if not video:
+        return rgb(os.path.join(folder, record["file"]))
+    frames = os.path.join(folder, record["frames"])
+    return [rgb(os.path.join(frames, f"{t:03d}.png")) for t in range(record["num_frames"])]
+
+
+def general_call(pipe, spec: PipelineSpec, prompts: list[str], seeds: list[int], video: bool) -> list:
+    """One batch through the pipeline as a user calls it: one prompt and one CPU generator per sample (so a
+    sample's noise depends on its seed alone, not on its batch), PIL output. A video pipeline made by the digits
+    demo gets the frame count and text length its transformer was built for unless ``call_kwargs`` give them."""
+    call = dict(num_inference_steps=spec.num_inference_steps, guidance_scale=spec.guidance_scale,
+                generator=[torch.Generator(device="cpu").manual_seed(s) for s in seeds], output_type="pil")
+    if video and type(pipe).__name__ == "CogVideoXPipeline":
+        call.update(video_call_kwargs(pipe))
+    call.update(spec.call_kwargs)
+    with torch.no_grad():
+        out = pipe(prompt=list(prompts), **call)
+    return list(out.frames) if video else list(out.images)
+
+
+def generate_samples(spec: PipelineSpec, prompts: list[str], args, state, video: bool) -> int:
+    """Write every (prompt, sample index) of ``spec`` not yet on disk, this process's share of them
+    (``split_between_processes``). Returns how many this process wrote."""
+    from diffusers import DiffusionPipeline
+    from tqdm.auto import tqdm
+
+    folder = os.path.join(args.output_dir, SAMPLES_DIR, spec.name)
+    done = read_metadata(folder)
+    todo = [(p, s) for p in range(len(prompts)) for s in range(args.num_images_per_prompt) if (p, s) not in done]
+    if state.is_main_process:
+        print(f"{spec.name}: {len(done)} samples on disk, {len(todo)} to generate", flush=True)
+    batches = [todo[i:i + args.batch_size] for i in range(0, len(todo), args.batch_size)]
+    with state.split_between_processes(batches) as mine:
+        mine = list(mine)
+    if not mine:
+        return 0
+    settings = spec_settings(spec, args)
+    device = torch.device(args.device) if args.device else state.device
+    kwargs = {k: v for k, v in spec.from_pretrained_kwargs.items()}
+    if settings["variant"]:
+        kwargs["variant"] = settings["variant"]
+    pipe = DiffusionPipeline.from_pretrained(spec.path, torch_dtype=DTYPES[settings["torch_dtype"]], **kwargs)
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    cuda = device.type == "cuda"
+    seed = settings["seed"]
+    p0, s0 = mine[0][0]
+    general_call(pipe, spec, [prompts[p0]], [sample_seed(seed, p0, s0)], video)  # warm-up, not timed
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    written = 0
+    with open(os.path.join(folder, f"metadata.rank{state.process_index}.jsonl"), "a", encoding="utf-8") as meta:
+        for batch in tqdm(mine, desc=f"{spec.name} ({spec.nfe} NFE)", disable=not state.is_local_main_process):
+            seeds = [sample_seed(seed, p, s) for p, s in batch]
+            synchronize(device)
+            start = time.perf_counter()
+            samples = general_call(pipe, spec, [prompts[p] for p, _ in batch], seeds, video)
+            synchronize(device)
+            seconds = (time.perf_counter() - start) / len(batch)
+            peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else None
+            for (p, s), sample, sd in zip(batch, samples, seeds):
+                record = _save_sample(folder, sample_name(p, s), sample, video)
+                record.update(prompt_index=p, sample_index=s, prompt=prompts[p], seed=sd, seconds=seconds,
+                              peak_memory_gb=peak)
+                meta.write(json.dumps(record) + "\n")
+                meta.flush()
+                written += 1
+    del pipe
+    if cuda:
+        torch.cuda.empty_cache()
+    return written
+
+
+def prepare_output(args, prompts: list[str], source: str, state) -> None:
+    """``prompts.json`` and each pipeline's ``settings.json`` in ``--output_dir``; a folder holding samples of other
+    prompts or settings is refused (``UsageError``) rather than mixed into the report."""
+    from dmdx.training.errors import UsageError
+
+    path = os.path.join(args.output_dir, "prompts.json")
+    wanted = {"prompt_set": source, "prompts": prompts, "num_images_per_prompt": args.num_images_per_prompt}
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f)
+        if old.get("prompts") != prompts:
+            raise UsageError(f"--output_dir {args.output_dir!r} holds samples of other prompts ({old.get('prompt_set')}"
+                             "); give another --output_dir.")
+    for spec in args.specs:
+        settings_path = os.path.join(args.output_dir, SAMPLES_DIR, spec.name, SETTINGS)
+        if os.path.isfile(settings_path):
+            with open(settings_path, encoding="utf-8") as f:
+                old = json.load(f)
+            if old != spec_settings(spec, args):
+                diff = {k: (old.get(k), v) for k, v in spec_settings(spec, args).items() if old.get(k) != v}
+                raise UsageError(f"--output_dir {args.output_dir!r} holds samples of {spec.name!r} made with other "
+                                 f"settings {diff} (was, now); give another --output_dir or another name.")
+    state.wait_for_everyone()
+    if state.is_main_process:
+        for spec in args.specs:
+            folder = os.path.join(args.output_dir, SAMPLES_DIR, spec.name)
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, SETTINGS), "w", encoding="utf-8") as f:
+                json.dump(spec_settings(spec, args), f, indent=2)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(wanted, f, indent=2)
+    state.wait_for_everyone()
+
+
+def merge_metadata(folder: str) -> dict:
+    """Every process's records as one ``metadata.jsonl`` sorted by (prompt, sample); returns them."""
+    import glob
+
+    done = read_metadata(folder)
+    tmp = os.path.join(folder, ".metadata.jsonl")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for key in sorted(done):
+            f.write(json.dumps(done[key]) + "\n")
+    os.replace(tmp, os.path.join(folder, "metadata.jsonl"))
+    for path in glob.glob(os.path.join(folder, "metadata.rank*.jsonl")):
+        os.remove(path)
+    return done
+
+
+class MetricModels:
+    """The metric models of a general evaluation, loaded once (main process)."""
+
+    def __init__(self, args, device):
+        from dmdx.pipelines.metrics import CLIPFeatures, DINOv2Features, PickScore
+
+        common = dict(device=device, batch_size=args.metric_batch_size)
+        self.dinov2 = DINOv2Features(args.dinov2_model, **common)
+        self.clip = CLIPFeatures(args.clip_model, **common)
+        self.pickscore = (PickScore(args.pickscore_model, args.pickscore_processor, **common)
+                          if args.pickscore_model else None)
+        self._text = {}
+
+    def text_features(self, prompts: list[str]) -> torch.Tensor:
+        key = tuple(prompts)
+        if key not in self._text:
+            self._text[key] = self.clip.text_features(prompts)
+        return self._text[key]
+
+
+def sample_features(folder: str, records: dict, prompts: list[str], models: MetricModels, video: bool,
+                    chunk: int = 64) -> dict:
+    """Features and per-sample scores of one pipeline's samples read back from disk (in chunks, so 10k images never
+    sit in memory at once). Video: every frame is scored; per clip, subject consistency and motion magnitude."""
+    from dmdx.pipelines.metrics import clip_score, motion_magnitude, subject_consistency
+
+    text = models.text_features(prompts)
+    keys = sorted(records)
+    dino, clip, clip_scores, picks, consistency, motion, video_dino = [], [], [], [], [], [], []
+    for start in range(0, len(keys), chunk):
+        part = keys[start:start + chunk]
+        samples = [load_sample(folder, records[k], video) for k in part]
+        frames = [f for clip_frames in samples for f in clip_frames] if video else samples
+        owner = [p for (p, _), s in zip(part, samples) for _ in (s if video else [s])]  # prompt of each image
+        d = models.dinov2(frames)
+        c = models.clip.image_features(frames)
+        dino.append(d)
+        clip.append(c)
+        clip_scores.append(clip_score(c, text[owner]))
+        if models.pickscore is not None:
+            picks.append(models.pickscore(frames, [prompts[p] for p in owner]))
+        if video:
+            offsets = np.cumsum([0] + [len(s) for s in samples])
+            for i, s in enumerate(samples):
+                video_dino.append(d[offsets[i]:offsets[i + 1]])
+                consistency.append(subject_consistency(video_dino[-1]))
+                motion.append(motion_magnitude(s))
+    out = {"keys": keys, "dinov2": torch.cat(dino), "clip": torch.cat(clip),
+           "clip_score": torch.cat(clip_scores), "pickscore": torch.cat(picks) if picks else None}
+    if video:
+        out.update(subject_consistency=consistency, motion=motion,
+                   video_mean=torch.stack([f.mean(0) for f in video_dino]))  # one DINOv2 vector per video
+    return out
+
+
+def reference_image_features(folder: str, models: MetricModels, chunk: int = 64) -> torch.Tensor:
+    """DINOv2 features of every image file in ``--reference_images`` (sorted names; any PIL-readable format)."""
+    from PIL import Image
+
+    exts = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(exts))
+    feats = []
+    for start in range(0, len(names), chunk):
+        images = []
+        for n in names[start:start + chunk]:
+            with Image.open(os.path.join(folder, n)) as im:
+                images.append(im.convert("RGB"))
+        feats.append(models.dinov2(images))
+    if not feats:
+        raise ValueError(f"--reference_images {folder!r} holds no images ({', '.join(exts)}).")
+    return torch.cat(feats)
+
+
+def general_metrics(spec: PipelineSpec, feats: dict, records: dict, args, real: torch.Tensor | None,
+                    video: bool) -> dict:
+    """One pipeline's own metrics (the reference-relative ones are added by ``general_report``)."""
+    from dmdx.pipelines.metrics import diversity
+
+    n = args.num_images_per_prompt
+    per_prompt = feats["video_mean"] if video else feats["dinov2"]
+    groups = [per_prompt[[i for i, (p, _) in enumerate(feats["keys"]) if p == q]]
+              for q in sorted({p for p, _ in feats["keys"]})]
+    seconds = [r["seconds"] for r in records.values() if r.get("seconds") is not None]
+    peaks = [r["peak_memory_gb"] for r in records.values() if r.get("peak_memory_gb") is not None]
+    metrics = {
+        "fd_dinov2_real": frechet_distance(feats["dinov2"].numpy(), real.numpy()) if real is not None else None,
+        "clip_score": float(feats["clip_score"].mean()),
+        "pickscore": float(feats["pickscore"].mean()) if feats["pickscore"] is not None else None,
+        "diversity_raw": diversity(groups) if n >= 2 else None,
+        ("seconds_per_video" if video else "seconds_per_image"): float(np.mean(seconds)) if seconds else None,
+        "peak_memory_gb": max(peaks) if peaks else None,
+        "num_prompts": len({p for p, _ in feats["keys"]}), "num_images_per_prompt": n,
+        ("num_videos" if video else "num_images"): len(feats["keys"]),
+    }
+    if video:
+        metrics.update(subject_consistency=float(np.mean(feats["subject_consistency"])),
+                       motion_magnitude_raw=float(np.mean(feats["motion"])))
+    first = next(iter(records.values()))
+    metrics.update(pipeline_class=pipeline_class_name(spec.path), path=spec.path,
+                   num_inference_steps=spec.num_inference_steps, guidance_scale=spec.guidance_scale, nfe=spec.nfe,
+                   torch_dtype=spec.torch_dtype or args.torch_dtype, variant=spec.variant or args.variant,
+                   seed=args.seed if spec.seed is None else spec.seed,
+                   call_kwargs=spec.call_kwargs or None, samples_dir=f"{SAMPLES_DIR}/{spec.name}")
+    if video:
+        metrics["num_frames"] = first["num_frames"]
+    return metrics
+
+
+def general_report(specs: list[PipelineSpec], results: dict, errors: dict, reference: str, args,
+                   prompt_set: str, video: bool) -> dict:
+    """report.json of the general mode: per pipeline, the metrics (distances to the reference first), or its
+    error. Relative diversity and motion are ratios to the reference's (1.0: as the teacher)."""
+    mode = GENERAL_VIDEO if video else GENERAL_IMAGE
+    ref = results.get(reference)
+    report = {}
+    for spec in specs:
+        if spec.name in errors:
+            report[spec.name] = {"error": errors[spec.name], "path": spec.path,
+                                 "num_inference_steps": spec.num_inference_steps,
+                                 "guidance_scale": spec.guidance_scale, "nfe": spec.nfe}
+            continue
+        r = results[spec.name]
+        m = dict(r["metrics"], reference_pipeline=reference, prompt_set=prompt_set, dinov2_model=args.dinov2_model,
+                 clip_model=args.clip_model, pickscore_model=args.pickscore_model)
+        base = ref["metrics"] if ref else None
+        m["diversity"] = (m["diversity_raw"] / base["diversity_raw"]
+                          if base and m["diversity_raw"] is not None and base["diversity_raw"] else None)
+        if video:
+            m["motion_magnitude"] = (m["motion_magnitude_raw"] / base["motion_magnitude_raw"]
+                                     if base and base["motion_magnitude_raw"] else None)
+        if ref is None or spec.name == reference:
+            m.update(dict.fromkeys(GENERAL_TEACHER_KEYS))
+        else:
+            m["fd_dinov2_to_teacher"] = frechet_distance(r["feats"]["dinov2"].numpy(), ref["feats"]["dinov2"].numpy())
+            m["fd_clip_to_teacher"] = frechet_distance(r["feats"]["clip"].numpy(), ref["feats"]["clip"].numpy())
+        keys = mode.metric_keys
+        report[spec.name] = {k: m.get(k) for k in keys} | {k: v for k, v in m.items() if k not in keys}
+    return report
+
+
+def general_note(report: dict, reference: str | None, device: str | None = None) -> str:
+    done = [r for r in report.values() if "error" not in r]
+    if not done:
+        return "Every pipeline failed."
+    r = done[0]
+    video = "num_videos" in r or "subject_consistency" in r
+    unit = "clips" if video else "samples"
+    per_prompt, total = (_mean(r.get(k)) for k in ("num_images_per_prompt", "num_videos" if video else "num_images"))
+    lines = [f"Prompt set: {r.get('prompt_set')}; {per_prompt:g} {unit} per prompt ({total:g} in all), the same seed "
+             "per (prompt, sample) for every pipeline."]
+    if reference and reference in report and "error" not in report[reference]:
+        lines.append(f"FD to teacher: Frechet distance between the features of each pipeline's {unit} and "
+                     f"`{reference}`'s{' (every frame)' if video else ''}, in DINOv2 (`{r.get('dinov2_model')}`) and "
+                     f"CLIP image (`{r.get('clip_model')}`) features; sampling noise alone makes it positive, so "
+                     "compare pipelines at the same sample counts (a second seed of the teacher measures that "
+                     f"floor). Diversity: mean pairwise DINOv2 distance among one prompt's {unit}, relative to "
+                     f"`{reference}`.")
+    else:
+        lines.append(f"The reference pipeline `{reference}` failed, so there are no distances to it.")
+    lines.append(f"CLIP score: 100 * max(cos, 0) of image and prompt embeddings (`{r.get('clip_model')}`)"
+                 + (f"; PickScore: `{r.get('pickscore_model')}`" if r.get("pickscore_model") else "; PickScore off")
+                 + ".")
+    if video:
+        lines.append("Subject consistency: VBench's (mean DINOv2 cosine of each frame to the previous and to the "
+                     "first); motion: mean absolute difference of consecutive frames, relative to the reference (a "
+                     "frozen clip has perfect consistency and zero motion).")
+    lines.append("s / " + ("video" if video else "image") + ": measured in this run after a warm-up call"
+                 + (f" on {device}" if device else "") + "; peak GiB: CUDA peak allocated memory while sampling.")
+    return "\n".join(lines)
+
+
+def general_markdown(report: dict, reference: str, device: str | None = None) -> str:
+    video = any("subject_consistency" in r for r in report.values())
+    mode = GENERAL_VIDEO if video else GENERAL_IMAGE
+    lines = _header(mode) + _rows(report, reference, mode=mode)
+    return "\n".join(lines) + "\n\n" + general_note(report, reference, device) + "\n"
+
+
+def save_general_samples(output_dir: str, names: list[str], prompts: list[str], video: bool,
+                         max_prompts: int = 8) -> None:
+    """``samples.png``: rows = pipelines, columns = the first prompts, each pipeline's sample 0 (video: first,
+    middle and last frame); video also ``samples.gif``, the clips animated side by side."""
+    from diffusers.utils import export_to_gif, make_image_grid
+
+    from dmdx.pipelines.model_card import video_strip
+
+    cols = list(range(min(max_prompts if not video else 4, len(prompts))))
+    tiles = []
+    for name in names:
+        folder = os.path.join(output_dir, SAMPLES_DIR, name)
+        records = read_metadata(folder)
+        for p in cols:
+            tiles.append(load_sample(folder, records[(p, 0)], video))
+    side = 128 if video else 256
+
+    def fit(im):
+        scale = side / max(im.size)
+        return im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))))
+
+    def labelled(grid):  # the pipeline's name left of its row, the prompt above its column
+        from PIL import Image, ImageDraw
+
+        left, top = 160, 24
+        out = Image.new("RGB", (grid.width + left, grid.height + top), "white")
+        out.paste(grid, (left, top))
+        draw = ImageDraw.Draw(out)
+        for r, name in enumerate(names):
+            draw.text((6, top + (r + 0.5) * grid.height / len(names)), name[:24], fill="black")
+        width = grid.width / len(cols)
+        for c, p in enumerate(cols):
+            text = prompts[p] if len(prompts[p]) <= width // 7 else prompts[p][:int(width // 7) - 3] + "..."
+            draw.text((left + c * width + 4, 6), text, fill="black")
+        return out
+
+    if not video:
+        labelled(make_image_grid([fit(t) for t in tiles], rows=len(names), cols=len(cols))).save(
+            os.path.join(output_dir, "samples.png"))
+        return
+    clips = [[fit(f) for f in clip] for clip in tiles]
+    still = [make_image_grid([c[0], c[len(c) // 2], c[-1]], rows=1, cols=3) for c in clips]
+    labelled(make_image_grid(still, rows=len(names), cols=len(cols))).save(os.path.join(output_dir, "samples.png"))
+    strip = video_strip(clips, lambda frames: make_image_grid(frames, rows=len(names), cols=len(cols)))
+    export_to_gif(strip, os.path.join(output_dir, "samples.gif"), fps=8)
+
+
+def main_general(args) -> dict | None:
+    """Generate (sharded over ``accelerate launch`` processes, resuming what is on disk), then on the main process
+    score every pipeline's samples from disk and write report.json, report.md and samples.png."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    from dmdx.training.errors import UsageError
+
+    try:
+        prompts, source = load_prompt_set(args)
+        state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or args.device == "cpu")
+        os.makedirs(args.output_dir, exist_ok=True)
+        prepare_output(args, prompts, source, state)
+    except UsageError as err:  # as argparse reports a bad flag: the message, status 2, nothing loaded
+        print(f"evaluate.py: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    video = args.video
+    errors = {}
+    for spec in args.specs:
+        try:
+            generate_samples(spec, prompts, args, state, video)
+        except Exception as err:  # one pipeline's failure must not cost the others
+            traceback.print_exc()
+            errors[spec.name] = f"{type(err).__name__}: {err}"
+            print(f"{spec.name}: FAILED ({errors[spec.name]}); continuing with the others.", file=sys.stderr,
+                  flush=True)
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return None
+    device = torch.device(args.device) if args.device else state.device
+    expected = len(prompts) * args.num_images_per_prompt
+    records = {}
+    for spec in args.specs:
+        folder = os.path.join(args.output_dir, SAMPLES_DIR, spec.name)
+        records[spec.name] = merge_metadata(folder)
+        if spec.name not in errors and len(records[spec.name]) < expected:
+            errors[spec.name] = (f"RuntimeError: {expected - len(records[spec.name])} of {expected} samples are "
+                                 "missing (failed on another process?); run again to resume.")
+    models = MetricModels(args, device)
+    real = reference_image_features(args.reference_images, models) if args.reference_images else None
+    results = {}
+    for spec in args.specs:
+        if spec.name in errors:
+            continue
+        try:
+            folder = os.path.join(args.output_dir, SAMPLES_DIR, spec.name)
+            feats = sample_features(folder, records[spec.name], prompts, models, video)
+            results[spec.name] = {"feats": feats,
+                                  "metrics": general_metrics(spec, feats, records[spec.name], args, real, video)}
+        except Exception as err:  # noqa: BLE001 (as above)
+            traceback.print_exc()
+            errors[spec.name] = f"{type(err).__name__}: {err}"
+    report = general_report(args.specs, results, errors, args.reference, args, source, video)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    table = general_markdown(report, args.reference, device_name)
+    with open(os.path.join(args.output_dir, "report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    with open(os.path.join(args.output_dir, "report.md"), "w") as f:
+        f.write(table)
+    done = [s.name for s in args.specs if s.name in results]
+    if done:
+        save_general_samples(args.output_dir, done, prompts, video)
+    print(table)
+    print(f"Wrote report.json, report.md{', samples.png' if done else ''}{', samples.gif' if done and video else ''}"
+          f" to {args.output_dir}")
+    if errors:
+        raise SystemExit(f"{len(errors)} of {len(args.specs)} pipelines failed ({', '.join(errors)}); report.json "
+                         "holds the others and marks these with 'error'.")
+    return report
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.aggregate is not None:
         return write_aggregate(args.aggregate, args.output_dir)
+    if args.general:
+        return main_general(args)
     os.makedirs(args.output_dir, exist_ok=True)
     device = torch.device(args.device)
     classifier = load_classifier(args.classifier_dir, device=device)

@@ -65,9 +65,14 @@ REPORT_COLUMNS = {
     # video reports (moving digits)
     "seconds_per_video": "s / video", "direction_hist_tv_to_teacher": "direction-hist TV ↓",
     "direction_accuracy": "direction acc. ↑", "temporal_consistency": "temporal consistency ↑",
+    # the general mode (any prompts): distances in DINOv2 / CLIP features, CLIP score, PickScore, VBench consistency
+    "fd_dinov2_to_teacher": "FD_DINOv2 to teacher ↓", "fd_clip_to_teacher": "FD_CLIP to teacher ↓",
+    "fd_dinov2_real": "FD_DINOv2 to real ↓", "clip_score": "CLIP score ↑", "pickscore": "PickScore ↑",
+    "subject_consistency": "subject consistency ↑", "motion_magnitude": "motion (rel.)",
+    "peak_memory_gb": "peak GiB",
 }
 REPORT_HIDDEN = {"diversity_raw", "num_images_per_prompt", "num_class_free_images", "num_videos_per_prompt",
-                 "num_frames", "num_videos"}
+                 "num_frames", "num_videos", "num_images", "num_prompts", "motion_magnitude_raw", "seed"}
 _SECRET = re.compile(r"(^|_)(token|password|secret|key)($|_)", re.I)
 
 
@@ -111,14 +116,22 @@ def hub_offline() -> bool:
 def teacher_license(base_model: str | os.PathLike | None) -> dict[str, str] | None:
     """``{"license": ..., ["license_name": ..., "license_link": ...]}`` from the teacher's model card, or None.
 
-    A local teacher folder's ``README.md`` is read with ``ModelCard.load``; a Hub id's card is read from the local
+    A local teacher folder's ``README.md`` is read with ``ModelCard.load`` (a DMDX student folder without a card
+    stands for its own teacher, from its ``training_config.json``); a Hub id's card is read from the local
     Hub cache, else looked up only when online (offline it never waits or errors). A relative ``license_link`` is
-    made absolute for a Hub teacher and dropped for a local one (it would point into the teacher's folder)."""
+    made absolute for a Hub teacher; for a local teacher whose folder holds the linked file it stays relative, with
+    ``license_file`` naming the file to ship beside the card (else it is dropped)."""
     from huggingface_hub import ModelCard, try_to_load_from_cache
 
     if not base_model:
         return None
     local = os.path.expanduser(os.fspath(base_model))
+    if not os.path.isfile(os.path.join(local, "README.md")) and os.path.isfile(os.path.join(local, TRAINING_CONFIG)):
+        # a DMDX student as the base (a LoRA trained on an ADP generator): the licence is its teacher's
+        with open(os.path.join(local, TRAINING_CONFIG)) as f:
+            teacher = json.load(f).get("pretrained_model_name_or_path")
+        if teacher and os.path.realpath(os.path.expanduser(str(teacher))) != os.path.realpath(local):
+            return teacher_license(teacher)
     hub_id = hub_base_model(base_model)
     try:
         cached = try_to_load_from_cache(hub_id, "README.md") if hub_id else None
@@ -145,8 +158,23 @@ def teacher_license(base_model: str | os.PathLike | None) -> dict[str, str] | No
             out["license_link"] = link
         elif hub_id:
             out["license_link"] = f"https://huggingface.co/{hub_id}/blob/main/{link.lstrip('./')}"
+        elif not os.path.isabs(link) and ".." not in link.split("/") and os.path.isfile(os.path.join(local, link)):
+            # a local teacher's licence text: shipped beside the student's card (write_model_card copies it)
+            out["license_link"] = os.path.normpath(link).replace(os.sep, "/")
+            out["license_file"] = os.path.join(local, link)
     return out
 
+
+
+def licence_text(teacher_md: str, lora: bool, lic: Mapping[str, str], inherited: bool) -> str:
+    """The card's licence paragraph: the teacher's licence when its card declared one, else a warning."""
+    subject = (f"The adapter is a derivative of {teacher_md} and is" if lora
+               else f"The weights are a derivative of {teacher_md} and are")
+    if not inherited:
+        return f"{subject} released under its licence (`{lic['license']}`); check the teacher's terms before use."
+    terms = f" ([terms]({lic['license_link']}))" if lic.get("license_link") else ""
+    return (f"{subject} released under the teacher's\nlicence, `{lic.get('license_name') or lic['license']}`{terms}, "
+            "as its model card declares.")
 
 # ---- the schedule -------------------------------------------------------------------------------------------------
 def student_schedule(scheduler_or_dir, num_inference_steps: int) -> dict[str, Any]:
@@ -423,6 +451,61 @@ def _open_rgb(path: str):
         return im.convert("RGB")
 
 
+# ---- the dtype and variant a student loads with -------------------------------------------------------------------
+_SAFETENSORS_DTYPES = {"F16": "torch.float16", "BF16": "torch.bfloat16", "F32": None}
+_DTYPE_SOURCES = {"fp16": "torch.float16", "float16": "torch.float16", "torch.float16": "torch.float16",
+                  "bf16": "torch.bfloat16", "bfloat16": "torch.bfloat16", "torch.bfloat16": "torch.bfloat16",
+                  "fp32": None, "float32": None, "torch.float32": None, "no": None}
+
+
+def dtype_source(dtype) -> str | None:
+    """Python source of a ``torch_dtype`` argument (``"torch.bfloat16"``) from ``bf16`` / ``torch.bfloat16`` / a
+    ``torch.dtype``; None for fp32 (diffusers' default)."""
+    if dtype is None:
+        return None
+    key = dtype if isinstance(dtype, str) else str(dtype)
+    if key not in _DTYPE_SOURCES:
+        raise ValueError(f"Unknown dtype {dtype!r}; expected one of fp32, bf16, fp16.")
+    return _DTYPE_SOURCES[key]
+
+
+def saved_weights_format(folder: str) -> tuple[str | None, str | None]:
+    """``(torch_dtype source, variant)`` of the denoiser a pipeline folder holds (``unet/`` or ``transformer/``):
+    the dtype from the safetensors header (None for fp32 or no weights), the variant from the file name
+    (``diffusion_pytorch_model.fp16.safetensors``)."""
+    import struct
+
+    for sub in ("unet", "transformer"):
+        path = os.path.join(folder, sub)
+        if not os.path.isdir(path):
+            continue
+        names = sorted(n for n in os.listdir(path) if re.fullmatch(
+            r"diffusion_pytorch_model(\.[A-Za-z0-9_]+)?(-\d+-of-\d+)?\.safetensors", n))
+        if not names:
+            continue
+        match = re.fullmatch(r"diffusion_pytorch_model\.([A-Za-z0-9_]+)(-\d+-of-\d+)?\.safetensors", names[0])
+        variant = match.group(1) if match else None
+        try:
+            with open(os.path.join(path, names[0]), "rb") as f:
+                header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+            dtypes = {v["dtype"] for k, v in header.items() if k != "__metadata__"}
+        except (OSError, ValueError, KeyError, struct.error):
+            dtypes = set()
+        dtype = _SAFETENSORS_DTYPES.get(dtypes.pop()) if len(dtypes) == 1 else None
+        return dtype, variant
+    return None, None
+
+
+def _load_kwargs(dtype: str | None, variant: str | None, extra: Mapping[str, str] | None) -> dict[str, str]:
+    out = {}
+    if dtype:
+        out["torch_dtype"] = dtype
+    if variant:
+        out["variant"] = _py(variant)
+    out.update(extra or {})
+    return out
+
+
 # ---- card sections ------------------------------------------------------------------------------------------------
 def _py(s: str) -> str:
     """A Python string literal (double quotes)."""
@@ -575,6 +658,8 @@ def write_model_card(
     sample_grid: str | None = None,
     template: str | None = None,
     training_details: Mapping[str, Any] | None = None,
+    torch_dtype: str | None = None,
+    variant: str | None = None,
 ) -> str:
     """Write the student's samples and ``output_dir/README.md``; return the card's text.
 
@@ -624,6 +709,10 @@ def write_model_card(
         sample_grid: (legacy) an existing grid image, relative to ``output_dir``; used when no ``sample_images``.
         template: (legacy) ``image``, ``image_lora``, ``video`` or ``video_lora``; None follows ``lora``/``video``.
         training_details: (legacy) merged into ``hyperparameters``.
+        torch_dtype: the dtype the usage snippet loads with (``fp16``, ``bf16``, ``fp32``); None: the saved
+            denoiser's dtype, for LoRA the run's ``mixed_precision`` (``training_config.json``).
+        variant: the weights variant the snippet loads; None: the saved denoiser files' variant, for LoRA the
+            run's ``--variant`` (the base's files).
     """
     import jinja2
     from huggingface_hub import ModelCard, ModelCardData
@@ -673,7 +762,14 @@ def write_model_card(
 
     # metadata
     inherited = teacher_license(base_model) if license is None else None
-    lic = inherited or {"license": license or "other"}
+    lic = dict(inherited or {"license": license or "other"})
+    license_file = lic.pop("license_file", None)
+    if license_file:  # the teacher's licence text travels with the weights derived from it
+        import shutil
+
+        target = os.path.join(output_dir, lic["license_link"])
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.copyfile(license_file, target)
     all_tags = ["diffusers", "distillation", "dmdx", *METHOD_TAGS[method], "few-step",
                 *(["lora"] if lora else []), "text-to-video" if video else "text-to-image", *tags]
     card_data = ModelCardData(
@@ -688,11 +784,25 @@ def write_model_card(
     local_ref = repo_id is None
     repo_ref = repo_id or os.path.basename(os.path.normpath(os.path.abspath(output_dir)))
     note = LOCAL_NOTE if local_ref else ""
+    # load with the dtype the student was trained / saved in and the variant its files (or its base's) carry
+    saved_dtype, saved_variant = saved_weights_format(output_dir)
+    run = {}
+    if os.path.isfile(os.path.join(output_dir, TRAINING_CONFIG)):
+        with open(os.path.join(output_dir, TRAINING_CONFIG)) as f:
+            run = json.load(f)
+    if lora:  # the adapter loads into its base, in the precision it was trained against
+        load_dtype = dtype_source(torch_dtype) if torch_dtype else (
+            dtype_source(run.get("mixed_precision")) if run.get("mixed_precision") else saved_dtype)
+        load_variant = variant if variant is not None else run.get("variant")
+    else:
+        load_dtype = dtype_source(torch_dtype) if torch_dtype else saved_dtype
+        load_variant = variant if variant is not None else saved_variant
     common = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, prompt=prompt,
-                  scheduler_class=scheduler_class, video=video, fps=fps, pipeline_kwargs=pipeline_kwargs,
-                  call_kwargs=call_kwargs)
-    usage = usage_snippet(repo_ref, pipeline_class, lora=lora, base_model=hub_id, load_note=note, **common)
-    full_usage = (usage_snippet(repo_ref, pipeline_class, lora=False, load_note=note, **common)
+                  scheduler_class=scheduler_class, video=video, fps=fps, call_kwargs=call_kwargs)
+    usage = usage_snippet(repo_ref, pipeline_class, lora=lora, base_model=hub_id, load_note=note,
+                          pipeline_kwargs=_load_kwargs(load_dtype, load_variant, pipeline_kwargs), **common)
+    full_usage = (usage_snippet(repo_ref, pipeline_class, lora=False, load_note=note,
+                                pipeline_kwargs=_load_kwargs(saved_dtype, saved_variant, pipeline_kwargs), **common)
                   if lora and full_pipeline else None)
 
     # comparison
@@ -729,7 +839,10 @@ def write_model_card(
         grid=grid, samples=list(zip(sample_prompts, sample_files)), sample_prompts=sample_prompts, video=video,
         usage=usage, full_usage=full_usage, local_ref=local_ref, repo_ref=repo_ref,
         evaluation_table=evaluation_table(report_rows, this_row) if report_rows else None,
-        evaluation_samples=first.get("num_images_per_prompt"),
+        evaluation_samples=first.get("num_images_per_prompt"), evaluation_prompt_set=first.get("prompt_set"),
+        evaluation_models=", ".join(f"{label} `{first[key]}`" for key, label in (
+            ("dinov2_model", "DINOv2"), ("clip_model", "CLIP"), ("pickscore_model", "PickScore"))
+            if isinstance(first.get(key), str)) or None,
         teacher_steps=teacher_num_inference_steps, teacher_guidance=teacher_guidance_scale,
         teacher_nfe=teacher_nfe, student_nfe=student_nfe,
         teacher_seconds=teacher_seconds_per_image, student_seconds=student_seconds_per_image,
@@ -739,8 +852,7 @@ def write_model_card(
         hardware=hardware, cell=_cell,
         training_command=format_training_command(training_command, scrub) if training_command else None,
         hyperparameters=hyper, extra_sections=dict(extra_sections or {}),
-        license=lic["license"], license_name=lic.get("license_name"), license_link=lic.get("license_link"),
-        license_inherited=bool(inherited), lora=lora, guidance_text=guidance_text,
+        licence_text=licence_text(teacher_md, lora, lic, bool(inherited)), lora=lora, guidance_text=guidance_text,
     )
     card = ModelCard(scrub.text(text))
     card.save(os.path.join(output_dir, "README.md"))

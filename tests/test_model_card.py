@@ -130,8 +130,8 @@ def test_image_card_local_teacher(tmp_path):
     # the comparison table without a report: steps, NFE (CFG doubles), guidance, seconds, and what is missing
     assert "| teacher (local) | 28 | 56 | 7 | 2 |" in text and "| **this student** | 4 | 4 | 0 | 0.25 |" in text
     assert "14x fewer network evaluations" in text and "8x faster" in text
-    assert "python distill_scripts/evaluate.py --pipeline teacher=<teacher>:STEPS:GUIDANCE --pipeline " \
-           "student=<output_dir>:4:0.0" in text
+    assert "python distill_scripts/evaluate.py --prompts_file <prompts.txt> --pipeline " \
+           "teacher=<teacher>:STEPS:GUIDANCE --pipeline student=<output_dir>:4:0.0" in text
     # the training command: placeholders for machine paths, no secret, the script as a repo path
     command = re.search(r"```bash\n(accelerate launch .*?)```", text, re.S).group(1)
     assert command.startswith("accelerate launch distill_scripts/train_adm_sd3.py \\\n")
@@ -251,6 +251,13 @@ def test_licence_inheritance(tmp_path, monkeypatch):
     data = ModelCard.load(os.path.join(out, "README.md")).data.to_dict()
     assert data["license"] == "other" and data["license_name"] == "stabilityai-ai-community"
     assert "`stabilityai-ai-community`" in text and "as its model card declares" in text
+    # the linked licence text in the local teacher's folder travels with the student, linked relatively
+    with open(os.path.join(sd3, "LICENSE.md"), "w") as f:
+        f.write("STABILITY AI COMMUNITY LICENSE\n")
+    text = write_model_card(out, base_model=sd3, **common)
+    data = ModelCard.load(os.path.join(out, "README.md")).data.to_dict()
+    assert data["license_link"] == "LICENSE.md" and "([terms](LICENSE.md))" in text
+    assert open(os.path.join(out, "LICENSE.md")).read() == "STABILITY AI COMMUNITY LICENSE\n"
     # an explicit licence wins; no card means "other"
     write_model_card(out, base_model=sd3, license="mit", **common)
     assert ModelCard.load(os.path.join(out, "README.md")).data.license == "mit"
@@ -321,7 +328,8 @@ def test_push_to_hub_uploads_card_and_samples(tmp_path, monkeypatch):
         return Repo()
 
     def fake_upload_folder(**kwargs):  # what would be sent, as upload_folder filters it
-        calls["uploaded"] = upload_file_list(kwargs["folder_path"], kwargs["ignore_patterns"])
+        calls["uploaded"] = upload_file_list(kwargs["folder_path"], kwargs["ignore_patterns"],
+                                             kwargs.get("allow_patterns"))
         calls["readme"] = open(os.path.join(kwargs["folder_path"], "README.md")).read()
 
     monkeypatch.setattr(huggingface_hub, "create_repo", fake_create_repo)
@@ -443,3 +451,184 @@ def test_indefinite_article_before_step_counts():
 
     assert [indefinite_article(n) for n in (1, 4, 8, 11, 18, 25, 80, 111)] == \
         ["a", "a", "an", "an", "an", "a", "an", "a"]
+
+
+def _finished_student(tmp_path, name: str, config: dict, lora: bool = False, dtype=None, variant=None) -> str:
+    """A student folder as export leaves it: model_index.json, a scheduler, a denoiser's safetensors (in ``dtype``,
+    file named with ``variant``), the teacher's VAE / text encoder folders, training_config.json, LoRA weights."""
+    import torch
+    from diffusers import LCMScheduler
+    from safetensors.torch import save_file
+
+    out = _student(tmp_path, name, scheduler=LCMScheduler())
+    root = tmp_path / "runs" / name
+    (root / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
+    for sub in ("unet", "vae", "text_encoder"):
+        (root / sub).mkdir()
+        (root / sub / "config.json").write_text("{}")
+    weights = f"diffusion_pytorch_model{'.' + variant if variant else ''}.safetensors"
+    save_file({"w": torch.zeros(2, dtype=dtype or torch.float32)}, str(root / "unet" / weights))
+    save_file({"w": torch.zeros(2)}, str(root / "vae" / "diffusion_pytorch_model.safetensors"))
+    (root / "training_config.json").write_text(json.dumps(config))
+    if lora:
+        save_file({"lora.w": torch.zeros(2)}, str(root / "pytorch_lora_weights.safetensors"))
+    return out
+
+
+def general_report(student_path: str, teacher_path: str) -> dict:
+    """report.json of evaluate.py's general mode (the keys it writes), for a teacher, a second seed and a student."""
+    common = {"prompt_set": "coco2014_val_captions.txt, first 1000 prompts", "dinov2_model": "facebook/dinov2-large",
+              "clip_model": "openai/clip-vit-large-patch14", "pickscore_model": None, "num_prompts": 1000,
+              "num_images_per_prompt": 2, "num_images": 2000, "reference_pipeline": "teacher", "torch_dtype": "fp16",
+              "diversity_raw": 30.0, "pipeline_class": "StableDiffusionXLPipeline", "seed": 0}
+    row = {"fd_dinov2_to_teacher": None, "fd_clip_to_teacher": None, "fd_dinov2_real": None, "clip_score": 31.9,
+           "pickscore": None, "diversity": 1.0, "nfe": 50, "seconds_per_image": 3.1, "peak_memory_gb": 10.2,
+           "num_inference_steps": 25, "guidance_scale": 5.0, "path": teacher_path}
+    return {"teacher": row | common,
+            "teacher_seed1": row | common | {"fd_dinov2_to_teacher": 41.7, "fd_clip_to_teacher": 0.8, "seed": 1},
+            "student": row | common | {"fd_dinov2_to_teacher": 212.4, "fd_clip_to_teacher": 3.25, "clip_score": 30.6,
+                                      "diversity": 0.74, "nfe": 1, "seconds_per_image": 0.12, "num_inference_steps": 1,
+                                      "guidance_scale": 0.0, "path": student_path}}
+
+
+def test_refresh_model_card_from_a_general_report(tmp_path):
+    """A real student's card: the teacher-vs-student table of evaluate.py's general mode (FD_DINOv2 / FD_CLIP to
+    the teacher, CLIP score, diversity, cost) with the prompt set, sample counts and metric models named."""
+    from dmdx.pipelines.model_card import refresh_model_card
+
+    teacher = _teacher(tmp_path)
+    config = {"pretrained_model_name_or_path": teacher, "method": "adm", "num_student_steps": 1,
+              "validation_prompts": PROMPTS[:1]}
+    out = _finished_student(tmp_path, "student", config)
+    before = refresh_model_card(out)
+    assert "were not\nmeasured for this card" in before and "--prompts_file <prompts.txt>" in before
+    (tmp_path / "report.json").write_text(json.dumps(general_report(out, teacher)))
+    text = refresh_model_card(out, evaluation_report=str(tmp_path / "report.json"))
+    header = next(line for line in text.splitlines() if line.startswith("| pipeline |"))
+    assert header.startswith("| pipeline | steps | NFE | guidance | s / image | diversity (rel.) | FD_DINOv2 to "
+                             "teacher ↓ | FD_CLIP to teacher ↓ | FD_DINOv2 to real ↓ | CLIP score ↑ | PickScore ↑ |")
+    assert "| teacher | 25 | 50 | 5 | 3.1 | 1 | – | – | – | 31.9 | – | 10.2 |" in text
+    assert "| teacher_seed1 | 25 | 50 | 5 | 3.1 | 1 | 41.7 | 0.8 | – | 31.9 |" in text
+    assert "| **student** (this model) | 1 | 1 | 0 | 0.12 | 0.74 | 212.4 | 3.25 | – | 30.6 | – | 10.2 |" in text
+    assert "on coco2014_val_captions.txt, first 1000 prompts (2 samples per prompt)" in text
+    assert "Metric models: DINOv2 `facebook/dinov2-large`, CLIP `openai/clip-vit-large-patch14`." in text
+    assert "were not\nmeasured" not in text and "diversity_raw" not in text and "num prompts" not in text
+    _assert_no_machine_path(text, teacher, out, str(tmp_path))
+
+
+def test_lora_card_dtype_variant_licence_and_grammar(tmp_path):
+    """A LoRA trained in bf16 on an fp16-variant base: the adapter snippet loads the base that way, the fused
+    pipeline's snippet as its files are saved; the licence comes from the teacher behind the ADP generator the
+    LoRA was trained on; the licence sentence is grammatical."""
+    import torch
+
+    from dmdx.pipelines.model_card import refresh_model_card, saved_weights_format
+
+    teacher = _teacher(tmp_path, card="license: openrail++")
+    adp = tmp_path / "adp-student"  # an earlier DMDX student (no card of its own) as the LoRA's base
+    adp.mkdir()
+    (adp / "training_config.json").write_text(json.dumps({"pretrained_model_name_or_path": teacher}))
+    config = {"pretrained_model_name_or_path": teacher, "pretrained_generator_name_or_path": str(adp),
+              "method": "adm", "num_student_steps": 4, "lora_rank": 8, "mixed_precision": "bf16", "variant": "fp16"}
+    out = _finished_student(tmp_path, "lora-student", config, lora=True, dtype=torch.float16, variant="fp16")
+    assert saved_weights_format(out) == ("torch.float16", "fp16")
+    text = refresh_model_card(out)
+    lora, full = _snippet(text), _snippet(text, 1)
+    assert 'from_pretrained("<path to the teacher>", torch_dtype=torch.bfloat16, variant="fp16")' in lora
+    assert 'DiffusionPipeline.from_pretrained("lora-student", torch_dtype=torch.float16, variant="fp16")' in full
+    assert "license: openrail++" in text and "as its model card declares" in text
+    assert "The adapter is a derivative of" in text and "and is released under the teacher's" in text
+    assert "adapter are" not in text
+    # explicit arguments win; an fp32 folder without a variant adds nothing
+    from dmdx.pipelines.model_card import write_model_card
+
+    text = write_model_card(out, base_model=teacher, pipeline_class="StableDiffusionXLPipeline", num_inference_steps=4,
+                            guidance_scale=0.0, method="adm", lora=True, torch_dtype="fp16", variant=None)
+    assert 'from_pretrained("<path to the teacher>", torch_dtype=torch.float16, variant="fp16")' in _snippet(text)
+    plain = _finished_student(tmp_path, "full-student", {"method": "adm", "num_student_steps": 1})
+    assert saved_weights_format(plain) == (None, None)
+    text = write_model_card(plain, base_model=teacher, pipeline_class="StableDiffusionXLPipeline",
+                            num_inference_steps=1, guidance_scale=0.0, method="adm")
+    assert 'DiffusionPipeline.from_pretrained("full-student")' in _snippet(text)
+    assert "The weights are a derivative of" in text and "and are released" in text
+
+
+def test_push_lora_adapter_only_by_default(tmp_path, monkeypatch):
+    """A LoRA folder (which also holds the fused pipeline with the teacher's VAE and text encoders) publishes the
+    adapter, its scheduler, card, samples and training config only, and its card no longer offers the fused
+    pipeline; adapter_only=False publishes everything."""
+    import huggingface_hub
+
+    from dmdx.pipelines.hub import push_to_hub, upload_file_list
+    from dmdx.pipelines.model_card import refresh_model_card
+
+    teacher = _teacher(tmp_path)
+    config = {"pretrained_model_name_or_path": teacher, "method": "adm", "num_student_steps": 1, "lora_rank": 4,
+              "validation_prompts": PROMPTS[:2]}
+    out = _finished_student(tmp_path, "lora", config, lora=True)
+    for i in range(2):
+        os.makedirs(os.path.join(out, "samples"), exist_ok=True)
+        _images(1)[0].save(os.path.join(out, "samples", f"{i}.png"))
+    assert "complete `StableDiffusionXLPipeline`" in refresh_model_card(out)
+    calls = []
+
+    class Repo:
+        repo_id = "me/lora"
+
+    def fake_upload_folder(**kwargs):
+        calls.append((set(upload_file_list(kwargs["folder_path"], kwargs["ignore_patterns"],
+                                           kwargs.get("allow_patterns"))),
+                      open(os.path.join(kwargs["folder_path"], "README.md")).read()))
+
+    monkeypatch.setattr(huggingface_hub, "create_repo", lambda *a, **k: Repo())
+    monkeypatch.setattr(huggingface_hub, "upload_folder", fake_upload_folder)
+    push_to_hub(out, "me/lora")
+    sent, readme = calls[-1]
+    assert sent == {"pytorch_lora_weights.safetensors", "README.md", "scheduler/scheduler_config.json",
+                    "samples/0.png", "samples/1.png", "samples/grid.png", "training_config.json"}, sent
+    assert "complete `StableDiffusionXLPipeline`" not in readme and len(re.findall(r"```python", readme)) == 1
+    assert 'pipe.load_lora_weights("me/lora")' in readme
+    refresh_model_card(out)
+    push_to_hub(out, "me/lora", adapter_only=False)
+    sent, readme = calls[-1]
+    assert {"model_index.json", "vae/diffusion_pytorch_model.safetensors", "text_encoder/config.json"} <= sent
+    assert "complete `StableDiffusionXLPipeline`" in readme
+    full = _finished_student(tmp_path, "full", {"method": "adm", "num_student_steps": 1})
+    with pytest.raises(FileNotFoundError, match="adapter_only"):
+        push_to_hub(full, "me/full", adapter_only=True)
+
+
+def test_push_reads_the_hub_teachers_licence_missed_offline(tmp_path, monkeypatch):
+    """Exported offline, a Hub teacher's card was not in the cache: `license: other`. Publishing is online, so the
+    teacher's licence is read then and put on the card (metadata and the Licence section) before upload."""
+    import huggingface_hub
+    from huggingface_hub import ModelCard
+
+    from dmdx.pipelines import model_card
+    from dmdx.pipelines.hub import push_to_hub
+
+    out = _student(tmp_path, "sdxl-student")
+    text = model_card.write_model_card(out, base_model="stabilityai/stable-diffusion-xl-base-1.0",
+                                       pipeline_class="StableDiffusionXLPipeline", num_inference_steps=1,
+                                       timesteps=[999], guidance_scale=0.0, method="adm")
+    assert "license: other" in text and "check the teacher's terms before use" in text
+    sent = {}
+
+    class Repo:
+        repo_id = "me/sdxl-student"
+
+    monkeypatch.setattr(huggingface_hub, "create_repo", lambda *a, **k: Repo())
+    monkeypatch.setattr(huggingface_hub, "upload_folder",
+                        lambda **k: sent.update(readme=open(os.path.join(k["folder_path"], "README.md")).read()))
+    looked_up = []
+    monkeypatch.setattr(model_card, "teacher_license",
+                        lambda base: looked_up.append(base) or {"license": "openrail++"})
+    push_to_hub(out, "me/sdxl-student")
+    assert looked_up == ["stabilityai/stable-diffusion-xl-base-1.0"]
+    data = ModelCard.load(os.path.join(out, "README.md")).data.to_dict()
+    assert data["license"] == "openrail++" and data["base_model"] == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert "`openrail++`, as its model card declares" in sent["readme"] and "check the teacher's terms" not in \
+        sent["readme"]
+    assert 'from_pretrained("me/sdxl-student")' in sent["readme"]  # the rest of the card is kept
+    push_to_hub(out, "me/sdxl-student")  # a declared licence is not looked up again
+    assert looked_up == ["stabilityai/stable-diffusion-xl-base-1.0"]
