@@ -1435,7 +1435,7 @@ def save_general_samples(output_dir: str, names: list[str], prompts: list[str], 
     middle and last frame); video also ``samples.gif``, the clips animated side by side."""
     from diffusers.utils import export_to_gif, make_image_grid
 
-    from dmdx.pipelines.model_card import video_strip
+    from dmdx.training.plumbing import video_strip
 
     cols = list(range(min(max_prompts if not video else 4, len(prompts))))
     tiles = []
