@@ -208,7 +208,8 @@ class CogVideoXTeacher(TeacherAdapter):
         return self._rotary[key]
 
     def predict(self, model, x, t, cond):
-        """The v-prediction at (x, t); the timestep stays fp32 (t - T/64 is fractional)."""
+        """The v-prediction at (x, t). The timestep stays fp32: CogVideoXPipeline passes its DDIM scheduler's integer
+        timesteps, which fp32 holds exactly, and ADM's t - T/64 is fractional (bf16 would round it)."""
         dtype = model_dtype(model)
         return model(hidden_states=x.to(dtype), encoder_hidden_states=cond["prompt_embeds"].to(dtype),
                      timestep=t.float(), image_rotary_emb=self.rotary_embedding(x.shape[1:], x.device),

@@ -90,8 +90,10 @@ class SD3Teacher(TeacherAdapter):
         return self.encode_prompts([""], device)
 
     def predict(self, model, x, t, cond):
+        """The flow velocity at (x, t). The timestep stays fp32, as StableDiffusion3Pipeline passes its scheduler's
+        timesteps: in bf16 t = 700 would become 698.92 (bf16's grid spacing is 2-4 above t = 256)."""
         dtype = model_dtype(model)
-        return model(hidden_states=x.to(dtype), timestep=t.to(dtype),
+        return model(hidden_states=x.to(dtype), timestep=t.float(),
                      encoder_hidden_states=cond["prompt_embeds"].to(dtype),
                      pooled_projections=cond["pooled_prompt_embeds"].to(dtype), return_dict=False)[0].float()
 

@@ -95,8 +95,11 @@ class SDXLTeacher(TeacherAdapter):
         return cond
 
     def predict(self, model, x, t, cond):
+        """The epsilon prediction at (x, t). The timestep is fp32, as StableDiffusionXLPipeline passes its
+        scheduler's (EulerDiscreteScheduler's are fp32; integer ones, e.g. DDIM's, are exact in fp32 too); the added
+        time ids go in the weights' dtype, as the pipeline casts them to its prompt embeddings' dtype."""
         dtype = model_dtype(model)
-        return model(x.to(dtype), t, encoder_hidden_states=cond["prompt_embeds"].to(dtype),
+        return model(x.to(dtype), t.float(), encoder_hidden_states=cond["prompt_embeds"].to(dtype),
                      added_cond_kwargs={"text_embeds": cond["pooled_prompt_embeds"].to(dtype),
                                         "time_ids": cond["time_ids"].to(dtype)}).sample.float()
 
