@@ -155,6 +155,9 @@ class CogVideoXTeacher(TeacherAdapter):
                            "diffusers' CogVideoXPipeline truncates them, e.g. %r", len(long), len(prompts), what,
                            self.max_sequence_length, long[0][:120])
 
+    def text_options(self) -> dict:
+        return {"max_sequence_length": self.max_sequence_length}
+
     def load_text_encoders(self, device, dtype, denoiser=None) -> None:
         """The stock pipeline's own encode_prompt (T5), on a pipeline without the VAE."""
         from diffusers import CogVideoXPipeline

@@ -60,10 +60,24 @@ class SD3Teacher(TeacherAdapter):
         return FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config(),
                                                            shift_terminal=self.shift_terminal or None)
 
-    def load_text_encoders(self, device, dtype, denoiser=None) -> None:
-        """The stock pipeline's own encode_prompt; without T5 it reads the transformer's config for the zeros."""
-        from diffusers import StableDiffusion3Pipeline
+    def text_components(self) -> list[str]:
+        drop = ("text_encoder_3", "tokenizer_3") if self.drop_t5 else ()
+        return [name for name in super().text_components() if name not in drop]
 
+    def text_options(self) -> dict:
+        return {"max_sequence_length": self.max_sequence_length, "drop_t5": self.drop_t5}
+
+    def load_text_encoders(self, device, dtype, denoiser=None) -> None:
+        """The stock pipeline's own encode_prompt; without T5 it reads the transformer's config for the zeros (a
+        weightless meta-device transformer when none is given: the text-embedding cache encodes before any
+        denoiser loads)."""
+        from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+        if denoiser is None and self.drop_t5:
+            from accelerate import init_empty_weights
+
+            with init_empty_weights():
+                denoiser = SD3Transformer2DModel.from_config(self.denoiser_config)
         no_t5 = {"text_encoder_3": None, "tokenizer_3": None} if self.drop_t5 else {}
         text_pipe = StableDiffusion3Pipeline.from_pretrained(
             self.path, transformer=denoiser, vae=None, torch_dtype=dtype, variant=self.variant, **no_t5,
