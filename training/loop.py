@@ -125,6 +125,7 @@ def open_text_cache(adapter, args, prompts: list[str]):
     todo = prompts if cache is None else cache.missing(prompts)
     if cache is None or todo or not cache.has_negative:
         adapter.check_tokenizers()
+    if cache is not None and todo:
         adapter.check_prompts(todo, "prompts to encode")
     absent = adapter.absent_text_encoders()
     if absent:
