@@ -174,3 +174,42 @@ def _load_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_ode_pairs_from_the_cache_use_each_prompt_once_per_pass(tiny_sdxl, tmp_path, monkeypatch):
+    """collect_ode_pairs with the cache loads the teacher without text encoders (here: deleted) and gives the pairs
+    the stock pipeline gives from the prompts (up to the cache's bf16 rounding); 12 pairs of 6 prompts use each
+    prompt twice; a resume deals the unfinished shards out evenly."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    (tmp_path / "prompts.txt").write_text("\n".join(TINY_PROMPTS) + "\n")
+    collect = _load_script("collect_ode_pairs")
+    common = ["--prompts_file", "prompts.txt", "--resolution", "32", "--num_pairs", "12", "--shard_size", "4",
+              "--batch_size", "4", "--num_inference_steps", "2", "--guidance_scale", "3.0"]
+    collect.main(collect.parse_args(["--pretrained_model_name_or_path", tiny_sdxl, *common, "--output_dir", "plain"]))
+    shutil.copytree(tiny_sdxl, tmp_path / "teacher")
+    collect.main(collect.parse_args(["--pretrained_model_name_or_path", "teacher", *common, "--output_dir", "warm",
+                                     "--text_embeddings_cache", "cache"]))  # builds the cache
+    for name in ("text_encoder", "text_encoder_2"):
+        shutil.rmtree(tmp_path / "teacher" / name)
+    collect.main(collect.parse_args(["--pretrained_model_name_or_path", "teacher", *common, "--output_dir", "cached",
+                                     "--text_embeddings_cache", "cache"]))
+    used = []
+    for i in range(3):
+        plain, cached = (load_file(tmp_path / d / f"shard-0000{i}.safetensors") for d in ("plain", "cached"))
+        assert torch.equal(plain["noise"], cached["noise"])
+        scale = plain["latents"].float().abs().max()
+        assert (plain["latents"].float() - cached["latents"].float()).abs().max() < 0.02 * scale
+        with safe_open(tmp_path / "cached" / f"shard-0000{i}.safetensors", "pt") as f:
+            used += json.loads(f.metadata()["prompts"])
+    assert sorted(used) == sorted(TINY_PROMPTS * 2)
+    assert sorted(used[:6]) == sorted(TINY_PROMPTS)  # the first pass is a permutation
+
+    # pair j's prompt does not depend on how the pairs are split into shards
+    split = collect.prompt_indices(6, 0, 0, 5) + collect.prompt_indices(6, 0, 5, 7)
+    assert collect.prompt_indices(6, 0, 0, 12) == split
+    # a resume where rank 0 had finished its shards (0, 2, 4) and rank 1 none: the rest is split evenly again
+    assert [collect.deal([1, 3, 5], r, 2) for r in (0, 1)] == [[1, 5], [3]]

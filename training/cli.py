@@ -262,20 +262,30 @@ def load_prompts(args) -> list[str]:
     else:
         from datasets import load_dataset
 
+        # Streamed, caption column only: nothing else of the data set (e.g. its images) is downloaded or decoded.
         name, ext = args.dataset_name, os.path.splitext(args.dataset_name)[1].lstrip(".")
+        limit = getattr(args, "max_train_prompts", None)
         try:
             if os.path.isfile(name) and ext in ("json", "jsonl", "csv", "parquet"):
                 dataset = load_dataset({"jsonl": "json"}.get(ext, ext), data_files=name, split="train",
-                                       cache_dir=args.cache_dir)
+                                       cache_dir=args.cache_dir, streaming=True)
             else:
                 dataset = load_dataset(name, args.dataset_config_name, split=args.dataset_split,
-                                       cache_dir=args.cache_dir)
+                                       cache_dir=args.cache_dir, streaming=True)
+            columns = dataset.column_names
+            if columns is not None and args.caption_column not in columns:
+                raise UsageError(f"--caption_column {args.caption_column!r} not in {name} columns {columns}.")
+            prompts = []
+            for row in dataset.select_columns([args.caption_column]):
+                caption = row[args.caption_column]
+                if caption is not None and str(caption).strip():
+                    prompts.append(str(caption).strip())
+                    if limit and len(prompts) >= limit:
+                        break
+        except UsageError:
+            raise
         except Exception as e:  # noqa: BLE001 - a missing/unreadable data set, named with its flag
             raise UsageError(f"--dataset_name {name!r} could not be loaded: {e}") from e
-        if args.caption_column not in dataset.column_names:
-            raise UsageError(f"--caption_column {args.caption_column!r} not in {name} columns "
-                             f"{dataset.column_names}.")
-        prompts = [str(c).strip() for c in dataset[args.caption_column] if c is not None and str(c).strip()]
         source = f"--dataset_name {name}[{args.caption_column}]"
     if getattr(args, "max_train_prompts", None):
         prompts = prompts[: args.max_train_prompts]
