@@ -204,6 +204,11 @@ class TextEmbeddingCache:
             keys = keys or sorted(tensors)
         barrier()
         if rank == 0:
+            absent = [f"shard-{first + i:05d}.safetensors" for i in range(len(chunks))
+                      if not os.path.isfile(os.path.join(self.folder, f"shard-{first + i:05d}.safetensors"))]
+            if absent:  # e.g. several nodes, each with its own local folder
+                raise UsageError(f"{self.what} {self.folder!r}: {len(absent)} shards the other processes wrote are "
+                                 f"not visible here ({absent[0]}, ...): the folder must be shared by every node.")
             shards = list(self.index["shards"]) if self.index else []
             shards += [{"file": f"shard-{first + i:05d}.safetensors", "num_prompts": len(c)}
                        for i, c in enumerate(chunks)]
