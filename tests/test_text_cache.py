@@ -139,6 +139,8 @@ def test_training_reads_the_cache_without_text_encoders(tiny_sdxl, tmp_path, mon
     assert "0 of this run's to encode" in proc.stdout + proc.stderr
     student = tmp_path / "run-b"
     assert json.loads((student / "model_index.json").read_text())["text_encoder"] == [None, None]
+    card = (student / "README.md").read_text()
+    assert "ships without text_encoder, text_encoder_2" in card and "CLIPTextModel.from_pretrained(" in card
     assert (student / "validation" / "step-000001.png").is_file()
     pipe = StableDiffusionXLPipeline.from_pretrained(
         student, text_encoder=CLIPTextModel.from_pretrained(tiny_sdxl, subfolder="text_encoder"),

@@ -318,5 +318,23 @@ class TeacherAdapter:
                 if name.startswith("text_encoder") and not os.path.isdir(os.path.join(self.path, name))]
 
     def card_extras(self) -> dict:
-        """Model-card arguments this architecture adds (e.g. how to load a student shipped without T5)."""
-        return {}
+        """Model-card arguments this architecture adds (e.g. how to load a student shipped without T5). Here: how
+        to load a student exported without the text encoders its teacher folder lacked (``absent_text_encoders``);
+        subclasses add theirs to it (``merge_card_extras``)."""
+        absent = self.absent_text_encoders()
+        if not absent:
+            return {}
+        loads = ", ".join(f"`{name}={self.index[name][1]}.from_pretrained(<teacher>, subfolder=\"{name}\")`"
+                          for name in absent)
+        return {"extra_sections": {"Text encoders": (
+            f"This student was trained from cached text embeddings and ships without {', '.join(absent)} (null in "
+            f"`model_index.json`): pass the teacher's to `from_pretrained`, e.g. {loads} (transformers classes).")}}
+
+
+def merge_card_extras(*extras: dict) -> dict:
+    """Card extras of several sources in one: mappings (``pipeline_kwargs``, ``extra_sections``, ...) merged."""
+    merged: dict = {}
+    for extra in extras:
+        for key, value in extra.items():
+            merged[key] = {**merged.get(key, {}), **value} if isinstance(value, dict) else value
+    return merged

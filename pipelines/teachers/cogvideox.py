@@ -10,7 +10,7 @@ import torch
 
 from dmdx.training.errors import UsageError
 
-from .base import TeacherAdapter, model_dtype, transformer_block_names
+from .base import TeacherAdapter, merge_card_extras, model_dtype, transformer_block_names
 
 logger = logging.getLogger("dmdx")
 
@@ -232,7 +232,7 @@ class CogVideoXTeacher(TeacherAdapter):
         stock = inspect.signature(CogVideoXPipeline.__call__).parameters["max_sequence_length"].default
         if self.max_sequence_length != stock:
             call["max_sequence_length"] = str(self.max_sequence_length)
-        return {"call_kwargs": call, "extra_sections": {"Memory": (
+        return merge_card_extras(super().card_extras(), {"call_kwargs": call, "extra_sections": {"Memory": (
             f"The student was trained on {self.num_frames} frames at {self.height}x{self.width}. As for the teacher, "
             "`pipe.vae.enable_slicing()` and `pipe.vae.enable_tiling()` lower the memory of decoding, and "
-            "`pipe.enable_model_cpu_offload()` that of the whole pipeline.")}}
+            "`pipe.enable_model_cpu_offload()` that of the whole pipeline.")}})

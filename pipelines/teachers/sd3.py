@@ -6,7 +6,7 @@ import torch
 
 from dmdx.training.errors import UsageError
 
-from .base import TeacherAdapter, model_dtype, transformer_block_names
+from .base import TeacherAdapter, merge_card_extras, model_dtype, transformer_block_names
 
 
 class SD3Teacher(TeacherAdapter):
@@ -123,8 +123,9 @@ class SD3Teacher(TeacherAdapter):
 
     def card_extras(self) -> dict:
         if not self.drop_t5:
-            return {}
+            return super().card_extras()
         # diffusers loads a component saved as [null, null] only when it is passed as None
-        return {"pipeline_kwargs": {"text_encoder_3": "None", "tokenizer_3": "None"},
-                "extra_sections": {"Without T5": "This student was trained without the T5 text encoder and ships "
-                                   "without it: load it with `text_encoder_3=None, tokenizer_3=None`."}}
+        return merge_card_extras(super().card_extras(), {
+            "pipeline_kwargs": {"text_encoder_3": "None", "tokenizer_3": "None"},
+            "extra_sections": {"Without T5": "This student was trained without the T5 text encoder and ships "
+                               "without it: load it with `text_encoder_3=None, tokenizer_3=None`."}})
