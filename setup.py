@@ -37,5 +37,7 @@ setup(
         "test": ["pytest", "pytest-xdist", "ruff"],
         "xformers": ["xformers"],
         "8bit": ["bitsandbytes"],
+        # a real run (docs/gpus.md): trackers, T5 tokenizers shipped as spiece.model, 8-bit Adam
+        "train": ["tensorboard>=2.16", "sentencepiece>=0.2", "protobuf>=4.25", "bitsandbytes>=0.45"],
     },
 )

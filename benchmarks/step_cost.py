@@ -3,6 +3,7 @@ must hold, and the memory plan (shared teacher, frozen modules in bf16, gradient
 
     python benchmarks/step_cost.py --script sdxl --size tiny                      # CPU, about a minute
     python benchmarks/step_cost.py --script sdxl --size tiny --memory_plan
+    python benchmarks/step_cost.py --script sd3 --size small --distribution_loss adm --text_cache
     python benchmarks/step_cost.py --script sd3 --size full --mixed_precision bf16 --resolution 1024  # a GPU
 
 The iteration is ``dmdx.training.loop.train_iteration``, unchanged, through the teacher adapter of ``--script``,
@@ -78,6 +79,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=1, help="Untimed iterations first.")
     p.add_argument("--memory_plan", action="store_true", help="Also ADM with the other precision (bf16 / no), the "
                    "other gradient checkpointing, the other fake-score kind (LoRA r=8 / full), each in its process.")
+    p.add_argument("--text_cache", action="store_true", help="Also ADM fed by the text-embedding cache (built "
+                   "first, outside the measured process; no text encoder loaded), in its own process: iteration time "
+                   "and peak memory with / without it as ratios.")
     p.add_argument("--no_paired", action="store_true", help="Skip ADM and DMD2 alternated in one process (always "
                    "skipped at --size full: two sets of real-size models do not fit).")
     p.add_argument("--device", default=None, help="Default: cuda if available, else cpu.")
@@ -185,6 +189,8 @@ def loop_args(spec: dict, tmp: str) -> argparse.Namespace:
             spec["mixed_precision"], "--diagnostics_steps", "0"]
     argv += [f"--{flag}" for flag in ("gradient_checkpointing", "precompute_text_embeddings") if spec[flag]]
     argv += [x for flag in PASSED_THROUGH if spec[flag] is not None for x in (f"--{flag}", str(spec[flag]))]
+    if spec.get("text_embeddings_cache"):
+        argv += ["--text_embeddings_cache", spec["text_embeddings_cache"]]
     args = finish_distillation_args(parser, parser.parse_args(argv))
     if hasattr(args, "max_sequence_length") and spec["size"] != "full":
         args.max_sequence_length = 32  # the tiny tokenizers hold 32 tokens
@@ -197,7 +203,7 @@ class Run:
 
     def __init__(self, spec: dict, accelerator, tmp: str):
         from dmdx.pipelines.teachers import ADAPTERS
-        from dmdx.training.loop import PromptSource, build_discriminator, build_models, prepare_models
+        from dmdx.training.loop import PromptSource, build_discriminator, build_models, open_text_cache, prepare_models
 
         os.makedirs(tmp, exist_ok=True)
         self.args, self.acc, device = (args := loop_args(spec, tmp)), accelerator, accelerator.device
@@ -205,9 +211,15 @@ class Run:
         own = {k: getattr(args, k) for k in inspect.signature(cls.__init__).parameters if k in RECIPES[spec["script"]]}
         self.adapter = cls(args.pretrained_model_name_or_path, resolution=args.resolution, revision=args.revision,
                            variant=args.variant, cache_dir=args.cache_dir, **own)
+        cache = None
+        if args.text_embeddings_cache:  # read only: built by the driver, so no encoder load counts in the peak
+            cache, _ = open_text_cache(self.adapter, args, PROMPTS)
+            if not cache.covers(PROMPTS):
+                raise RuntimeError(f"{args.text_embeddings_cache} does not hold the benchmark's prompts")
         m = self.models = build_models(self.adapter, args, accelerator, None)
-        self.adapter.load_text_encoders(device, m.weight_dtype, denoiser=m.teacher_base)
-        self.source = PromptSource(self.adapter, PROMPTS, device, args.precompute_text_embeddings)
+        if cache is None:
+            self.adapter.load_text_encoders(device, m.weight_dtype, denoiser=m.teacher_base)
+        self.source = PromptSource(self.adapter, PROMPTS, device, args.precompute_text_embeddings, cache=cache)
         if args.precompute_text_embeddings:
             self.adapter.free_text_encoders()
         if args.distribution_loss == "adm":
@@ -507,6 +519,13 @@ def main(argv=None):
                   {**adm, "name": "plan_gc", "gradient_checkpointing": not args.gradient_checkpointing},
                   {**adm, "name": "plan_fake_lora" if fake_rank == 0 else "plan_fake_full",
                    "fake_score_lora_rank": 8 if fake_rank == 0 else 0}]
+    if args.text_cache:
+        spec = {**base, "name": "adm_text_cache", "distribution_loss": "adm",
+                "text_embeddings_cache": os.path.join(tmp, "text_embeddings")}
+        build_text_cache(spec, tmp)
+        specs.append(spec)
+        if "adm" not in losses:
+            specs.append({**base, "name": "adm", "distribution_loss": "adm"})
     if len(losses) == 2 and not args.no_paired and args.size != "full":
         specs.append({**base, "name": "paired", "paired": True, "distribution_loss": "adm"})
     results = {spec["name"]: launch_worker(spec, tmp) for spec in specs}
@@ -519,6 +538,29 @@ def main(argv=None):
         f.write(table := markdown(summary))
     print(f"{table}Wrote {stem}.json and {stem}.md")
     return summary
+
+
+def build_text_cache(spec: dict, tmp: str) -> None:
+    """The benchmark prompts' text-embedding cache, built as a run builds it (one process), before the measured
+    worker starts."""
+    from accelerate import Accelerator
+
+    from dmdx.pipelines.teachers import ADAPTERS
+    from dmdx.training.loop import fill_text_cache, open_text_cache
+    from dmdx.training.plumbing import weight_dtype_of
+
+    os.makedirs(folder := os.path.join(tmp, "cache_args"), exist_ok=True)
+    args = loop_args(spec, folder)
+    cls = ADAPTERS[spec["script"]]
+    own = {k: getattr(args, k) for k in inspect.signature(cls.__init__).parameters if k in RECIPES[spec["script"]]}
+    adapter = cls(args.pretrained_model_name_or_path, resolution=args.resolution, **own)
+    accelerator = Accelerator(mixed_precision=spec["mixed_precision"], cpu=not spec["device"].startswith("cuda"))
+    cache, _ = open_text_cache(adapter, args, PROMPTS)
+    fill_text_cache(adapter, cache, PROMPTS, accelerator.device, weight_dtype_of(accelerator), rank=0, world=1,
+                    barrier=lambda: None)
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
 
 
 def summarize(args, teacher_info: dict, results: dict, paired: dict | None) -> dict:
@@ -536,6 +578,21 @@ def summarize(args, teacher_info: dict, results: dict, paired: dict | None) -> d
     if paired:
         summary["paired_iterations"] = paired
         summary["adm_over_dmd_update_cost_paired"] = paired["adm_over_dmd_median_of_pairs"]
+    if "adm_text_cache" in results and "adm" in results:
+        cached, plain = results["adm_text_cache"], results["adm"]
+        summary["text_cache"] = {
+            "what": "ADM fed by the text-embedding cache (no text encoder loaded) / ADM encoding each batch with the "
+                    "text encoders loaded (the scripts' default without a cache); separate processes",
+            "iteration_seconds_ratio": cached["iteration_seconds_median"] / plain["iteration_seconds_median"],
+            "peak_memory_ratio": cached["peak_memory_bytes"] / plain["peak_memory_bytes"],
+            "bytes_held_ratio": cached["bytes_held"]["total"] / plain["bytes_held"]["total"],
+            "text_encode_seconds_alone": plain["parts_seconds_median"].get("text_encode"),
+            "text_encodes_per_iteration": plain["part_counts_mean"].get("text_encode"),
+            # drift-free: both runs' passes priced with the plain run's timings of them (the two processes ran at
+            # different times on a shared machine; their own timings of the same pass differ by the load)
+            "iteration_seconds_ratio_from_parts": sum(
+                n * plain["parts_seconds_median"][p] for p, n in cached["part_counts_mean"].items()) / sum(
+                n * plain["parts_seconds_median"][p] for p, n in plain["part_counts_mean"].items())}
     plan = [run for name, run in results.items() if name.startswith("plan_")]
     if plan and "adm" in results:
         ref = results["adm"]
@@ -598,6 +655,16 @@ def markdown(summary: dict) -> str:
         lines += [f"| {part} | {sec:.4f} | {run['part_counts_mean'][part]:.3g} | "
                   f"{sec * run['part_counts_mean'][part]:.4f} |" for part, sec in run["parts_seconds_median"].items()
                   if run["part_counts_mean"].get(part)]
+    if "text_cache" in summary:
+        tc = summary["text_cache"]
+        lines += ["", f"Text-embedding cache: ADM reading it (no text encoder loaded) / ADM encoding every batch: "
+                      f"iteration time **{tc['iteration_seconds_ratio_from_parts']:.3f}x** from the passes each "
+                      "run made, priced with the encoding run's timings of them "
+                      f"({tc['iteration_seconds_ratio']:.2f}x measured, separate processes: machine load included); "
+                      f"peak memory **{tc['peak_memory_ratio']:.2f}x**, weights + grads + Adam held "
+                      f"{tc['bytes_held_ratio']:.3f}x. The run without the cache encodes "
+                      f"{tc['text_encodes_per_iteration']:.3g} batches per iteration at "
+                      f"{tc['text_encode_seconds_alone']:.4f} s each."]
     if "memory_plan" in summary:
         lines += ["", "Memory plan (ADM; each row its own process; ratios against the first row):", "",
                   "| configuration | peak memory (MB) | peak vs first | held (MB) | held vs first | s / iteration |",

@@ -308,6 +308,23 @@ def refuse_fsdp(accelerator) -> None:
                          "accelerate config such as distill_scripts/recipes/sdxl/accelerate_ddp_bf16.yaml.")
 
 
+def adp_prompt_source(adapter, args, accelerator, prompts: list[str]):
+    """The pairs' prompts as conditioning: from the text-embedding cache (``--text_embeddings_cache``; built for what
+    it lacks, the text encoders freed before the models load) or from text encoders kept loaded."""
+    from .loop import PromptSource, fill_text_cache, open_text_cache
+
+    device, dtype = accelerator.device, weight_dtype_of(accelerator)
+    wanted = prompts + list(args.validation_prompts or [])
+    cache, _ = open_text_cache(adapter, args, wanted)
+    if cache is None:
+        adapter.load_text_encoders(device, dtype)
+    else:
+        fill_text_cache(adapter, cache, wanted, device, dtype, rank=accelerator.process_index,
+                        world=accelerator.num_processes, barrier=accelerator.wait_for_everyone,
+                        shard_size=args.text_embeddings_shard_size)
+    return PromptSource(adapter, [], device, cache=cache)
+
+
 def adp_distill(adapter, args) -> None:
     """The whole ADP run: checks, models, loop (checkpoints, validation, logs), export of a stock pipeline with the
     flow scheduler (the ADM stage's ``--pretrained_generator_name_or_path``)."""
@@ -339,12 +356,11 @@ def adp_distill(adapter, args) -> None:
     accelerator = make_accelerator(args, "dmdx-adp")
     refuse_fsdp(accelerator)
     set_seed(args.seed)
-    device = accelerator.device
     if accelerator.is_main_process:
         clean_leftovers(args.output_dir)
-    adapter.load_text_encoders(device, weight_dtype_of(accelerator))
-    models = build_adp_models(adapter, args, accelerator, adapter.negative_conditioning(device))
-    val_cond = adapter.encode_prompts(args.validation_prompts, device) if args.validation_prompts else None
+    source = adp_prompt_source(adapter, args, accelerator, pairs.prompts)
+    models = build_adp_models(adapter, args, accelerator, source.negative)
+    val_cond = source.conditioning(list(args.validation_prompts)) if args.validation_prompts else None
     for name, attr, lr in (("generator", "generator", args.generator_lr),
                            ("discriminator", "heads", args.discriminator_lr)):
         optimizer = make_optimizer(args, getattr(models, attr), lr)
@@ -369,7 +385,7 @@ def adp_distill(adapter, args) -> None:
         accelerator.init_trackers("dmdx-adp", config=tracker_config(args))
     step = resume(accelerator, args, checkpoint)
 
-    encode = lambda prompts: adapter.encode_prompts(prompts, device)
+    encode = source.conditioning
     validate_fn = None
     if args.validation_prompts:
         def validate_fn(at: int):

@@ -37,7 +37,14 @@ def common_parser(description: str) -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--resolution", type=int, default=1024, help="Training (and student) image size in pixels.")
     g.add_argument("--precompute_text_embeddings", action="store_true",
-                   help="Encode all prompts once, then free the text encoders for the rest of training.")
+                   help="Shorthand for --text_embeddings_cache OUTPUT_DIR/text_embeddings.")
+    g.add_argument("--text_embeddings_cache", default=None,
+                   help="A folder of text embeddings (bf16 safetensors shards + index.json): every prompt, the empty "
+                        "prompt and the validation prompts encoded once, spread over the processes, then read "
+                        "memory-mapped; built (or extended) where it lacks prompts, otherwise the text encoders are "
+                        "not loaded at all. Refused when made for other text encoders or options (docs/gpus.md).")
+    g.add_argument("--text_embeddings_shard_size", type=int, default=256,
+                   help="Prompts per cache shard (the unit of work spread over the processes).")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--train_batch_size", type=int, default=1, help="Per device.")
@@ -152,6 +159,8 @@ def finish_common_args(parser: argparse.ArgumentParser, args, needs_prompts: boo
                  "validation_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}.")
+    if args.text_embeddings_shard_size < 1:
+        parser.error(f"--text_embeddings_shard_size must be >= 1, got {args.text_embeddings_shard_size}.")
     for name in ("lora_rank", "lr_warmup_steps"):
         if getattr(args, name) < 0:
             parser.error(f"--{name} must be >= 0 (LoRA rank 0 = full fine-tuning), got {getattr(args, name)}.")
@@ -172,8 +181,30 @@ def finish_common_args(parser: argparse.ArgumentParser, args, needs_prompts: boo
         try:
             import bitsandbytes  # noqa: F401
         except ImportError:
-            parser.error("--use_8bit_adam needs bitsandbytes: `pip install bitsandbytes`.")
+            parser.error("--use_8bit_adam needs bitsandbytes: `pip install -e .[train]` (docs/gpus.md).")
+    check_report_to(parser, args.report_to)
     return args
+
+
+# --report_to value -> the packages accelerate logs with (any one of them)
+TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
+
+
+def check_report_to(parser: argparse.ArgumentParser, report_to: str) -> None:
+    """``--report_to X`` needs X's package: without it accelerate only warns and the run logs nothing. Checked
+    with importlib's find_spec (nothing is imported); ``all`` needs at least one tracker."""
+    import importlib.util
+
+    def installed(name: str) -> bool:
+        return any(importlib.util.find_spec(p) is not None for p in TRACKER_PACKAGES[name])
+
+    if report_to in TRACKER_PACKAGES and not installed(report_to):
+        parser.error(f"--report_to {report_to} needs the {TRACKER_PACKAGES[report_to][0]} package, which is not "
+                     f"installed: `pip install {TRACKER_PACKAGES[report_to][0]}` (tensorboard comes with "
+                     "`pip install -e .[train]`, docs/gpus.md), or pass --report_to none.")
+    if report_to == "all" and not any(installed(name) for name in TRACKER_PACKAGES):
+        parser.error(f"--report_to all: none of the trackers' packages ({', '.join(TRACKER_PACKAGES)}) is installed: "
+                     "`pip install -e .[train]` brings tensorboard (docs/gpus.md).")
 
 
 def finish_distillation_args(parser: argparse.ArgumentParser, args):
@@ -231,20 +262,30 @@ def load_prompts(args) -> list[str]:
     else:
         from datasets import load_dataset
 
+        # Streamed, caption column only: nothing else of the data set (e.g. its images) is downloaded or decoded.
         name, ext = args.dataset_name, os.path.splitext(args.dataset_name)[1].lstrip(".")
+        limit = getattr(args, "max_train_prompts", None)
         try:
             if os.path.isfile(name) and ext in ("json", "jsonl", "csv", "parquet"):
                 dataset = load_dataset({"jsonl": "json"}.get(ext, ext), data_files=name, split="train",
-                                       cache_dir=args.cache_dir)
+                                       cache_dir=args.cache_dir, streaming=True)
             else:
                 dataset = load_dataset(name, args.dataset_config_name, split=args.dataset_split,
-                                       cache_dir=args.cache_dir)
+                                       cache_dir=args.cache_dir, streaming=True)
+            columns = dataset.column_names
+            if columns is not None and args.caption_column not in columns:
+                raise UsageError(f"--caption_column {args.caption_column!r} not in {name} columns {columns}.")
+            prompts = []
+            for row in dataset.select_columns([args.caption_column]):
+                caption = row[args.caption_column]
+                if caption is not None and str(caption).strip():
+                    prompts.append(str(caption).strip())
+                    if limit and len(prompts) >= limit:
+                        break
+        except UsageError:
+            raise
         except Exception as e:  # noqa: BLE001 - a missing/unreadable data set, named with its flag
             raise UsageError(f"--dataset_name {name!r} could not be loaded: {e}") from e
-        if args.caption_column not in dataset.column_names:
-            raise UsageError(f"--caption_column {args.caption_column!r} not in {name} columns "
-                             f"{dataset.column_names}.")
-        prompts = [str(c).strip() for c in dataset[args.caption_column] if c is not None and str(c).strip()]
         source = f"--dataset_name {name}[{args.caption_column}]"
     if getattr(args, "max_train_prompts", None):
         prompts = prompts[: args.max_train_prompts]

@@ -53,26 +53,97 @@ logger = logging.getLogger("dmdx")
 
 
 class PromptSource:
-    """Training prompts as conditioning: every prompt encoded once and kept on the CPU (``precompute``), or encoded
-    batch by batch; the empty prompt's conditioning (CFG's unconditional half) either way."""
+    """Training prompts as conditioning: read from the text-embedding cache (``cache``, a
+    :class:`~dmdx.training.text_cache.TextEmbeddingCache` that holds them; no text encoder in memory), or encoded
+    batch by batch by the adapter's loaded text encoders, or (``precompute``, the old in-memory way kept for the
+    benchmarks) all encoded once and kept on the CPU; the empty prompt's conditioning (CFG's unconditional half)
+    either way."""
 
-    def __init__(self, adapter, prompts: list[str], device, precompute: bool):
-        self.adapter, self.prompts, self.device = adapter, prompts, device
+    def __init__(self, adapter, prompts: list[str], device, precompute: bool = False, cache=None):
+        self.adapter, self.prompts, self.device, self.cache = adapter, prompts, device, cache
+        if cache is not None:
+            self.negative = self._complete(cache.negative(device), 1)
+            self.embeds = None
+            return
         self.negative = adapter.negative_conditioning(device)
         self.embeds = ({k: v.cpu() for k, v in adapter.encode_prompts(prompts, device).items()}
                        if precompute else None)
+
+    def _complete(self, cond: dict, n: int) -> dict:
+        """Cached conditioning plus what does not depend on the text (SDXL's time ids)."""
+        return {**cond, **self.adapter.fixed_conditioning(n, self.device)}
 
     @property
     def count(self) -> int:
         return len(self.prompts)
 
+    def conditioning(self, prompts: list[str]) -> dict:
+        """Any prompts' conditioning (e.g. the validation prompts), from the cache or the text encoders."""
+        if self.cache is not None:
+            return self._complete(self.cache.conditioning(prompts, self.device), len(prompts))
+        return self.adapter.encode_prompts(prompts, self.device)
+
     def batch(self, idx: torch.Tensor) -> tuple[dict, dict]:
         if self.embeds is not None:
             cond = select_conditioning(self.embeds, idx, self.device)
         else:
-            cond = self.adapter.encode_prompts([self.prompts[i] for i in idx.tolist()], self.device)
+            cond = self.conditioning([self.prompts[i] for i in idx.tolist()])
         n = idx.shape[0]
         return cond, {k: v.expand(n, *v.shape[1:]) for k, v in self.negative.items()}
+
+
+def text_cache_folder(args) -> str | None:
+    """``--text_embeddings_cache``; ``--precompute_text_embeddings`` alone means a cache in the output folder."""
+    folder = getattr(args, "text_embeddings_cache", None)
+    if folder is None and getattr(args, "precompute_text_embeddings", False):
+        folder = os.path.join(args.output_dir, "text_embeddings")
+    return folder
+
+
+def open_text_cache(adapter, args, prompts: list[str]):
+    """Before anything loads: the run's text-embedding cache (None without one; a fingerprint mismatch raises) and
+    the prompts it lacks. Where the text encoders will be needed (no cache, or one that lacks prompts) their
+    tokenizers are loaded now, so a missing package stops the run before any weights load."""
+    from .text_cache import TextEmbeddingCache
+
+    folder = text_cache_folder(args)
+    cache = TextEmbeddingCache(folder, adapter.text_fingerprint()) if folder else None
+    todo = prompts if cache is None else cache.missing(prompts)
+    if cache is None or todo or not cache.has_negative:
+        adapter.check_tokenizers()
+    if cache is not None and todo:
+        adapter.check_prompts(todo, "prompts to encode")
+    absent = adapter.absent_text_encoders()
+    if absent:
+        logger.warning("%s holds no %s: the student is exported with them as null components (load them from the "
+                       "teacher, docs/gpus.md)", adapter.path, ", ".join(absent))
+    return cache, todo
+
+
+def fill_text_cache(adapter, cache, prompts: list[str], device, dtype, *, rank: int, world: int, barrier,
+                    shard_size: int = 256) -> None:
+    """Encode what ``cache`` lacks of ``prompts`` (and the empty prompt) with the adapter's text encoders, each rank
+    its own shards, then free the encoders; every rank calls it. No denoiser is loaded yet: the encoders have the
+    device to themselves."""
+    logger.info("text-embedding cache %s: holds %d prompts, %d of this run's to encode%s", cache.folder,
+                cache.num_prompts, len(cache.missing(prompts)), "" if cache.has_negative else " (and the empty one)")
+    if cache.covers(prompts):
+        return
+    try:
+        adapter.load_text_encoders(device, dtype)
+    except (OSError, ValueError, ImportError) as e:
+        missing = cache.missing(prompts)
+        what = f"{len(missing)} prompts (e.g. {missing[0][:60]!r})" if missing else "the empty prompt"
+        raise UsageError(f"{cache.what} {cache.folder!r} lacks {what}, and the text encoders to encode them could "
+                         f"not be loaded from {adapter.path!r}: {str(e).splitlines()[0]}") from e
+    fixed = set(adapter.fixed_conditioning(1, "cpu"))
+    text_only = lambda cond: {k: v for k, v in cond.items() if k not in fixed}
+    encoded = cache.build(prompts, lambda batch: text_only(adapter.encode_prompts(batch, device)),
+                          lambda: text_only(adapter.negative_conditioning(device)), rank=rank, world=world,
+                          barrier=barrier, shard_size=shard_size, info={"encoder_dtype": str(dtype).removeprefix(
+                              "torch.")})
+    logger.info("process %d encoded %d prompts into %s", rank, encoded, cache.folder)
+    adapter.free_text_encoders()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -504,9 +575,12 @@ def distill(adapter, args, tracker_project: str) -> None:
         raise UsageError("--timestep_sampling shifted needs a flow (rectified-flow) teacher; "
                          f"{adapter.pipeline_class}'s schedule is {adapter.teacher_schedule().kind}.")
     prompts = load_prompts(args)
-    adapter.check_prompts(prompts, "training prompts")
-    if args.validation_prompts:
-        adapter.check_prompts(list(args.validation_prompts), "validation prompts")
+    cache_prompts = prompts + list(args.validation_prompts or [])
+    cache, _ = open_text_cache(adapter, args, cache_prompts)
+    if cache is None:
+        adapter.check_prompts(prompts, "training prompts")
+        if args.validation_prompts:
+            adapter.check_prompts(list(args.validation_prompts), "validation prompts")
     provenance = run_provenance(adapter, args, tracker_project, generator_path,
                                 student_timesteps(scheduler, args.num_student_steps))
     checkpoint = find_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
@@ -522,13 +596,17 @@ def distill(adapter, args, tracker_project: str) -> None:
     if accelerator.is_main_process:
         clean_leftovers(args.output_dir)
 
-    # 1. Models, conditioning, D, optimizers.
+    # 1. The text-embedding cache (encoders loaded only if it lacks prompts, and freed before the denoisers load);
+    #    models, conditioning, D, optimizers.
+    if cache is not None:
+        fill_text_cache(adapter, cache, cache_prompts, device, weight_dtype_of(accelerator),
+                        rank=accelerator.process_index, world=accelerator.num_processes,
+                        barrier=accelerator.wait_for_everyone, shard_size=args.text_embeddings_shard_size)
     models = build_models(adapter, args, accelerator, generator_path)
-    adapter.load_text_encoders(device, models.weight_dtype, denoiser=models.teacher_base)
-    source = PromptSource(adapter, prompts, device, args.precompute_text_embeddings)
-    val_cond = adapter.encode_prompts(args.validation_prompts, device) if args.validation_prompts else None
-    if args.precompute_text_embeddings:
-        adapter.free_text_encoders()
+    if cache is None:
+        adapter.load_text_encoders(device, models.weight_dtype, denoiser=models.teacher_base)
+    source = PromptSource(adapter, prompts, device, cache=cache)
+    val_cond = source.conditioning(list(args.validation_prompts)) if args.validation_prompts else None
     if args.distribution_loss == "adm":
         build_discriminator(adapter, args, models, source.negative, device)
     vae = adapter.load_vae(device) if args.validation_prompts else None

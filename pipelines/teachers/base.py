@@ -147,6 +147,67 @@ class TeacherAdapter:
     def check_prompts(self, prompts: list[str], what: str) -> None:
         """Warn (configs and tokenizers only, before any weights) about prompts the text encoder will truncate."""
 
+    def text_components(self) -> list[str]:
+        """The pipeline's text encoders and tokenizers this run uses (``model_index.json`` names, null ones left
+        out); an adapter that runs without one (SD3's ``--drop_t5``) leaves it out."""
+        return sorted(name for name, entry in self.index.items()
+                      if name.startswith(("text_encoder", "tokenizer")) and isinstance(entry, (list, tuple))
+                      and entry[0] is not None)
+
+    def check_tokenizers(self) -> None:
+        """Load every tokenizer this run needs (files only, no weights), so that a missing package stops the run
+        before any denoiser loads: a T5 tokenizer shipped as ``spiece.model`` alone (no tokenizer.json) needs
+        sentencepiece and protobuf to be read."""
+        import importlib.util
+
+        import transformers
+
+        for name in self.text_components():
+            if not name.startswith("tokenizer"):
+                continue
+            class_name = self.index[name][1]
+            cls = getattr(transformers, class_name or "", None) or transformers.AutoTokenizer
+            try:
+                cls.from_pretrained(self.path, subfolder=name, **self.load_kwargs)
+            except Exception as e:  # noqa: BLE001 - named with the folder and what to install
+                missing = [m for m in ("sentencepiece", "google.protobuf") if importlib.util.find_spec(
+                    m.split(".")[0]) is None]
+                hint = (f" A sentencepiece tokenizer (spiece.model) needs {' and '.join(missing)}: "
+                        "`pip install -e .[train]` (see docs/gpus.md)." if missing else "")
+                raise UsageError(f"{self.what} {self.path!r}: cannot load {name} ({class_name}): "
+                                 f"{str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}."
+                                 f"{hint}") from e
+
+    def text_fingerprint(self) -> dict:
+        """What fixes the conditioning a prompt encodes to (the text-embedding cache is valid while it holds): the
+        text encoders' and tokenizers' classes, their configs and tokenizer files, the encoders' weights (when
+        they are on disk: a cache may be read from a teacher folder without them) and the adapter's text options.
+        Values are strings; a component whose weights are absent is fingerprinted by its config alone."""
+        from dmdx.training.text_cache import folder_fingerprint
+
+        fingerprint = {"pipeline_class": self.pipeline_class, **{k: str(v) for k, v in self.text_options().items()}}
+        local = os.path.isdir(self.path)
+        for name in self.text_components():
+            fingerprint[f"{name}.class"] = str(self.index[name][1])
+            if not local:  # a Hub id: its name (and --revision) stands for its files
+                fingerprint[name] = f"hub:{self.path}/{name}@{self.load_kwargs['revision'] or 'main'}"
+            elif name.startswith("tokenizer"):
+                fingerprint[name] = folder_fingerprint(self.path, name, weights=False)
+            elif os.path.isdir(os.path.join(self.path, name)):
+                # optional ("?"): checked where present, so a cache can be read with the encoders deleted
+                fingerprint[f"{name}.config?"] = folder_fingerprint(self.path, name, weights=False)
+                fingerprint[f"{name}.weights?"] = folder_fingerprint(self.path, name, weights=True)
+        return fingerprint
+
+    def text_options(self) -> dict:
+        """The adapter's options that change how a prompt is encoded (e.g. ``max_sequence_length``)."""
+        return {}
+
+    def fixed_conditioning(self, n: int, device) -> dict[str, torch.Tensor]:
+        """Conditioning that does not depend on the prompt (SDXL's added time ids), for ``n`` samples: the
+        text-embedding cache leaves it out and the reader adds it back."""
+        return {}
+
     def config_fingerprint(self) -> dict:
         """What identifies the teacher in a checkpoint's provenance: its pipeline class and denoiser config."""
         keep = {k: v for k, v in self.denoiser_config.items() if not k.startswith("_")}
@@ -232,7 +293,8 @@ class TeacherAdapter:
         from dmdx.pipelines.export import LORA_WEIGHT_NAME, save_student_pipeline
 
         dtype = self.export_dtype(weight_dtype)
-        components = {self.denoiser_name: denoiser.to(dtype), **self.export_components()}
+        absent = {name: None for name in self.absent_text_encoders()}
+        components = {self.denoiser_name: denoiser.to(dtype), **absent, **self.export_components()}
         save_student_pipeline(self.path, output_dir, components, scheduler, torch_dtype=dtype, variant=self.variant,
                               **self.load_kwargs)
         if lora_state:
@@ -247,9 +309,26 @@ class TeacherAdapter:
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
 
+    def absent_text_encoders(self) -> list[str]:
+        """Text encoders the local teacher folder lists but does not hold (a run fed by the text-embedding cache
+        needs none): the export ships them as null components, to be loaded from the teacher."""
+        if not os.path.isdir(self.path):
+            return []
+        return [name for name in self.text_components()
+                if name.startswith("text_encoder") and not os.path.isdir(os.path.join(self.path, name))]
+
     def card_extras(self) -> dict:
-        """Model-card arguments this architecture adds (e.g. how to load a student shipped without T5)."""
-        return {}
+        """Model-card arguments this architecture adds (e.g. how to load a student shipped without T5). Here: how
+        to load a student exported without the text encoders its teacher folder lacked (``absent_text_encoders``);
+        subclasses add theirs to it (``merge_card_extras``)."""
+        absent = self.absent_text_encoders()
+        if not absent:
+            return {}
+        loads = ", ".join(f"`{name}={self.index[name][1]}.from_pretrained(<teacher>, subfolder=\"{name}\")`"
+                          for name in absent)
+        return {"extra_sections": {"Text encoders": (
+            f"This student was trained from cached text embeddings and ships without {', '.join(absent)} (null in "
+            f"`model_index.json`): pass the teacher's to `from_pretrained`, e.g. {loads} (transformers classes).")}}
 
     # ---- publishing: how the training loops reach the model card and the Hub (``dmdx.training`` never imports
     # ``dmdx.pipelines``; docs/design.md#imports). Each passes its arguments through unchanged.
@@ -267,3 +346,12 @@ class TeacherAdapter:
         from dmdx.pipelines.hub import push_to_hub
 
         return push_to_hub(*args, **kwargs)
+
+
+def merge_card_extras(*extras: dict) -> dict:
+    """Card extras of several sources in one: mappings (``pipeline_kwargs``, ``extra_sections``, ...) merged."""
+    merged: dict = {}
+    for extra in extras:
+        for key, value in extra.items():
+            merged[key] = {**merged.get(key, {}), **value} if isinstance(value, dict) else value
+    return merged

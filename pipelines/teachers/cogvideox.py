@@ -10,7 +10,7 @@ import torch
 
 from dmdx.training.errors import UsageError
 
-from .base import TeacherAdapter, model_dtype, transformer_block_names
+from .base import TeacherAdapter, merge_card_extras, model_dtype, transformer_block_names
 
 logger = logging.getLogger("dmdx")
 
@@ -155,6 +155,9 @@ class CogVideoXTeacher(TeacherAdapter):
                            "diffusers' CogVideoXPipeline truncates them, e.g. %r", len(long), len(prompts), what,
                            self.max_sequence_length, long[0][:120])
 
+    def text_options(self) -> dict:
+        return {"max_sequence_length": self.max_sequence_length}
+
     def load_text_encoders(self, device, dtype, denoiser=None) -> None:
         """The stock pipeline's own encode_prompt (T5), on a pipeline without the VAE."""
         from diffusers import CogVideoXPipeline
@@ -208,7 +211,8 @@ class CogVideoXTeacher(TeacherAdapter):
         return self._rotary[key]
 
     def predict(self, model, x, t, cond):
-        """The v-prediction at (x, t); the timestep stays fp32 (t - T/64 is fractional)."""
+        """The v-prediction at (x, t). The timestep stays fp32: CogVideoXPipeline passes its DDIM scheduler's integer
+        timesteps, which fp32 holds exactly, and ADM's t - T/64 is fractional (bf16 would round it)."""
         dtype = model_dtype(model)
         return model(hidden_states=x.to(dtype), encoder_hidden_states=cond["prompt_embeds"].to(dtype),
                      timestep=t.float(), image_rotary_emb=self.rotary_embedding(x.shape[1:], x.device),
@@ -228,7 +232,7 @@ class CogVideoXTeacher(TeacherAdapter):
         stock = inspect.signature(CogVideoXPipeline.__call__).parameters["max_sequence_length"].default
         if self.max_sequence_length != stock:
             call["max_sequence_length"] = str(self.max_sequence_length)
-        return {"call_kwargs": call, "extra_sections": {"Memory": (
+        return merge_card_extras(super().card_extras(), {"call_kwargs": call, "extra_sections": {"Memory": (
             f"The student was trained on {self.num_frames} frames at {self.height}x{self.width}. As for the teacher, "
             "`pipe.vae.enable_slicing()` and `pipe.vae.enable_tiling()` lower the memory of decoding, and "
-            "`pipe.enable_model_cpu_offload()` that of the whole pipeline.")}}
+            "`pipe.enable_model_cpu_offload()` that of the whole pipeline.")}})

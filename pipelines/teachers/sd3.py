@@ -6,7 +6,7 @@ import torch
 
 from dmdx.training.errors import UsageError
 
-from .base import TeacherAdapter, model_dtype, transformer_block_names
+from .base import TeacherAdapter, merge_card_extras, model_dtype, transformer_block_names
 
 
 class SD3Teacher(TeacherAdapter):
@@ -60,10 +60,24 @@ class SD3Teacher(TeacherAdapter):
         return FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config(),
                                                            shift_terminal=self.shift_terminal or None)
 
-    def load_text_encoders(self, device, dtype, denoiser=None) -> None:
-        """The stock pipeline's own encode_prompt; without T5 it reads the transformer's config for the zeros."""
-        from diffusers import StableDiffusion3Pipeline
+    def text_components(self) -> list[str]:
+        drop = ("text_encoder_3", "tokenizer_3") if self.drop_t5 else ()
+        return [name for name in super().text_components() if name not in drop]
 
+    def text_options(self) -> dict:
+        return {"max_sequence_length": self.max_sequence_length, "drop_t5": self.drop_t5}
+
+    def load_text_encoders(self, device, dtype, denoiser=None) -> None:
+        """The stock pipeline's own encode_prompt; without T5 it reads the transformer's config for the zeros (a
+        weightless meta-device transformer when none is given: the text-embedding cache encodes before any
+        denoiser loads)."""
+        from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+        if denoiser is None and self.drop_t5:
+            from accelerate import init_empty_weights
+
+            with init_empty_weights():
+                denoiser = SD3Transformer2DModel.from_config(self.denoiser_config)
         no_t5 = {"text_encoder_3": None, "tokenizer_3": None} if self.drop_t5 else {}
         text_pipe = StableDiffusion3Pipeline.from_pretrained(
             self.path, transformer=denoiser, vae=None, torch_dtype=dtype, variant=self.variant, **no_t5,
@@ -90,8 +104,10 @@ class SD3Teacher(TeacherAdapter):
         return self.encode_prompts([""], device)
 
     def predict(self, model, x, t, cond):
+        """The flow velocity at (x, t). The timestep stays fp32, as StableDiffusion3Pipeline passes its scheduler's
+        timesteps: in bf16 t = 700 would become 698.92 (bf16's grid spacing is 2-4 above t = 256)."""
         dtype = model_dtype(model)
-        return model(hidden_states=x.to(dtype), timestep=t.to(dtype),
+        return model(hidden_states=x.to(dtype), timestep=t.float(),
                      encoder_hidden_states=cond["prompt_embeds"].to(dtype),
                      pooled_projections=cond["pooled_prompt_embeds"].to(dtype), return_dict=False)[0].float()
 
@@ -107,8 +123,9 @@ class SD3Teacher(TeacherAdapter):
 
     def card_extras(self) -> dict:
         if not self.drop_t5:
-            return {}
+            return super().card_extras()
         # diffusers loads a component saved as [null, null] only when it is passed as None
-        return {"pipeline_kwargs": {"text_encoder_3": "None", "tokenizer_3": "None"},
-                "extra_sections": {"Without T5": "This student was trained without the T5 text encoder and ships "
-                                   "without it: load it with `text_encoder_3=None, tokenizer_3=None`."}}
+        return merge_card_extras(super().card_extras(), {
+            "pipeline_kwargs": {"text_encoder_3": "None", "tokenizer_3": "None"},
+            "extra_sections": {"Without T5": "This student was trained without the T5 text encoder and ships "
+                               "without it: load it with `text_encoder_3=None, tokenizer_3=None`."}})

@@ -77,14 +77,18 @@ class SDXLTeacher(TeacherAdapter):
             embeds.append(out.hidden_states[-2])
         return torch.cat(embeds, dim=-1).float(), pooled.float()
 
-    def _time_ids(self, n: int, device) -> torch.Tensor:
-        r = self.resolution  # (original size, crop top-left, target size), as the pipeline builds them
-        return torch.tensor([[r, r, 0, 0, r, r]], device=device, dtype=torch.float32).repeat(n, 1)
+    def fixed_conditioning(self, n: int, device) -> dict[str, torch.Tensor]:
+        """The added time ids (original size, crop top-left, target size), as the pipeline builds them."""
+        r = self.resolution
+        return {"time_ids": torch.tensor([[r, r, 0, 0, r, r]], device=device, dtype=torch.float32).repeat(n, 1)}
+
+    def text_options(self) -> dict:
+        return {"force_zeros_for_empty_prompt": self.force_zeros_for_empty_prompt}
 
     def encode_prompts(self, prompts: list[str], device) -> dict[str, torch.Tensor]:
         embeds, pooled = self._encode(prompts, device)
-        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled, "time_ids": self._time_ids(len(prompts),
-                                                                                                     device)}
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled,
+                **self.fixed_conditioning(len(prompts), device)}
 
     def negative_conditioning(self, device) -> dict[str, torch.Tensor]:
         """The empty prompt: zeros when the pipeline says ``force_zeros_for_empty_prompt`` (SDXL base does)."""
@@ -95,8 +99,11 @@ class SDXLTeacher(TeacherAdapter):
         return cond
 
     def predict(self, model, x, t, cond):
+        """The epsilon prediction at (x, t). The timestep is fp32, as StableDiffusionXLPipeline passes its
+        scheduler's (EulerDiscreteScheduler's are fp32; integer ones, e.g. DDIM's, are exact in fp32 too); the added
+        time ids go in the weights' dtype, as the pipeline casts them to its prompt embeddings' dtype."""
         dtype = model_dtype(model)
-        return model(x.to(dtype), t, encoder_hidden_states=cond["prompt_embeds"].to(dtype),
+        return model(x.to(dtype), t.float(), encoder_hidden_states=cond["prompt_embeds"].to(dtype),
                      added_cond_kwargs={"text_embeds": cond["pooled_prompt_embeds"].to(dtype),
                                         "time_ids": cond["time_ids"].to(dtype)}).sample.float()
 

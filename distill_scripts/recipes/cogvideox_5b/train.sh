@@ -6,7 +6,7 @@
 # teacher replicated; 49 frames at 480x720, batch 1, gradient checkpointing): a plan, not a measurement. It does not
 # fit an 80 GB GPU at this size (the plan puts even 64 x FSDP2 with the teacher sharded at 95.8 GiB); fewer frames or a
 # smaller size lower the activations (83.7 of the 122 GiB), untested.
-# Run from anywhere; TEACHER / PROMPTS / OUTPUT_DIR / CONFIG override the defaults. Extra flags are appended
+# Run from anywhere; TEACHER / PROMPTS / OUTPUT_DIR / TEXT_CACHE / CONFIG override the defaults. Extra flags are appended
 # ("$@") and later flags win (tests/test_cogvideox_script.py runs this file on tiny models exactly so).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)
@@ -14,9 +14,13 @@ CONFIG=${CONFIG:-$ROOT/distill_scripts/recipes/cogvideox_5b/accelerate_fsdp.yaml
 TEACHER=${TEACHER:-THUDM/CogVideoX-5b}
 PROMPTS=${PROMPTS:-prompts.txt}
 OUTPUT_DIR=${OUTPUT_DIR:-cogvideox-5b-adm-8step}
+# Text embeddings: every prompt encoded once into this cache, then read memory-mapped; the text encoders are
+# not loaded again while it holds the prompts (docs/gpus.md). Shared by reruns and the baseline below.
+TEXT_CACHE=${TEXT_CACHE:-$OUTPUT_DIR-text-embeddings}
 
 accelerate launch --config_file "$CONFIG" "$ROOT/distill_scripts/train_adm_cogvideox.py" \
   --pretrained_model_name_or_path "$TEACHER" --prompts_file "$PROMPTS" --output_dir "$OUTPUT_DIR" \
+  --text_embeddings_cache "$TEXT_CACHE" \
   --num_frames 49 --height 480 --width 720 --max_sequence_length 226 \
   --train_batch_size 1 --gradient_accumulation_steps 8 \
   --num_student_steps 8 \

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Four-step ADM student of SD3-Medium, LoRA (as in the paper's Table 2). See the README section "SD3-Medium" for every value's source.
 # Needs: prompts.txt (one prompt per line; the paper uses JourneyDB captions), 8 x 80 GB GPUs (DDP).
-# Run from anywhere; TEACHER / PROMPTS / OUTPUT_DIR / CONFIG override the defaults. Extra flags are appended
+# Run from anywhere; TEACHER / PROMPTS / OUTPUT_DIR / TEXT_CACHE / CONFIG override the defaults. Extra flags are appended
 # ("$@") and later flags win (tests/test_sd3_script.py runs this file on tiny models exactly so): e.g. `bash train.sh --max_train_steps 100`.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)
@@ -9,9 +9,13 @@ CONFIG=${CONFIG:-$ROOT/distill_scripts/recipes/sd3_medium/accelerate_ddp.yaml}
 TEACHER=${TEACHER:-stabilityai/stable-diffusion-3-medium-diffusers}
 PROMPTS=${PROMPTS:-prompts.txt}
 OUTPUT_DIR=${OUTPUT_DIR:-sd3-medium-adm-4step}
+# Text embeddings: every prompt encoded once into this cache, then read memory-mapped; the text encoders are
+# not loaded again while it holds the prompts (docs/gpus.md). Shared by reruns and the baseline below.
+TEXT_CACHE=${TEXT_CACHE:-$OUTPUT_DIR-text-embeddings}
 
 accelerate launch --config_file "$CONFIG" "$ROOT/distill_scripts/train_adm_sd3.py" \
   --pretrained_model_name_or_path "$TEACHER" --prompts_file "$PROMPTS" --output_dir "$OUTPUT_DIR" \
+  --text_embeddings_cache "$TEXT_CACHE" \
   --resolution 1024 --train_batch_size 2 --gradient_accumulation_steps 4 --max_sequence_length 256 \
   --num_student_steps 4 --shift_terminal 0.25 \
   --lora_rank 64 --fake_score_lora_rank 64 \
