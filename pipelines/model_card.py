@@ -1,17 +1,20 @@
-"""Hub model cards for distilled students.
+"""Hub model cards for distilled students: the data a card shows, computed from the run; the words are in the Jinja
+templates of ``model_cards/`` (``base.md`` and an intro per kind of student; ``usage.md`` the usage snippet;
+``macros.md`` the method descriptions, guidance advice, licence paragraph and report table).
 
 One entry point, :func:`write_model_card`, called once by the export path: it writes the student's sample files
-(one image or GIF per validation prompt, a grid or a GIF strip), renders ``README.md`` from the Jinja templates in
-``model_cards/`` with huggingface_hub's ``ModelCardData`` for the metadata (renders offline), and returns the text.
-:func:`refresh_model_card` renders a finished student folder's card again from what the folder holds (its
-``training_config.json``, scheduler, samples and card), e.g. with an ``evaluate.py`` report measured afterwards.
+(``dmdx.pipelines.card_samples``), renders ``README.md`` with huggingface_hub's ``ModelCardData`` for the metadata
+(renders offline), and returns the text. :func:`refresh_model_card` renders a finished student folder's card again
+from what the folder holds (its ``training_config.json``, scheduler, samples and card), e.g. with an
+``evaluate.py`` report measured afterwards.
 
 What the card holds: Hub metadata (``base_model`` when the teacher came from the Hub, ``pipeline_tag``,
 ``library_name: diffusers``, tags, the teacher's licence, ``widget`` examples), the samples, a teacher-vs-student
 table (steps, NFE, guidance, seconds per image, and the metrics of an ``evaluate.py`` report when given), the exact
 schedule, a usage snippet with a real prompt of the run, the training command and hyperparameters. No machine path
-is ever written: a local teacher appears as "a local teacher", paths in the command become placeholders
-(``<teacher>``, ``<output_dir>``, ``<name>``), and the rendered text is scrubbed once more before it is saved.
+is ever written (``dmdx.pipelines.card_paths``): a local teacher appears as "a local teacher", paths in the command
+become placeholders (``<teacher>``, ``<output_dir>``, ``<name>``), and the rendered text is scrubbed once more
+before it is saved.
 """
 
 from __future__ import annotations
@@ -26,32 +29,25 @@ from collections.abc import Mapping, Sequence
 from importlib import resources
 from typing import Any
 
+from .card_paths import SECRET, PathScrubber, format_training_command, format_value
+from .card_samples import SAMPLES_DIR, image_grid, write_samples
+
+__all__ = ["LOCAL_NOTE", "SAMPLES_DIR", "card_training_command", "dtype_source", "evaluation_table",
+           "format_training_command", "hub_base_model", "hub_offline", "image_grid", "indefinite_article",
+           "licence_text", "load_evaluation_report", "refresh_model_card", "saved_weights_format", "student_schedule",
+           "teacher_license", "training_hyperparameters", "usage_snippet", "write_model_card"]
+
 TEMPLATES = {"image": "image_full.md", "image_lora": "image_lora.md", "video": "video_full.md",
              "video_lora": "video_lora.md"}
-
-METHODS = {
-    "dmdx": ("DMDX (ADP pre-training + ADM fine-tuning)",
-             "Adversarial Distillation Pre-training on teacher ODE pairs (latent + SAM pixel hinge discriminators), "
-             "then Adversarial Distribution Matching: a hinge GAN on one-step PF-ODE predictions of the teacher "
-             "(with CFG) and an online fake score, discriminated by the frozen teacher with trainable heads."),
-    "adm": ("ADM (Adversarial Distribution Matching)",
-            "A hinge GAN on one-step PF-ODE predictions of the teacher (with CFG) and an online fake score, "
-            "discriminated by the frozen teacher with trainable heads; data-free (prompts only)."),
-    "adp": ("ADP (Adversarial Distillation Pre-training)",
-            "Velocity-parametrised one-step generator trained on teacher ODE pairs against a latent discriminator "
-            "(frozen teacher + heads) and a pixel discriminator (frozen SAM encoder + heads), hinge losses."),
-    "dmd": ("DMD2 (distribution matching distillation, baseline)",
-            "DMD2's normalised distribution-matching loss with an online fake score (the baseline the ADM paper "
-            "compares against)."),
-}
-# Hub tags per method ("dmd" is DMD2's loss; DMDX's final stage is ADM).
+# The methods a card describes (their names and descriptions are in macros.md), with their Hub tags ("dmd" is
+# DMD2's loss; DMDX's final stage is ADM).
 METHOD_TAGS = {"dmdx": ["adm"], "adm": ["adm"], "adp": ["adp"], "dmd": ["dmd2"]}
 
-SAMPLES_DIR = "samples"
 DEFAULT_PROMPT = "a photo of a cat"  # only when the run knows no prompt at all
 # Appended to the usage snippet's load line when it points at the local output folder; push_to_hub removes it
 # when it points the snippet at the Hub repo.
 LOCAL_NOTE = "  # the folder training wrote (run from its parent); after pushing, its Hub id"
+TRAINING_CONFIG = "training_config.json"
 
 # evaluate.py's report.json: columns shown (in this order) with their labels; other numeric keys follow.
 REPORT_COLUMNS = {
@@ -73,7 +69,8 @@ REPORT_COLUMNS = {
 }
 REPORT_HIDDEN = {"diversity_raw", "num_images_per_prompt", "num_class_free_images", "num_videos_per_prompt",
                  "num_frames", "num_videos", "num_images", "num_prompts", "motion_magnitude_raw", "seed"}
-_SECRET = re.compile(r"(^|_)(token|password|secret|key)($|_)", re.I)
+# The models an evaluate.py report names for its metrics, as the card lists them.
+METRIC_MODELS = (("dinov2_model", "DINOv2"), ("clip_model", "CLIP"), ("pickscore_model", "PickScore"))
 
 
 # ---- teacher: Hub id, licence -------------------------------------------------------------------------------------
@@ -165,16 +162,11 @@ def teacher_license(base_model: str | os.PathLike | None) -> dict[str, str] | No
     return out
 
 
-
 def licence_text(teacher_md: str, lora: bool, lic: Mapping[str, str], inherited: bool) -> str:
-    """The card's licence paragraph: the teacher's licence when its card declared one, else a warning."""
-    subject = (f"The adapter is a derivative of {teacher_md} and is" if lora
-               else f"The weights are a derivative of {teacher_md} and are")
-    if not inherited:
-        return f"{subject} released under its licence (`{lic['license']}`); check the teacher's terms before use."
-    terms = f" ([terms]({lic['license_link']}))" if lic.get("license_link") else ""
-    return (f"{subject} released under the teacher's\nlicence, `{lic.get('license_name') or lic['license']}`{terms}, "
-            "as its model card declares.")
+    """The card's licence paragraph (``macros.md``): the teacher's licence when its card declared one
+    (``inherited``), else a warning. ``teacher_md``: the teacher as the card names it (```org/name``` ...)."""
+    return str(_macros().licence_paragraph(teacher_md, lora, lic, inherited))
+
 
 # ---- the schedule -------------------------------------------------------------------------------------------------
 def student_schedule(scheduler_or_dir, num_inference_steps: int) -> dict[str, Any]:
@@ -210,245 +202,34 @@ def _numbers(values: Sequence[float] | None) -> list | None:
     return [int(v) if float(v).is_integer() else round(float(v), 4) for v in (float(x) for x in values)]
 
 
-# ---- machine paths ------------------------------------------------------------------------------------------------
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
-
-
-class _PathScrubber:
-    """Maps machine paths to what a card may show: the teacher -> ``<teacher>``, the output folder ->
-    ``<output_dir>``, files of this repository -> their path in it, any other absolute path -> ``<its name>``."""
-
-    def __init__(self, output_dir: str | None, teacher: str | None):
-        folders = [(output_dir, "<output_dir>"), (teacher and os.path.expanduser(teacher), "<teacher>")]
-        self.roots = sorted(((os.path.realpath(p), name) for p, name in folders if p), key=lambda r: -len(r[0]))
-        self.raw = {os.path.abspath(p): name for p, name in folders if p}
-
-    def path(self, value: str) -> str:
-        """One token that may be a path."""
-        if not value or value.startswith(("http://", "https://", "<")):
-            return value
-        expanded = os.path.expanduser(value)
-        looks_like_path = (os.path.isabs(expanded) or value.startswith(("..", "~"))
-                           or (os.path.sep in value and os.path.exists(expanded)))
-        real = os.path.realpath(expanded)
-        for root, name in self.roots:
-            if real == root or real.startswith(root + os.sep):
-                return name + real[len(root):].replace(os.sep, "/") if looks_like_path or real == root else value
-        if not looks_like_path:
-            return value
-        if real.startswith(_REPO_ROOT + os.sep):
-            return os.path.relpath(real, _REPO_ROOT).replace(os.sep, "/")
-        if not (os.path.isabs(expanded) or value.startswith(("..", "~"))):
-            return value  # a relative path below the working directory: shows no machine layout
-        return f"<{os.path.basename(real.rstrip(os.sep)) or 'path'}>"
-
-    def text(self, text: str) -> str:
-        """Whatever slipped through: every spelling of the two folders, then this repository's root."""
-        spellings = {**self.raw}
-        for root, name in self.roots:
-            spellings[root] = name
-        for spelling in sorted(spellings, key=len, reverse=True):
-            if spelling and os.path.isabs(spelling) and spelling != os.sep:
-                text = text.replace(spelling, spellings[spelling])
-        return text.replace(_REPO_ROOT + os.sep, "")
-
-
-def format_training_command(argv: Sequence[str], scrub: _PathScrubber | None = None, *,
-                            output_dir: str | None = None, teacher: str | None = None) -> str:
-    """``argv`` (e.g. ``sys.argv``) as a shell command with one flag per line. A ``.py`` first item gets
-    ``accelerate launch`` in front; machine paths become placeholders; values of secret flags (``--hub_token``)
-    become ``<token>``."""
-    scrub = scrub or _PathScrubber(output_dir, teacher)
-    argv = [str(a) for a in argv]
-    if not argv:
-        return ""
-    head = ["accelerate", "launch"] if argv[0].endswith(".py") else []
-
-    def quote(token: str) -> str:
-        return token if re.fullmatch(r"<[^<>\s]+>(/[\w./-]*)?", token) else shlex.quote(token)
-
-    tokens, secret = [], False
-    for token in argv:
-        if secret:
-            tokens.append("<token>")
-            secret = False
-            continue
-        if re.match(r"^--?[A-Za-z]", token):
-            flag, eq, value = token.partition("=")
-            if _SECRET.search(flag.lstrip("-")):
-                if eq:
-                    tokens.append(f"{flag}=<token>")
-                else:
-                    tokens.append(flag)
-                    secret = True
-                continue
-            tokens.append(f"{flag}={quote(scrub.path(value))}" if eq else token)
-        else:
-            tokens.append(quote(scrub.path(token)))
-    lines, current = [], [*head]
-    for i, token in enumerate(tokens):
-        if token.startswith("-") and re.match(r"^--?[A-Za-z]", token) and current and i > 0:
-            lines.append(" ".join(current))
-            current = []
-        current.append(token)
-    lines.append(" ".join(current))
-    return " \\\n  ".join(lines)
-
-
-def _format_value(value: Any, scrub: _PathScrubber) -> str:
-    if isinstance(value, bool) or value is None:
-        return str(value)
-    if isinstance(value, float):
-        return f"{value:g}"
-    if isinstance(value, (list, tuple)):
-        return ", ".join(_format_value(v, scrub) for v in value)
-    if isinstance(value, Mapping):
-        return json.dumps(dict(value), default=str)
-    if isinstance(value, (str, os.PathLike)):
-        return scrub.path(os.fspath(value))
-    return str(value)
-
-
-# ---- images -------------------------------------------------------------------------------------------------------
-def _to_pil(x):
-    """A PIL image from a PIL image, an HWC/CHW numpy array or torch tensor (uint8, or float in [0, 1])."""
-    import numpy as np
-    from PIL import Image
-
-    if isinstance(x, Image.Image):
-        return x.convert("RGB")
-    if hasattr(x, "detach"):
-        x = x.detach().cpu().float().numpy()
-    a = np.asarray(x)
-    if a.ndim == 3 and a.shape[0] in (1, 3, 4) and a.shape[-1] not in (1, 3, 4):
-        a = a.transpose(1, 2, 0)
-    if a.ndim == 3 and a.shape[-1] == 1:
-        a = a[..., 0]
-    if a.dtype != np.uint8:
-        a = (np.clip(a.astype("float64"), 0, 1) * 255).round().astype(np.uint8)
-    return Image.fromarray(a).convert("RGB")
-
-
-def _frames(x, output_dir: str) -> list:
-    """The frames of one video sample: a list of images, a 4-D array (F, H, W, C) / (F, C, H, W), or a GIF path."""
-    from PIL import Image, ImageSequence
-
-    if isinstance(x, (str, os.PathLike)):
-        path = os.path.join(output_dir, os.fspath(x))
-        with Image.open(path) as im:
-            return [f.convert("RGB") for f in ImageSequence.Iterator(im)]
-    if isinstance(x, (list, tuple)) or (hasattr(x, "ndim") and x.ndim == 4):
-        return [_to_pil(f) for f in x]
-    raise ValueError(f"A video sample must be a list of frames, a 4-D array or a GIF path, got {type(x).__name__}.")
-
-
-def _display_size(size: tuple[int, int], min_side: int, max_side: int) -> tuple[int, int]:
-    w, h = size
-    if max(w, h) < min_side:  # tiny samples (the embedded digits): integer nearest-neighbour upscale
-        f = math.ceil(min_side / max(w, h))
-        return w * f, h * f
-    if max(w, h) > max_side:
-        f = max_side / max(w, h)
-        return max(1, round(w * f)), max(1, round(h * f))
-    return w, h
-
-
-def _resize(im, size):
-    from PIL import Image
-
-    if im.size == size:
-        return im
-    up = size[0] >= im.size[0]
-    return im.resize(size, Image.NEAREST if up else Image.LANCZOS)
-
-
-def image_grid(images: Sequence, columns: int | None = None, min_side: int = 256, max_side: int = 512, gap: int = 2):
-    """One image of ``images`` in rows of ``columns`` (default: up to 4), each tile shown at a readable size."""
-    from PIL import Image
-
-    images = [_to_pil(i) for i in images]
-    columns = columns or min(len(images), 4)
-    rows = math.ceil(len(images) / columns)
-    w, h = _display_size(images[0].size, min_side, max_side)
-    grid = Image.new("RGB", (columns * w + (columns - 1) * gap, rows * h + (rows - 1) * gap), "white")
-    for i, im in enumerate(images):
-        grid.paste(_resize(im, (w, h)), ((i % columns) * (w + gap), (i // columns) * (h + gap)))
-    return grid
-
-
-def _save_gif(frames: Sequence, path: str, fps: float):
-    frames = list(frames)
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=max(1, round(1000 / fps)), loop=0)
-
-
-def _write_samples(output_dir: str, samples: Sequence, video: bool, fps: float) -> tuple[list[str], str]:
-    """Each sample as its own file under ``samples/`` (``i.png``; video: ``i.gif``) and the grid
-    (``grid.png``; video: ``grid.gif``, the samples side by side). Returns (per-sample paths, grid path), relative
-    to ``output_dir``. A path given as a sample that already lies in ``output_dir`` is used where it is."""
-    import shutil
-
-    folder = os.path.join(output_dir, SAMPLES_DIR)
-    os.makedirs(folder, exist_ok=True)
-    out_real = os.path.realpath(output_dir)
-    keep = set()
-    for s in samples:
-        if isinstance(s, (str, os.PathLike)):
-            keep.add(os.path.realpath(os.path.join(output_dir, os.fspath(s))))
-    for name in os.listdir(folder):  # stale files of an earlier card (fewer prompts now) would be uploaded
-        path = os.path.join(folder, name)
-        if re.fullmatch(r"(\d+|grid)\.(png|gif)", name) and os.path.realpath(path) not in keep:
-            os.remove(path)
-
-    ext = "gif" if video else "png"
-    files, loaded = [], []
-    for i, sample in enumerate(samples):
-        if isinstance(sample, (str, os.PathLike)):
-            src = os.path.realpath(os.path.join(output_dir, os.fspath(sample)))
-            if not os.path.isfile(src):
-                raise FileNotFoundError(f"Sample file {os.fspath(sample)!r} does not exist.")
-            if src.startswith(out_real + os.sep):
-                rel = os.path.relpath(src, out_real).replace(os.sep, "/")
-            else:
-                rel = f"{SAMPLES_DIR}/{i}{os.path.splitext(src)[1].lower() or '.' + ext}"
-                shutil.copyfile(src, os.path.join(output_dir, rel))
-            files.append(rel)
-            loaded.append(_frames(src, output_dir) if video else _to_pil(_open_rgb(src)))
-            continue
-        rel = f"{SAMPLES_DIR}/{i}.{ext}"
-        if video:
-            frames = _frames(sample, output_dir)
-            w, h = _display_size(frames[0].size, 1, 384)
-            _save_gif([_resize(f, (w, h)) for f in frames], os.path.join(output_dir, rel), fps)
-            loaded.append(frames)
-        else:
-            im = _to_pil(sample)
-            im.save(os.path.join(output_dir, rel))
-            loaded.append(im)
-        files.append(rel)
-
-    grid_rel = f"{SAMPLES_DIR}/grid.{ext}"
-    if video:
-        from dmdx.training.plumbing import video_strip
-
-        strip = video_strip(loaded, lambda frames: image_grid(frames, columns=len(frames), min_side=128,
-                                                              max_side=256))
-        _save_gif(strip, os.path.join(output_dir, grid_rel), fps)
-    else:
-        image_grid(loaded).save(os.path.join(output_dir, grid_rel))
-    return files, grid_rel
+def _card_schedule(output_dir: str, num_inference_steps: int, timesteps, sigmas, scheduler_class,
+                   scheduler_config) -> dict[str, Any]:
+    """The schedule the card shows. One source of truth, the scheduler saved with the student: given timesteps
+    that differ from it are kept with a warning; what is not given is read from it."""
+    if os.path.isfile(os.path.join(output_dir, "scheduler", "scheduler_config.json")):
+        schedule = student_schedule(output_dir, num_inference_steps)
+        if timesteps is None:
+            timesteps, sigmas = schedule["timesteps"], schedule["sigmas"] if sigmas is None else sigmas
+        elif len(timesteps) != len(schedule["timesteps"]) or any(
+                abs(float(a) - b) > 0.5 for a, b in zip(timesteps, schedule["timesteps"])):
+            warnings.warn(f"The card's timesteps {list(timesteps)} differ from those of the saved scheduler "
+                          f"{schedule['timesteps']}.", stacklevel=3)
+        elif sigmas is None:
+            sigmas = schedule["sigmas"]
+        scheduler_class = scheduler_class or schedule["scheduler_class"]
+        scheduler_config = scheduler_config if scheduler_config is not None else schedule["config"]
+    elif timesteps is None:
+        raise ValueError(f"No timesteps given and no saved scheduler in {output_dir}/scheduler.")
+    return {"timesteps": _numbers(timesteps), "sigmas": _numbers(sigmas),
+            "scheduler_class": scheduler_class or "LCMScheduler",
+            "scheduler_config": json.dumps(dict(scheduler_config), indent=2, sort_keys=True, default=str)
+            if scheduler_config else None}
 
 
 def indefinite_article(number: int) -> str:
     """"an" before a number said with a leading vowel sound (8, 11, 18, 80-89, 800-899, ...), else "a"."""
     digits = str(int(number))
     return "an" if digits.startswith("8") or (len(digits) in (2, 5) and digits[:2] in ("11", "18")) else "a"
-
-
-def _open_rgb(path: str):
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return im.convert("RGB")
 
 
 # ---- the dtype and variant a student loads with -------------------------------------------------------------------
@@ -506,49 +287,14 @@ def _load_kwargs(dtype: str | None, variant: str | None, extra: Mapping[str, str
     return out
 
 
-# ---- card sections ------------------------------------------------------------------------------------------------
+# ---- rendering ----------------------------------------------------------------------------------------------------
 def _py(s: str) -> str:
     """A Python string literal (double quotes)."""
     return json.dumps(s, ensure_ascii=False)
 
 
-def usage_snippet(repo_id: str, pipeline_class: str, num_inference_steps: int, guidance_scale: float,
-                  lora: bool = False, base_model: str | None = None, prompt: str = DEFAULT_PROMPT,
-                  scheduler_class: str = "LCMScheduler", video: bool = False, fps: int = 8,
-                  pipeline_kwargs: Mapping[str, str] | None = None, load_note: str = "",
-                  call_kwargs: Mapping[str, str] | None = None) -> str:
-    """Python that loads the student with stock diffusers and generates. ``repo_id``: the student (Hub id or
-    folder); ``base_model``: for LoRA, the pipeline the adapter loads into; ``pipeline_kwargs``: extra
-    ``from_pretrained`` keyword arguments as Python source (e.g. ``{"text_encoder_3": "None"}``); ``call_kwargs``:
-    extra keyword arguments of the generating call, as Python source (e.g. a video's ``{"num_frames": "49"}``)."""
-    extra = "".join(f", {k}={v}" for k, v in (pipeline_kwargs or {}).items())
-    call_extra = "".join(f", {k}={v}" for k, v in (call_kwargs or {}).items())
-    call = (f"pipe({_py(prompt)}, num_inference_steps={num_inference_steps}, guidance_scale={guidance_scale}"
-            f"{call_extra})")
-    imports = ["import torch", f"from diffusers import {'DiffusionPipeline' if not lora else pipeline_class}"
-               + (f", {scheduler_class}" if lora else "")]
-    if video:
-        imports.append("from diffusers.utils import export_to_gif")
-        generate = [f"frames = {call}.frames[0]", f'export_to_gif(frames, "sample.gif", fps={fps})']
-    else:
-        generate = [f"image = {call}.images[0]", 'image.save("sample.png")']
-    if not lora:
-        load = [f"pipe = DiffusionPipeline.from_pretrained({_py(repo_id)}{extra}){load_note}"]
-    else:
-        load = [f"pipe = {pipeline_class}.from_pretrained({_py(base_model or '<path to the teacher>')}{extra})",
-                f"pipe.load_lora_weights({_py(repo_id)}){load_note}",
-                f"pipe.scheduler = {scheduler_class}.from_pretrained({_py(repo_id)}, subfolder=\"scheduler\")"]
-    device = 'pipe.to("cuda" if torch.cuda.is_available() else "cpu")'
-    return "\n".join([*imports, "", *load, device, *generate])
-
-
-def _nfe(steps, guidance) -> int | None:
-    if steps is None:
-        return None
-    return int(steps) * (2 if guidance is not None and float(guidance) > 1.0 else 1)
-
-
 def _cell(value) -> str:
+    """A number as a table cell: 4 significant digits, "–" when missing."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
     if isinstance(value, bool):
@@ -556,6 +302,80 @@ def _cell(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
+
+
+def _environment():
+    """The Jinja environment of ``model_cards/``: a variable a template uses but is not given is an error."""
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(resources.files("dmdx.model_cards"))),
+                             undefined=jinja2.StrictUndefined, keep_trailing_newline=True, trim_blocks=True,
+                             lstrip_blocks=True)
+    env.filters.update(py=_py, cell=_cell, article=indefinite_article)
+    return env
+
+
+def _macros():
+    return _environment().get_template("macros.md").module
+
+
+# ---- the usage snippet --------------------------------------------------------------------------------------------
+def usage_snippet(repo_id: str, pipeline_class: str, num_inference_steps: int, guidance_scale: float,
+                  lora: bool = False, base_model: str | None = None, prompt: str = DEFAULT_PROMPT,
+                  scheduler_class: str = "LCMScheduler", video: bool = False, fps: int = 8,
+                  pipeline_kwargs: Mapping[str, str] | None = None, load_note: str = "",
+                  call_kwargs: Mapping[str, str] | None = None) -> str:
+    """Python that loads the student with stock diffusers and generates (``usage.md``). ``repo_id``: the student
+    (Hub id or folder); ``base_model``: for LoRA, the pipeline the adapter loads into; ``pipeline_kwargs``: extra
+    ``from_pretrained`` keyword arguments as Python source (e.g. ``{"text_encoder_3": "None"}``); ``call_kwargs``:
+    extra keyword arguments of the generating call, as Python source (e.g. a video's ``{"num_frames": "49"}``)."""
+    return str(_environment().get_template("usage.md").module.usage(_snippet_data(**locals())))
+
+
+def _snippet_data(**kwargs) -> dict[str, Any]:
+    """What ``usage.md`` renders: :func:`usage_snippet`'s arguments, with no keyword arguments as ``{}``."""
+    return {**kwargs, "pipeline_kwargs": dict(kwargs.get("pipeline_kwargs") or {}),
+            "call_kwargs": dict(kwargs.get("call_kwargs") or {})}
+
+
+def _usage(output_dir: str, *, lora: bool, repo_id: str | None, hub_id: str | None, full_pipeline: bool | None,
+           torch_dtype, variant, pipeline_kwargs, **common) -> tuple[dict, dict | None]:
+    """The usage snippets' data: the student (for LoRA: the adapter on its base) and, for a LoRA folder that also
+    holds the fused pipeline, that pipeline; each loads with the dtype and variant it was trained / saved in."""
+    if lora and full_pipeline is None:
+        full_pipeline = os.path.isfile(os.path.join(output_dir, "model_index.json"))
+    repo_ref = repo_id or os.path.basename(os.path.normpath(os.path.abspath(output_dir)))
+    note = LOCAL_NOTE if repo_id is None else ""
+    saved_dtype, saved_variant = saved_weights_format(output_dir)
+    run = {}
+    if os.path.isfile(os.path.join(output_dir, TRAINING_CONFIG)):
+        with open(os.path.join(output_dir, TRAINING_CONFIG)) as f:
+            run = json.load(f)
+    if lora:  # the adapter loads into its base, in the precision it was trained against
+        load_dtype = dtype_source(torch_dtype) if torch_dtype else (
+            dtype_source(run.get("mixed_precision")) if run.get("mixed_precision") else saved_dtype)
+        load_variant = variant if variant is not None else run.get("variant")
+    else:
+        load_dtype = dtype_source(torch_dtype) if torch_dtype else saved_dtype
+        load_variant = variant if variant is not None else saved_variant
+    usage = _snippet_data(repo_id=repo_ref, lora=lora, base_model=hub_id, load_note=note,
+                          pipeline_kwargs=_load_kwargs(load_dtype, load_variant, pipeline_kwargs), **common)
+    full = (_snippet_data(repo_id=repo_ref, lora=False, base_model=None, load_note=note,
+                          pipeline_kwargs=_load_kwargs(saved_dtype, saved_variant, pipeline_kwargs), **common)
+            if lora and full_pipeline else None)
+    return usage, full
+
+
+# ---- the comparison: evaluate.py's report, or steps and seconds -----------------------------------------------------
+def _nfe(steps, guidance) -> int | None:
+    if steps is None:
+        return None
+    return int(steps) * (2 if _guided(guidance) else 1)
+
+
+def _guided(guidance_scale) -> bool:
+    """Classifier-free guidance is on (each step evaluates the network twice)."""
+    return guidance_scale is not None and float(guidance_scale) > 1.0
 
 
 def _flatten(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -589,20 +409,23 @@ def _md_cell(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def evaluation_table(report: Mapping[str, Mapping[str, Any]], this: str | None = None) -> str:
-    """A Markdown table of an ``evaluate.py`` report: one row per pipeline (``this`` marked as this model), the
-    known columns first (steps, NFE, guidance, s / image, digit-FID, ...), then any other numeric ones."""
+def _evaluation_rows(report: Mapping[str, Mapping[str, Any]], this: str | None) -> dict[str, list]:
+    """The report's table as data: the known columns first (steps, NFE, guidance, s / image, digit-FID, ...), then
+    any other numeric ones; one row per pipeline, ``this`` marking this card's model."""
     rows = {name: _flatten(r) for name, r in report.items()}
     present = [k for k in REPORT_COLUMNS if any(k in r for r in rows.values())]
     others = sorted({k for r in rows.values() for k, v in r.items() if _is_number(v)}
                     - set(present) - REPORT_HIDDEN)
     columns = present + others
-    labels = [REPORT_COLUMNS.get(k, k.replace("_", " ").replace(".", ": ")) for k in columns]
-    lines = ["| pipeline | " + " | ".join(labels) + " |", "|---" * (len(columns) + 1) + "|"]
-    for name, r in rows.items():
-        label = f"**{_md_cell(name)}** (this model)" if name == this else _md_cell(name)
-        lines.append(f"| {label} | " + " | ".join(_cell(r.get(k)) for k in columns) + " |")
-    return "\n".join(lines)
+    return {"labels": [REPORT_COLUMNS.get(k, k.replace("_", " ").replace(".", ": ")) for k in columns],
+            "rows": [{"name": _md_cell(name), "this": name == this, "cells": [_cell(r.get(k)) for k in columns]}
+                     for name, r in rows.items()]}
+
+
+def evaluation_table(report: Mapping[str, Mapping[str, Any]], this: str | None = None) -> str:
+    """A Markdown table of an ``evaluate.py`` report: one row per pipeline (``this`` marked as this model), the
+    known columns first (steps, NFE, guidance, s / image, digit-FID, ...), then any other numeric ones."""
+    return str(_macros().evaluation_table(_evaluation_rows(report, this)))
 
 
 def _this_row(report: Mapping[str, Mapping], output_dir: str, method: str) -> str | None:
@@ -616,11 +439,61 @@ def _this_row(report: Mapping[str, Mapping], output_dir: str, method: str) -> st
     return None
 
 
+def _evaluation(evaluation_report, evaluation_name: str | None, output_dir: str, method: str) -> dict | None:
+    """The report's part of the card: its table, and the prompt set, samples per prompt and metric models of its
+    first row (evaluate.py writes them on every row)."""
+    if evaluation_report is None:
+        return None
+    rows = load_evaluation_report(evaluation_report)
+    if evaluation_name and evaluation_name not in rows:
+        raise ValueError(f"evaluation_name {evaluation_name!r} is not a row of the report ({sorted(rows)}).")
+    first = next(iter(rows.values()))
+    return {"table": _evaluation_rows(rows, evaluation_name or _this_row(rows, output_dir, method)),
+            "samples_per_prompt": first.get("num_images_per_prompt"), "prompt_set": first.get("prompt_set"),
+            "metric_models": [(label, first[key]) for key, label in METRIC_MODELS if isinstance(first.get(key), str)]}
+
+
+def _comparison(teacher_steps, teacher_guidance, teacher_seconds, student_steps, student_guidance,
+                student_seconds) -> dict[str, Any]:
+    """The table without a report: steps, network evaluations (classifier-free guidance doubles them), seconds,
+    and the ratios the card states."""
+    teacher_nfe, student_nfe = _nfe(teacher_steps, teacher_guidance), _nfe(student_steps, student_guidance)
+    return {"teacher_steps": teacher_steps, "teacher_guidance": teacher_guidance, "teacher_nfe": teacher_nfe,
+            "student_nfe": student_nfe, "teacher_seconds": teacher_seconds, "student_seconds": student_seconds,
+            "nfe_ratio": teacher_nfe / student_nfe if teacher_nfe and student_nfe else None,
+            "speedup": teacher_seconds / student_seconds if teacher_seconds and student_seconds else None}
+
+
+# ---- metadata and licence -----------------------------------------------------------------------------------------
+def _licence(output_dir: str, base_model: str, license: str | None) -> tuple[dict[str, str], bool]:
+    """(the card's licence fields, whether they are the teacher's): ``license`` when given, else the teacher's
+    card's, else ``other``. A local teacher's linked licence file is copied beside the card."""
+    inherited = teacher_license(base_model) if license is None else None
+    lic = dict(inherited or {"license": license or "other"})
+    license_file = lic.pop("license_file", None)
+    if license_file:  # the teacher's licence text travels with the weights derived from it
+        import shutil
+
+        target = os.path.join(output_dir, lic["license_link"])
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.copyfile(license_file, target)
+    return lic, bool(inherited)
+
+
+def _card_data(*, hub_id, method, lora, video, tags, lic, sample_prompts, sample_files):
+    """The card's YAML metadata (huggingface_hub's ``ModelCardData``)."""
+    from huggingface_hub import ModelCardData
+
+    all_tags = ["diffusers", "distillation", "dmdx", *METHOD_TAGS[method], "few-step",
+                *(["lora"] if lora else []), "text-to-video" if video else "text-to-image", *tags]
+    return ModelCardData(
+        base_model=hub_id, library_name="diffusers", pipeline_tag="text-to-video" if video else "text-to-image",
+        tags=list(dict.fromkeys(all_tags)), **lic,
+        widget=[{"text": p, "output": {"url": f}} for p, f in zip(sample_prompts, sample_files)] or None,
+    )
+
+
 # ---- the card -----------------------------------------------------------------------------------------------------
-def _templates_dir() -> str:
-    return str(resources.files("dmdx.model_cards"))
-
-
 def write_model_card(
     output_dir: str,
     *,
@@ -714,11 +587,10 @@ def write_model_card(
         variant: the weights variant the snippet loads; None: the saved denoiser files' variant, for LoRA the
             run's ``--variant`` (the base's files).
     """
-    import jinja2
-    from huggingface_hub import ModelCard, ModelCardData
+    from huggingface_hub import ModelCard
 
-    if method not in METHODS:
-        raise ValueError(f"Unknown method {method!r}; expected one of {sorted(METHODS)}.")
+    if method not in METHOD_TAGS:
+        raise ValueError(f"Unknown method {method!r}; expected one of {sorted(METHOD_TAGS)}.")
     if template is not None:
         if template not in TEMPLATES:
             raise ValueError(f"Unknown model-card template {template!r}; expected one of {sorted(TEMPLATES)}.")
@@ -730,129 +602,42 @@ def write_model_card(
                          f"{None if sample_prompts is None else len(sample_prompts)} prompts).")
     sample_prompts = [str(p) for p in sample_prompts or []]
     hub_id = hub_base_model(base_model)
-    scrub = _PathScrubber(output_dir, None if hub_id else base_model)
-    method_name, method_description = METHODS[method]
+    scrub = PathScrubber(output_dir, None if hub_id else base_model)
+    schedule = _card_schedule(output_dir, num_inference_steps, timesteps, sigmas, scheduler_class, scheduler_config)
 
-    # schedule: one source of truth, the scheduler saved with the student
-    if os.path.isfile(os.path.join(output_dir, "scheduler", "scheduler_config.json")):
-        schedule = student_schedule(output_dir, num_inference_steps)
-        if timesteps is None:
-            timesteps, sigmas = schedule["timesteps"], schedule["sigmas"] if sigmas is None else sigmas
-        elif len(timesteps) != len(schedule["timesteps"]) or any(
-                abs(float(a) - b) > 0.5 for a, b in zip(timesteps, schedule["timesteps"])):
-            warnings.warn(f"The card's timesteps {list(timesteps)} differ from those of the saved scheduler "
-                          f"{schedule['timesteps']}.", stacklevel=2)
-        elif sigmas is None:
-            sigmas = schedule["sigmas"]
-        scheduler_class = scheduler_class or schedule["scheduler_class"]
-        scheduler_config = scheduler_config if scheduler_config is not None else schedule["config"]
-    elif timesteps is None:
-        raise ValueError(f"No timesteps given and no saved scheduler in {output_dir}/scheduler.")
-    scheduler_class = scheduler_class or "LCMScheduler"
-    timesteps, sigmas = _numbers(timesteps), _numbers(sigmas)
-
-    # samples -> files, grid, widget
     sample_files, grid = [], None
     if sample_images is not None and len(sample_images):
-        sample_files, grid = _write_samples(output_dir, sample_images, video, fps)
+        sample_files, grid = write_samples(output_dir, sample_images, video, fps)
     elif sample_grid:
         grid = scrub.path(sample_grid) if os.path.isabs(sample_grid) else sample_grid
         grid = grid.replace("<output_dir>/", "")
-    prompt = prompt or (sample_prompts[0] if sample_prompts else DEFAULT_PROMPT)
-
-    # metadata
-    inherited = teacher_license(base_model) if license is None else None
-    lic = dict(inherited or {"license": license or "other"})
-    license_file = lic.pop("license_file", None)
-    if license_file:  # the teacher's licence text travels with the weights derived from it
-        import shutil
-
-        target = os.path.join(output_dir, lic["license_link"])
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        shutil.copyfile(license_file, target)
-    all_tags = ["diffusers", "distillation", "dmdx", *METHOD_TAGS[method], "few-step",
-                *(["lora"] if lora else []), "text-to-video" if video else "text-to-image", *tags]
-    card_data = ModelCardData(
-        base_model=hub_id, library_name="diffusers", pipeline_tag="text-to-video" if video else "text-to-image",
-        tags=list(dict.fromkeys(all_tags)), **lic,
-        widget=[{"text": p, "output": {"url": f}} for p, f in zip(sample_prompts, sample_files)] or None,
-    )
-
-    # usage
-    if lora and full_pipeline is None:
-        full_pipeline = os.path.isfile(os.path.join(output_dir, "model_index.json"))
-    local_ref = repo_id is None
-    repo_ref = repo_id or os.path.basename(os.path.normpath(os.path.abspath(output_dir)))
-    note = LOCAL_NOTE if local_ref else ""
-    # load with the dtype the student was trained / saved in and the variant its files (or its base's) carry
-    saved_dtype, saved_variant = saved_weights_format(output_dir)
-    run = {}
-    if os.path.isfile(os.path.join(output_dir, TRAINING_CONFIG)):
-        with open(os.path.join(output_dir, TRAINING_CONFIG)) as f:
-            run = json.load(f)
-    if lora:  # the adapter loads into its base, in the precision it was trained against
-        load_dtype = dtype_source(torch_dtype) if torch_dtype else (
-            dtype_source(run.get("mixed_precision")) if run.get("mixed_precision") else saved_dtype)
-        load_variant = variant if variant is not None else run.get("variant")
-    else:
-        load_dtype = dtype_source(torch_dtype) if torch_dtype else saved_dtype
-        load_variant = variant if variant is not None else saved_variant
-    common = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, prompt=prompt,
-                  scheduler_class=scheduler_class, video=video, fps=fps, call_kwargs=call_kwargs)
-    usage = usage_snippet(repo_ref, pipeline_class, lora=lora, base_model=hub_id, load_note=note,
-                          pipeline_kwargs=_load_kwargs(load_dtype, load_variant, pipeline_kwargs), **common)
-    full_usage = (usage_snippet(repo_ref, pipeline_class, lora=False, load_note=note,
-                                pipeline_kwargs=_load_kwargs(saved_dtype, saved_variant, pipeline_kwargs), **common)
-                  if lora and full_pipeline else None)
-
-    # comparison
-    report_rows = load_evaluation_report(evaluation_report) if evaluation_report is not None else None
-    this_row = (evaluation_name or _this_row(report_rows, output_dir, method)) if report_rows else None
-    if report_rows is not None and evaluation_name and evaluation_name not in report_rows:
-        raise ValueError(f"evaluation_name {evaluation_name!r} is not a row of the report ({sorted(report_rows)}).")
-    teacher_nfe = _nfe(teacher_num_inference_steps, teacher_guidance_scale)
-    student_nfe = _nfe(num_inference_steps, guidance_scale)
-    first = next(iter(report_rows.values())) if report_rows else {}
-
+    lic, inherited = _licence(output_dir, base_model, license)
+    usage, full_usage = _usage(
+        output_dir, lora=lora, repo_id=repo_id, hub_id=hub_id, full_pipeline=full_pipeline, torch_dtype=torch_dtype,
+        variant=variant, pipeline_kwargs=pipeline_kwargs, pipeline_class=pipeline_class,
+        num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+        prompt=prompt or (sample_prompts[0] if sample_prompts else DEFAULT_PROMPT),
+        scheduler_class=schedule["scheduler_class"], video=video, fps=fps, call_kwargs=call_kwargs)
     hyper = {**dict(training_details or {}), **dict(hyperparameters or {})}
-    hyper = {_md_cell(k): "`" + _md_cell(_format_value(v, scrub)).replace("`", "'") + "`" for k, v in hyper.items()
-             if v is not None and not _SECRET.search(str(k))}
 
-    guidance_text = (f"Use it without classifier-free guidance (`guidance_scale={guidance_scale}`)."
-                     if float(guidance_scale) <= 1.0 else f"Use it with `guidance_scale={guidance_scale}`.")
-    teacher_md = f"`{hub_id}`" if hub_id else (
-        f"a local teacher (`{os.path.basename(os.path.normpath(os.fspath(base_model)))}`)" if base_model
-        else "a local teacher")
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(_templates_dir()), undefined=jinja2.StrictUndefined,
-                             keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
-    text = env.get_template(TEMPLATES[template]).render(
-        card_data=card_data.to_yaml(),
-        title=f"{method_name.split(' (')[0]} {num_inference_steps}-step "
-              f"{'video ' if video else ''}student of {hub_id or 'a local teacher'}",
-        teacher=teacher_md, hub_teacher=hub_id, teacher_short=f"`{hub_id}`" if hub_id else "local",
-        pipeline_class=pipeline_class,
-        num_inference_steps=num_inference_steps, timesteps=timesteps, sigmas=sigmas, guidance_scale=guidance_scale,
-        steps_article=indefinite_article(num_inference_steps), scheduler_class=scheduler_class,
-        scheduler_config=json.dumps(dict(scheduler_config), indent=2, sort_keys=True, default=str)
-        if scheduler_config else None,
-        method_name=method_name, method_description=method_description,
-        grid=grid, samples=list(zip(sample_prompts, sample_files)), sample_prompts=sample_prompts, video=video,
-        usage=usage, full_usage=full_usage, local_ref=local_ref, repo_ref=repo_ref,
-        evaluation_table=evaluation_table(report_rows, this_row) if report_rows else None,
-        evaluation_samples=first.get("num_images_per_prompt"), evaluation_prompt_set=first.get("prompt_set"),
-        evaluation_models=", ".join(f"{label} `{first[key]}`" for key, label in (
-            ("dinov2_model", "DINOv2"), ("clip_model", "CLIP"), ("pickscore_model", "PickScore"))
-            if isinstance(first.get(key), str)) or None,
-        teacher_steps=teacher_num_inference_steps, teacher_guidance=teacher_guidance_scale,
-        teacher_nfe=teacher_nfe, student_nfe=student_nfe,
-        teacher_seconds=teacher_seconds_per_image, student_seconds=student_seconds_per_image,
-        nfe_ratio=teacher_nfe / student_nfe if teacher_nfe and student_nfe else None,
-        speedup=teacher_seconds_per_image / student_seconds_per_image
-        if teacher_seconds_per_image and student_seconds_per_image else None,
-        hardware=hardware, cell=_cell,
+    # every variable of base.md and the intro templates
+    text = _environment().get_template(TEMPLATES[template]).render(
+        card_data=_card_data(hub_id=hub_id, method=method, lora=lora, video=video, tags=tags, lic=lic,
+                             sample_prompts=sample_prompts, sample_files=sample_files).to_yaml(),
+        method=method, lora=lora, video=video, pipeline_class=pipeline_class,
+        hub_teacher=hub_id, teacher_folder=None if hub_id or not base_model
+        else os.path.basename(os.path.normpath(os.fspath(base_model))),
+        num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, guided=_guided(guidance_scale),
+        **schedule,  # timesteps, sigmas, scheduler_class, scheduler_config
+        grid=grid, samples=list(zip(sample_prompts, sample_files)), usage=usage, full_usage=full_usage,
+        evaluation=_evaluation(evaluation_report, evaluation_name, output_dir, method),
+        **_comparison(teacher_num_inference_steps, teacher_guidance_scale, teacher_seconds_per_image,
+                      num_inference_steps, guidance_scale, student_seconds_per_image),
+        hardware=hardware,
         training_command=format_training_command(training_command, scrub) if training_command else None,
-        hyperparameters=hyper, extra_sections=dict(extra_sections or {}),
-        licence_text=licence_text(teacher_md, lora, lic, bool(inherited)), lora=lora, guidance_text=guidance_text,
+        hyperparameters={_md_cell(k): _md_cell(format_value(v, scrub)).replace("`", "'") for k, v in hyper.items()
+                         if v is not None and not SECRET.search(str(k))},
+        extra_sections=dict(extra_sections or {}), licence=lic, licence_inherited=inherited,
     )
     card = ModelCard(scrub.text(text))
     card.save(os.path.join(output_dir, "README.md"))
@@ -860,9 +645,6 @@ def write_model_card(
 
 
 # ---- re-rendering a finished student's card ---------------------------------------------------------------------
-TRAINING_CONFIG = "training_config.json"
-
-
 def training_hyperparameters(config: Mapping[str, Any]) -> dict[str, Any]:
     """The card's hyperparameter table from a run's flags (``training_config.json``, or ``vars(args)``): for
     ``method == "adp"`` what ``dmdx.training.adp`` shows, else what ``dmdx.training.loop`` shows."""
@@ -882,8 +664,8 @@ def training_hyperparameters(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def card_training_command(readme_path: str) -> list[str] | None:
-    """The training command a card shows (its "Launched with" block) as argv tokens, placeholders kept, so that
-    :func:`format_training_command` renders it again unchanged; None when the card shows none."""
+    """The training command a card shows (the "Launched with" block of ``base.md``) as argv tokens, placeholders
+    kept, so that :func:`format_training_command` renders it again unchanged; None when the card shows none."""
     if not os.path.isfile(readme_path):
         return None
     with open(readme_path, encoding="utf-8") as f:

@@ -632,3 +632,34 @@ def test_push_reads_the_hub_teachers_licence_missed_offline(tmp_path, monkeypatc
     assert 'from_pretrained("me/sdxl-student")' in sent["readme"]  # the rest of the card is kept
     push_to_hub(out, "me/sdxl-student")  # a declared licence is not looked up again
     assert looked_up == ["stabilityai/stable-diffusion-xl-base-1.0"]
+
+
+def test_templates_use_exactly_the_data_python_gives(tmp_path, monkeypatch):
+    """Words live in model_cards/, data in model_card.py: every variable a template reads, in any branch, is one
+    write_model_card gives (StrictUndefined only catches the branches a card happens to render), and every one it
+    gives is read; the same for the usage snippet's fields."""
+    import jinja2
+    from jinja2 import meta, nodes
+
+    from dmdx.pipelines import model_card
+
+    given = {}
+    render = jinja2.Template.render
+    monkeypatch.setattr(jinja2.Template, "render", lambda self, *a, **kw: given.update(kw) or render(self, *a, **kw))
+    model_card.write_model_card(_student(tmp_path), base_model="org/base", pipeline_class="StableDiffusionXLPipeline",
+                                num_inference_steps=1, timesteps=[999], guidance_scale=0.0, method="adm", lora=True)
+    env = model_card._environment()
+
+    def parse(name):
+        return env.parse(env.loader.get_source(env, name)[0])
+
+    base = parse("base.md")
+    defined = {a.target.name for a in base.find_all(nodes.Assign)}
+    defined |= {n[1] if isinstance(n, tuple) else n for i in base.find_all(nodes.FromImport) for n in i.names}
+    used = meta.find_undeclared_variables(base)
+    for name in model_card.TEMPLATES.values():  # the intros also read what base.md defines (teacher, method_name)
+        used |= meta.find_undeclared_variables(parse(name)) - defined
+    assert used == set(given)
+    fields = {g.attr for g in parse("usage.md").find_all(nodes.Getattr)
+              if isinstance(g.node, nodes.Name) and g.node.name == "s"}
+    assert fields == set(given["usage"]) == set(model_card._snippet_data(**given["usage"]))
