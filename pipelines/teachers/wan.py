@@ -11,7 +11,7 @@ import torch
 
 from dmdx.training.errors import UsageError
 
-from .base import TeacherAdapter, model_dtype, transformer_block_names
+from .base import TeacherAdapter, merge_card_extras, model_dtype, transformer_block_names
 
 logger = logging.getLogger("dmdx")
 
@@ -169,6 +169,9 @@ class WanTeacher(TeacherAdapter):
                            "diffusers' WanPipeline truncates them, e.g. %r", len(long), len(prompts), what,
                            self.max_sequence_length, long[0][:120])
 
+    def text_options(self) -> dict:
+        return {"max_sequence_length": self.max_sequence_length}
+
     def load_text_encoders(self, device, dtype, denoiser=None) -> None:
         """The stock pipeline's own encode_prompt (UMT5; embeddings cut to each prompt's length, zero-padded to
         ``max_sequence_length``), on a pipeline without the VAE."""
@@ -229,7 +232,7 @@ class WanTeacher(TeacherAdapter):
                 "output_type": '"pil"'}
         if self.max_sequence_length != _call_default("max_sequence_length"):
             call["max_sequence_length"] = str(self.max_sequence_length)
-        return {"call_kwargs": call, "extra_sections": {"Memory": (
+        return merge_card_extras(super().card_extras(), {"call_kwargs": call, "extra_sections": {"Memory": (
             f"The student was trained on {self.num_frames} frames at {self.height}x{self.width}. As for the teacher, "
             "`pipe.vae.enable_tiling()` lowers the memory of decoding and `pipe.enable_model_cpu_offload()` that of "
-            "the whole pipeline.")}}
+            "the whole pipeline.")}})

@@ -5,7 +5,7 @@
 # weights, gradients and Adam states + 28.6 GB for the bf16 teacher, replicated, per GPU, before activations (75,600
 # video tokens per sample); it does not fit an 80 GB GPU at this size. For 480x832 pass --height 480 --width 832.
 # LoRA roles are DDP-only in this toolkit (FSDP shards per role); a LoRA run of the 14B is not a recipe here.
-# Run from anywhere; TEACHER / PROMPTS / OUTPUT_DIR / CONFIG override the defaults. Extra flags are appended
+# Run from anywhere; TEACHER / PROMPTS / OUTPUT_DIR / TEXT_CACHE / CONFIG override the defaults. Extra flags are appended
 # ("$@") and later flags win (tests/test_wan_script.py runs this file on tiny models exactly so).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)
@@ -13,10 +13,14 @@ CONFIG=${CONFIG:-$ROOT/distill_scripts/recipes/wan_14b/accelerate_fsdp.yaml}
 TEACHER=${TEACHER:-Wan-AI/Wan2.1-T2V-14B-Diffusers}
 PROMPTS=${PROMPTS:-prompts.txt}
 OUTPUT_DIR=${OUTPUT_DIR:-wan2.1-14b-adm-4step}
+# Text embeddings: every prompt encoded once into this cache, then read memory-mapped; UMT5 is not loaded again
+# while it holds the prompts (docs/gpus.md).
+TEXT_CACHE=${TEXT_CACHE:-$OUTPUT_DIR-text-embeddings}
 
 accelerate launch --config_file "$CONFIG" "$ROOT/distill_scripts/train_adm_wan.py" \
   --pretrained_model_name_or_path "$TEACHER" --prompts_file "$PROMPTS" --output_dir "$OUTPUT_DIR" \
-  --num_frames 81 --height 720 --width 1280 --max_sequence_length 512 --precompute_text_embeddings \
+  --num_frames 81 --height 720 --width 1280 --max_sequence_length 512 \
+  --text_embeddings_cache "$TEXT_CACHE" \
   --train_batch_size 1 --gradient_accumulation_steps 4 \
   --num_student_steps 4 --shift_terminal 0.25 \
   --lora_rank 0 --fake_score_lora_rank 0 \

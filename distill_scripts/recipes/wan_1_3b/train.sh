@@ -3,8 +3,8 @@
 # See docs/wan.md for every value's source and what is tested.
 # Needs: prompts.txt (one prompt per line, e.g. captions of a video data set), 8 x 80 GB GPUs (DDP). By arithmetic
 # (not measured): 2 x 22.7 GB for the trainable generator and fake score (fp32 weights, gradients, Adam) + 2.8 GB for
-# the bf16 teacher per GPU, before activations; --precompute_text_embeddings frees UMT5-XXL (about 11 GB in bf16).
-# Run from anywhere; TEACHER / PROMPTS / OUTPUT_DIR / CONFIG override the defaults. Extra flags are appended
+# the bf16 teacher per GPU, before activations; the text-embedding cache (TEXT_CACHE) frees UMT5-XXL (about 11 GB in bf16).
+# Run from anywhere; TEACHER / PROMPTS / OUTPUT_DIR / TEXT_CACHE / CONFIG override the defaults. Extra flags are appended
 # ("$@") and later flags win (tests/test_wan_script.py runs this file on tiny models exactly so).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)
@@ -12,10 +12,14 @@ CONFIG=${CONFIG:-$ROOT/distill_scripts/recipes/wan_1_3b/accelerate_ddp.yaml}
 TEACHER=${TEACHER:-Wan-AI/Wan2.1-T2V-1.3B-Diffusers}
 PROMPTS=${PROMPTS:-prompts.txt}
 OUTPUT_DIR=${OUTPUT_DIR:-wan2.1-1.3b-adm-4step}
+# Text embeddings: every prompt encoded once into this cache, then read memory-mapped; UMT5 is not loaded again
+# while it holds the prompts (docs/gpus.md).
+TEXT_CACHE=${TEXT_CACHE:-$OUTPUT_DIR-text-embeddings}
 
 accelerate launch --config_file "$CONFIG" "$ROOT/distill_scripts/train_adm_wan.py" \
   --pretrained_model_name_or_path "$TEACHER" --prompts_file "$PROMPTS" --output_dir "$OUTPUT_DIR" \
-  --num_frames 81 --height 480 --width 832 --max_sequence_length 512 --precompute_text_embeddings \
+  --num_frames 81 --height 480 --width 832 --max_sequence_length 512 \
+  --text_embeddings_cache "$TEXT_CACHE" \
   --train_batch_size 1 --gradient_accumulation_steps 4 \
   --num_student_steps 4 --shift_terminal 0.25 \
   --lora_rank 0 --fake_score_lora_rank 0 \
