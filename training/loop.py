@@ -20,6 +20,7 @@ import logging
 import os
 import sys
 import uuid
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -273,6 +274,7 @@ def train_iteration(models: DistillationModels, adapter, args, accelerator, prom
     )
     from .checkpointing import check_finite
     from .diagnostics import band_discriminator_diagnostics, generator_gradient_diagnostics, prediction_gap
+    from .freezing import checkpointed_passes
     from .remedies import (
         approximate_r1_penalty,
         ode_step_target,
@@ -409,7 +411,12 @@ def train_iteration(models: DistillationModels, adapter, args, accelerator, prom
                         logs.update({k: v for k, v in gap.items() if v == v})  # relative: needs a batch of 2+
                 yield loss, {"loss_generator": loss, "dmd_loss_recorded": recorded}
 
-        with frozen_parameters(fake_frozen, heads_frozen):  # gradient flows through their inputs to G only
+        # --gradient_checkpointing_frozen_passes: the fake score's ODE step and D's backbone pass recompute their blocks
+        # in the backward instead of keeping them (no effect on passes without gradients: the real score, D's update)
+        backbone = m.teacher if m.discriminator_backbone is None else m.discriminator_backbone
+        recompute = (checkpointed_passes(fake_frozen, backbone)
+                     if adm and getattr(args, "gradient_checkpointing_frozen_passes", False) else nullcontext())
+        with frozen_parameters(fake_frozen, heads_frozen), recompute:  # gradient flows through their inputs to G only
             if train_generator:
                 accumulated_update(accelerator, args, m.generator, m.optimizers["generator"],
                                    m.lr_schedulers["generator"], generator_losses(), logs, "generator")
