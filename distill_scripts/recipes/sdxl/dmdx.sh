@@ -27,6 +27,7 @@ accelerate launch --config_file $CONFIG distill_scripts/train_adm_sdxl.py \
   --pretrained_model_name_or_path $TEACHER --pretrained_generator_name_or_path sdxl-adp \
   --prompts_file "$PROMPTS" --resolution 1024 --train_batch_size 2 --gradient_accumulation_steps 4 \
   --gradient_checkpointing --use_8bit_adam --fake_score_lora_rank 64 \
+  --gradient_checkpointing_frozen_passes \
   --distribution_loss adm --guidance_scale 8.0 --ode_step_dt 0.015625 \
   --min_timestep_percent 0.02 --max_timestep_percent 0.98 \
   --fake_score_update_ratio 1 --discriminator_update_ratio 1 --discriminator_warmup_steps 200 \
