@@ -153,8 +153,9 @@ def build_models(adapter, args, accelerator, generator_path: str | None) -> Dist
 
     generator = trainable("generator", args.lora_rank, args.lora_alpha, generator_path, 0)
     fake_score = trainable("fake_score", args.fake_score_lora_rank, args.fake_score_lora_rank, None, 1)
-    held = sum(p.numel() * p.element_size() for m in {id(generator): generator, id(fake_score): fake_score}.values()
-               for p in m.parameters() if not p.is_meta)
+    held = sum(p.numel() * p.element_size() for rank, m in ((args.lora_rank, generator),
+                                                             (args.fake_score_lora_rank, fake_score))
+               if rank == 0 for p in m.parameters() if not p.is_meta)  # the fully trained networks' copies
     logger.info("process %d: %.1f MiB of trainable weights read into memory before sharding", accelerator.process_index,
                 held / 2**20)
     # views after every adapter exists (peft's add_adapter re-freezes the adapters added before)
