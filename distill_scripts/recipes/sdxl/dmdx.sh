@@ -16,7 +16,8 @@ accelerate launch --config_file $CONFIG distill_scripts/collect_ode_pairs.py \
 accelerate launch --config_file $CONFIG distill_scripts/train_adp_sdxl.py \
   --pretrained_model_name_or_path $TEACHER --ode_pairs_dir sdxl-ode-pairs \
   --pixel_discriminator_model facebook/sam-vit-base --latent_weight 0.85 --pixel_weight 0.15 \
-  --resolution 1024 --train_batch_size 2 --gradient_accumulation_steps 4 --gradient_checkpointing \
+  --resolution 1024 --gradient_checkpointing \
+  --train_batch_size 1 --gradient_accumulation_steps 8 \
   --generator_lr 1e-5 --discriminator_lr 1e-5 --max_train_steps 5000 --use_8bit_adam \
   --checkpointing_steps 500 --checkpoints_total_limit 3 --resume_from_checkpoint latest \
   --validation_prompts "a photo of a cat" "a lighthouse at dusk, oil painting" --validation_steps 500 \
