@@ -2,8 +2,9 @@
 # Eight-step ADM student of CogVideoX-2b, full fine-tuning (paper_spec §5: 8 steps, 8k iterations; full fine-tuning is
 # an inference [I]). See the README section "CogVideoX" for every value's source.
 # Needs: prompts.txt (one prompt per line; the paper uses OpenVid-1M / Vript / Open-Sora-Plan captions), 8 x 80 GB GPUs
-# (FSDP2). Planned peak 56.5 GiB per GPU (benchmarks/results/memory_plan.md, CogVideoX-2b, full / full, 8 x FSDP2,
-# teacher replicated; 49 frames at 480x720, batch 1, gradient checkpointing): a plan, not a measurement.
+# (FSDP2). Planned peak 21.2 GiB per GPU (benchmarks/results/memory_plan.md, CogVideoX-2b, full / full, 8 x FSDP2,
+# teacher replicated; 49 frames at 480x720, batch 1, gradient checkpointing, --gradient_checkpointing_frozen_passes,
+# text encoders not loaded): a plan, not a measurement.
 # Run from anywhere; TEACHER / PROMPTS / OUTPUT_DIR / CONFIG override the defaults. Extra flags are appended
 # ("$@") and later flags win (tests/test_cogvideox_script.py runs this file on tiny models exactly so).
 set -euo pipefail

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Eight-step ADM student of CogVideoX-5b, full fine-tuning (paper_spec §5: 8 steps, 8k iterations; full fine-tuning is
 # an inference [I]). See the README section "CogVideoX" for every value's source.
-# Needs: prompts.txt (one prompt per line; the paper uses OpenVid-1M / Vript / Open-Sora-Plan captions), 8 x 141 GB GPUs
-# (H200, FSDP2). Planned peak 122.0 GiB per GPU (benchmarks/results/memory_plan.md, CogVideoX-5b, full / full, 8 x FSDP2,
-# teacher replicated; 49 frames at 480x720, batch 1, gradient checkpointing): a plan, not a measurement. It does not
-# fit an 80 GB GPU at this size (the plan puts even 64 x FSDP2 with the teacher sharded at 95.8 GiB); fewer frames or a
-# smaller size lower the activations (83.7 of the 122 GiB), untested.
+# Needs: prompts.txt (one prompt per line; the paper uses OpenVid-1M / Vript / Open-Sora-Plan captions), 8 x 80 GB GPUs
+# (FSDP2). Planned peak 52.2 GiB per GPU (benchmarks/results/memory_plan.md, CogVideoX-5b, full / full, 8 x FSDP2,
+# teacher replicated; 49 frames at 480x720, batch 1, gradient checkpointing, --gradient_checkpointing_frozen_passes,
+# text encoders not loaded): a plan, not a measurement. Without the frozen-pass checkpointing the plan is 113.1 GiB
+# (docs/memory.md).
 # Run from anywhere; TEACHER / PROMPTS / OUTPUT_DIR / CONFIG override the defaults. Extra flags are appended
 # ("$@") and later flags win (tests/test_cogvideox_script.py runs this file on tiny models exactly so).
 set -euo pipefail
