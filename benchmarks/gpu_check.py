@@ -1,19 +1,22 @@
 """GPU check: the real-size ADM iterations on a lent GPU, timed and measured against the memory plan.
 
-    python benchmarks/gpu_check.py                          # a CUDA machine; under 5 minutes on one H100 / H200
+    python benchmarks/gpu_check.py                          # a CUDA machine; about 8 minutes on one H100 / H200
     python benchmarks/gpu_check.py --device cpu --tiny      # the smoke test tests/test_memory_plan.py runs
 
 Cases (``--cases``): ``sdxl_b1`` / ``sdxl_b2``: SDXL at 1024 px in bf16, batch 1 and 2, the README's stage-3 recipe
-(full generator, fake score LoRA 64, gradient checkpointing, EMA; torch AdamW instead of 8-bit Adam); ``sd3m_lora``:
-SD3-Medium at 1024 px in bf16, the recipe's LoRA 64 / 64 four-step student, batch 2. The teachers are the real-size
-denoisers and VAEs built from the published configs (``memory_plan.SDXL_UNET`` / ``SD3_MEDIUM``) with random
-weights, saved as pipeline folders with 1-layer text encoders of the real hidden sizes (CLIP-L 768, CLIP-G 1280, T5
-4096 with 256 tokens); prompts are encoded once (``--precompute_text_embeddings``), so no text encoder stays loaded.
-Each case runs what ``dmdx.training.loop.distill`` runs: the teacher adapter (``SDXLTeacher`` / ``SD3Teacher``),
-``build_models``, ``PromptSource``, ``build_discriminator``, ``prepare_models``, then ``train_iteration`` (warm-up,
-then timed). It prints seconds per iteration, the peak (``torch.cuda.max_memory_allocated`` above what was allocated
-before the case; on the CPU the resident-set high-water mark) and that peak over the plan's prediction for the same
-setup (``memory_plan.predict``, its activations from the committed ``benchmarks/results/memory_plan.json``).
+(full generator, fake score LoRA 64, gradient checkpointing, EMA; torch AdamW instead of 8-bit Adam) without
+``--gradient_checkpointing_frozen_passes``; ``sdxl_b2_frozen_gc`` with it (as recipes/sdxl/dmdx.sh runs it);
+``sd3m_lora``: SD3-Medium at 1024 px in bf16, the recipe's LoRA 64 / 64 four-step student, batch 2, and
+``sd3m_lora_frozen_gc`` the same with the flag: each pair gives the flag's saving and its cost in time on one card.
+The teachers are the real-size denoisers and VAEs built from the published configs (``memory_plan.SDXL_UNET`` /
+``SD3_MEDIUM``) with random weights, saved as pipeline folders with 1-layer text encoders of the real hidden sizes
+(CLIP-L 768, CLIP-G 1280, T5 4096 with 256 tokens); prompts are encoded once (``--precompute_text_embeddings``), so
+no text encoder stays loaded. Each case runs what ``dmdx.training.loop.distill`` runs: the teacher adapter
+(``SDXLTeacher`` / ``SD3Teacher``), ``build_models``, ``PromptSource``, ``build_discriminator``, ``prepare_models``,
+then ``train_iteration`` (warm-up, then timed). It prints seconds per iteration, the peak
+(``torch.cuda.max_memory_allocated`` above what was allocated before the case; on the CPU the resident-set
+high-water mark) and that peak over the plan's prediction for the same setup (``memory_plan.predict``, its
+activations from the committed ``benchmarks/results/memory_plan.json``).
 Writes memory_plan_gpu_check.json (``--out``). Without CUDA (and without ``--device cpu``) it stops with a message.
 
 The GPU machine has no network and no diffusers: bring diffusers (and its wheels) as docs/results.md "On a GPU" says.
@@ -35,10 +38,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import memory_plan as mp  # noqa: E402
 
 PROMPTS = ["a photo of a cat", "a lighthouse at dusk, oil painting", "a red bicycle", "a bowl of fruit"]
-CASES = {
-    "sdxl_b1": {"teacher": "sdxl", "batch": 1, "plan_key": "sdxl"},
-    "sdxl_b2": {"teacher": "sdxl", "batch": 2, "plan_key": "sdxl"},
-    "sd3m_lora": {"teacher": "sd3", "batch": 2, "plan_key": "sd3-medium"},
+CASES = {  # frozen_checkpointing: --gradient_checkpointing_frozen_passes (SDXL stage 3's recipe sets it)
+    "sdxl_b1": {"teacher": "sdxl", "batch": 1, "plan_key": "sdxl", "frozen_checkpointing": False},
+    "sdxl_b2": {"teacher": "sdxl", "batch": 2, "plan_key": "sdxl", "frozen_checkpointing": False},
+    "sdxl_b2_frozen_gc": {"teacher": "sdxl", "batch": 2, "plan_key": "sdxl", "frozen_checkpointing": True},
+    "sd3m_lora": {"teacher": "sd3", "batch": 2, "plan_key": "sd3-medium", "frozen_checkpointing": False},
+    "sd3m_lora_frozen_gc": {"teacher": "sd3", "batch": 2, "plan_key": "sd3-medium", "frozen_checkpointing": True},
 }
 
 
@@ -127,6 +132,8 @@ def case_args(case: dict, teacher_dir: str, tmp: str, tiny: bool):
     else:  # recipes/sd3_medium: LoRA 64 / 64, four steps (the script's defaults), T5's 256 tokens
         script, argv = "train_adm_sd3", argv + ["--lora_rank", "64", "--fake_score_lora_rank", "64",
                                                 "--max_sequence_length", "32" if tiny else "256"]
+    if case["frozen_checkpointing"]:
+        argv.append("--gradient_checkpointing_frozen_passes")
     if tiny:
         argv += ["--discriminator_head_channels", "32"]
     return mp.script_args(script, argv)
@@ -222,9 +229,12 @@ def predict_case(case: dict, adapter, args, text_tokens: int, plan: dict, foreac
     facts = mp.architecture_facts(case["plan_key"], spec, head_channels=args.discriminator_head_channels)
     measured = plan.get("models", {}).get(case["plan_key"], {}).get("activation_measurement")
     activations = mp.activations_per_sample(facts, measured) if measured and not plan.get("tiny") else None
+    frozen = args.gradient_checkpointing_frozen_passes
+    if activations is not None and frozen and "d_backbone_gc" not in activations:
+        activations = None  # a plan from before the flag: it cannot predict this case's activations
     s = mp.setup_from(facts, args.lora_rank, args.fake_score_lora_rank, batch=args.train_batch_size,
                       gradient_checkpointing=args.gradient_checkpointing, ema=args.use_ema, activations=activations,
-                      text_encoders=False)
+                      text_encoders=False, frozen_checkpointing=frozen)
     return {**mp.predict(s, foreach=foreach), "activations_from": plan.get("source") if activations else None}
 
 
@@ -258,8 +268,10 @@ def main(argv=None):
             results.append(run_case(name, case, teacher_dir, opts, plan))
     summary = {"command": "python benchmarks/gpu_check.py " + " ".join(sys.argv[1:]), "device": device_name,
                "tiny": opts.tiny, "total_seconds": time.perf_counter() - start, "cases": results}
-    lines = ["| case | s / iteration | peak GiB | plan GiB | peak / plan |", "|---|---|---|---|---|"]
-    lines += [f"| {r['case']} (batch {r['batch']}, {r['resolution']} px) | {r['seconds_per_iteration']:.3f} | "
+    lines = ["| case | frozen-pass ckpt | s / iteration | peak GiB | plan GiB | peak / plan |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['case']} (batch {r['batch']}, {r['resolution']} px) | "
+              f"{'on' if r['frozen_checkpointing'] else 'off'} | {r['seconds_per_iteration']:.3f} | "
               f"{r['peak_bytes'] / mp.GiB:.2f} | {r['plan']['total'] / mp.GiB:.2f} | {r['peak_over_plan']:.2f} |"
               for r in results]
     os.makedirs(opts.out, exist_ok=True)

@@ -24,7 +24,8 @@ replicated, or sharded too), in bytes per GPU:
 - engine: DDP's gradient buckets (one more fp32 gradient-sized buffer per DDP-wrapped network, accelerate's default
   ``gradient_as_bucket_view=False``), or FSDP2's gathered units (bf16 all-gather of the largest wrapped block, current
   + prefetched, the root's own parameters, and one block's unsharded bf16 gradients before the reduce-scatter);
-- text encoders in bf16 while they stay loaded (0 with ``--precompute_text_embeddings``);
+- text encoders: 0 in every recipe row (their conditioning is read from the text-embedding cache, memory-mapped on
+  the host; ``TEXT_CACHE``); the bf16 encoders when loaded (each model's "text encoders loaded" variant);
 - activations at the recipe's batch / resolution / frames (below).
 
 Every parameter count comes from the real diffusers / transformers classes built from the published config values
@@ -40,7 +41,9 @@ worker process, measuring the resident-set high-water mark (VmHWM reset through 
 trimmed, MALLOC_MMAP_THRESHOLD_=65536 so freed tensors leave the resident set). Pass kinds: ``train`` /
 ``train_gc`` (fp32 parameters under autocast, with / without gradient checkpointing), ``input`` / ``input_gc`` (bf16
 frozen parameters, gradient to the input), ``d_backbone`` (bf16 frozen, gradient to the input, the forward cut after
-the last discriminator block as ``BackboneFeatures`` cuts it). The slope between the two sizes is the bytes per token
+the last discriminator block as ``BackboneFeatures`` cuts it), ``d_backbone_gc`` (the same with the blocks
+checkpointed: ``--gradient_checkpointing_frozen_passes``, which also turns the fake score's pass into ``input_gc``).
+The slope between the two sizes is the bytes per token
 (image + text tokens of the joint transformers; latent pixels of the UNet); the constant part (gradients of the small
 model, allocator, thread pools) cancels. The real size's activations = slope x (real width / small width) x real
 tokens x micro-batch. The heads are measured the same way with the real feature channel counts at two small spatial
@@ -52,6 +55,11 @@ CPU's flash SDPA and of CUDA's) and linear in width at a fixed head dim; text to
 the joint blocks; a LoRA generator's checkpointed pass costs what a full one's does; the no-grad passes (teacher with
 CFG, backward simulation) leave only transients of one block; the CUDA allocator's fragmentation and the CUDA
 context (~0.5-1 GiB) are not counted: a row "fits" an 80 GiB GPU below 72 GiB (10% headroom), is "tight" up to 80.
+
+ADP (SDXL's DMDX stage 2, ``adp_plan``): the SDXL VAE decoder's backward (fp32 weights under bf16 autocast) measured
+at two latent sizes with its real config (bytes per latent pixel, x 128 x 128 at 1024 px), SAM ViT-B's pass with a
+gradient to its 1024 px input measured at that size, the pixel heads per feature pixel; plus the generator, the
+teacher as latent D and the latent heads from SDXL's measurement.
 
 Self-check: a small SD3-architecture teacher (saved as a pipeline folder) runs ``build_models`` /
 ``build_discriminator`` / ``prepare_models`` / two ``train_iteration`` in bf16 on the CPU in a fresh process,
@@ -128,6 +136,26 @@ TEXT_ENCODERS = {
     "t5_xxl": ("T5EncoderModel", {"vocab_size": 32128, "d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 24,
                                   "num_heads": 64, "feed_forward_proj": "gated-gelu"}),
 }
+# stabilityai/stable-diffusion-xl-base-1.0 vae/config.json (83.7 M parameters); ADP decodes the generator's latents
+# with it and back-propagates through the decoder (training/adp.py, to_sam_pixels)
+SDXL_VAE = {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32,
+            "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
+            "up_block_types": ["UpDecoderBlock2D"] * 4, "sample_size": 1024, "scaling_factor": 0.13025}
+# facebook/sam-vit-base config.json, vision_config: ViT-B/16 at 1024 px, windowed attention (14) with four global
+# layers; ADP's pixel discriminator reads --pixel_discriminator_layers 4 evenly spaced layers (2, 5, 8, 11)
+SAM_VIT_B = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "mlp_dim": 3072,
+             "image_size": 1024, "patch_size": 16, "window_size": 14, "global_attn_indexes": [2, 5, 8, 11],
+             "output_channels": 256, "use_rel_pos": True, "num_pos_feats": 128}
+SAM_LAYERS = [f"vision_encoder.layers.{i}" for i in (2, 5, 8, 11)]
+ADP_RECIPE = {"batch": 1, "resolution": 1024, "adam_8bit": True, "gradient_checkpointing": True,
+              "recipe": "recipes/sdxl/dmdx.sh stage 2: 1024 px, batch 1 x 8, full generator, gradient checkpointing "
+                        "(the VAE decoder's too), 8-bit Adam, latent D = the bf16 teacher + heads, pixel D = SAM "
+                        "ViT-B (bf16) + heads on 4 layers, VAE decoder in fp32 weights under bf16 autocast, text "
+                        "encoders loaded, DDP x 8"}
+# (name, micro-batch, VAE decoder checkpointed): the recipe first, then what it was before this plan counted ADP
+ADP_SETUPS = (("recipe: batch 1 x 8, VAE decoder checkpointed", 1, True),
+              ("batch 2 x 4, VAE decoder checkpointed", 2, True),
+              ("batch 2 x 4, VAE decoder not checkpointed (the recipe before)", 2, False))
 SD3_LORA = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
             "attn.add_v_proj", "attn.to_add_out")  # = SD3Teacher.lora_target_modules
 ATTN_LORA = ("to_k", "to_q", "to_v", "to_out.0")  # = SDXLTeacher's; diffusers' CogVideoX LoRA example's
@@ -142,6 +170,7 @@ MODELS = {
         "lora_targets": ATTN_LORA, "resolution": (1024, 1024), "frames": None, "text_tokens": 77, "batch": 2,
         "gradient_checkpointing": True, "ema": True, "lora_rank": 64, "modes": [(0, 64), (0, 0), (64, 64)],
         "adam_8bit": True,  # the recipe's --use_8bit_adam (its own mode only; the other modes: torch AdamW)
+        "recipe_engine": (8, "ddp"), "frozen_checkpointing": True,
         "recipe": "README 'SDXL one-step' stage 3: 1024 px, batch 2 x 4 accumulation, gradient checkpointing, EMA, "
                   "8-bit Adam, full generator (the ADP student), fake score LoRA 64",
         "small": {"block_out_channels": [64, 128, 256], "attention_head_dim": [1, 2, 4]}, "sizes": [32, 64],
@@ -153,6 +182,7 @@ MODELS = {
         "lora_targets": SD3_LORA, "resolution": (1024, 1024), "frames": None, "text_tokens": 77 + 256, "batch": 2,
         "gradient_checkpointing": True, "ema": False, "lora_rank": 64, "modes": [(64, 64), (0, 0)],
         "recipe": "recipes/sd3_medium: 1024 px, batch 2 x 4, LoRA 64 / 64, gradient checkpointing, T5 256 tokens",
+        "recipe_engine": (8, "ddp"), "frozen_checkpointing": False,
         "small": {"num_attention_heads": 1, "caption_projection_dim": 64}, "sizes": [32, 64],
     },
     "sd3.5-large": {
@@ -162,6 +192,7 @@ MODELS = {
         "lora_targets": SD3_LORA, "resolution": (1024, 1024), "frames": None, "text_tokens": 77 + 256, "batch": 1,
         "gradient_checkpointing": True, "ema": False, "lora_rank": 64, "modes": [(0, 0), (64, 64)],
         "recipe": "recipes/sd35_large: 1024 px, batch 1 x 8, full / full, gradient checkpointing, FSDP2 x 8",
+        "recipe_engine": (8, "fsdp2_teacher_replicated"), "frozen_checkpointing": True,
         "small": {"num_attention_heads": 1, "caption_projection_dim": 64}, "sizes": [32, 64],
     },
     "cogvideox-2b": {
@@ -172,6 +203,7 @@ MODELS = {
         "ema": False, "lora_rank": 64, "modes": [(0, 0), (64, 64)],
         "recipe": "recipes/cogvideox_2b: 480x720, 49 frames, batch 1 x 8, full / full, gradient checkpointing, "
                   "FSDP2 x 8",
+        "recipe_engine": (8, "fsdp2_teacher_replicated"), "frozen_checkpointing": True,
         "small": {"num_attention_heads": 1, "max_text_seq_length": 32}, "sizes": [16, 32],
     },
     "cogvideox-5b": {
@@ -182,11 +214,15 @@ MODELS = {
         "ema": False, "lora_rank": 64, "modes": [(0, 0), (64, 64)],
         "recipe": "recipes/cogvideox_5b: 480x720, 49 frames, batch 1 x 8, full / full, gradient checkpointing, "
                   "FSDP2 x 8",
+        "recipe_engine": (8, "fsdp2_teacher_replicated"), "frozen_checkpointing": True,
         "small": {"num_attention_heads": 1, "max_text_seq_length": 32}, "sizes": [16, 32],
     },
 }
+# Every recipe reads its prompts' conditioning from the text-embedding cache (bf16, memory-mapped on the host): the
+# text encoders are not loaded during training, so no GPU holds them
+TEXT_CACHE = True
 HEAD_CHANNELS, HEAD_DEPTH = 256, 3  # --discriminator_head_channels / --discriminator_head_depth defaults
-BACKBONE_KINDS = ("train", "train_gc", "input", "input_gc", "d_backbone")
+BACKBONE_KINDS = ("train", "train_gc", "input", "input_gc", "d_backbone", "d_backbone_gc")
 HEAD_KINDS = ("heads_input", "heads_train")
 GPU_COUNTS = (1, 8, 64)
 ENGINES = ("ddp", "fsdp2_teacher_replicated", "fsdp2_teacher_sharded")
@@ -404,8 +440,8 @@ def measure_pass(model, kind: str, family: str, geometry: dict, text_tokens: int
     inputs = denoiser_inputs(family, model.config, 1, geometry, text_tokens, dtype=dtype)
     name = primary_input(family)
     inputs[name] = inputs[name].float().requires_grad_(not kind.startswith("train"))  # cast to the weights' dtype
-    features = BackboneFeatures(model, blocks, select=feature_selector(family, geometry)) if kind == "d_backbone" \
-        else None
+    features = (BackboneFeatures(model, blocks, select=feature_selector(family, geometry))
+                if kind.startswith("d_backbone") else None)
     for p in model.parameters():  # gradients exist before the baseline: the plan counts them itself
         p.grad = torch.zeros_like(p) if p.requires_grad else None
     base = reset_peak()
@@ -480,6 +516,144 @@ def measure_worker(job: dict) -> dict:
             "heads": heads, "tokens_measured": tokens}
 
 
+def measure_adp_worker(job: dict) -> dict:
+    """ADP's own passes (training/adp.py) with a gradient to their input, frozen weights, bf16 autocast with CUDA's norm
+    policy: the SDXL VAE decoder (fp32 weights) at two latent sizes (bytes per latent pixel: it is convolutional, its
+    one attention runs through SDPA); SAM ViT-B (bf16) at its fixed 1024 px input, cut after its last hooked layer;
+    the pixel heads on SAM's 768-channel features at two sizes (bytes per feature pixel)."""
+    torch.manual_seed(0)
+    parts = job.get("parts", ["vae_decode", "vae_decode_gc", "sam", "pixel_heads"])
+    out = {}
+    with cuda_norm_policy(True):
+        for part in parts:
+            if part.startswith("vae_decode"):
+                out[part] = _measure_vae_decoder(job["vae_latents"], checkpointing=part.endswith("_gc"))
+            elif part == "sam":
+                out.update(_measure_sam())
+            else:
+                out["pixel_heads"] = _measure_pixel_heads(job["pixel_head_sizes"])
+    return out
+
+
+def _measure_vae_decoder(sizes: list[int], checkpointing: bool = False) -> dict:
+    """``checkpointing``: the decoder's own gradient checkpointing (ADP sets it with --gradient_checkpointing)."""
+    import diffusers
+
+    vae = diffusers.AutoencoderKL(**SDXL_VAE).requires_grad_(False).eval()
+    if checkpointing:
+        vae.enable_gradient_checkpointing()
+
+    def decode(size):
+        z = torch.randn((1, 4, size, size)).requires_grad_(True)
+        base = reset_peak()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = vae.decode(z).sample.float().mean()
+        loss.backward()
+        del loss
+        return peak_above(base)
+
+    for size in sizes:  # warm-up
+        decode(size)
+    values = [decode(size) for size in sizes]
+    return {"points": list(zip([s * s for s in sizes], values)),
+            "bytes_per_latent_pixel": (values[1] - values[0]) / (sizes[1] ** 2 - sizes[0] ** 2)}
+
+
+def _measure_sam() -> dict:
+    import transformers
+
+    from dmdx.training import BackboneFeatures, first_tensor
+
+    sam = transformers.SamVisionModel(transformers.SamVisionConfig(**SAM_VIT_B)).to(torch.bfloat16)
+    sam.requires_grad_(False).eval()
+    features = BackboneFeatures(sam, SAM_LAYERS, select=lambda o: first_tensor(o).permute(0, 3, 1, 2))
+    size = SAM_VIT_B["image_size"]
+
+    def run():
+        x = torch.randn((1, 3, size, size)).requires_grad_(True)
+        base = reset_peak()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = sum(f.float().mean() for f in features(lambda: sam(pixel_values=x.to(torch.bfloat16))))
+        loss.backward()
+        del loss
+        return peak_above(base)
+
+    run()  # warm-up
+    grid = size // SAM_VIT_B["patch_size"]
+    return {"sam_input": {"bytes": run(), "parameters": sum(p.numel() for p in sam.parameters())},
+            "sam_feature_shape": [SAM_VIT_B["hidden_size"], grid, grid]}
+
+
+def _measure_pixel_heads(sizes: list[int]) -> dict:
+    heads = {}
+    for kind in HEAD_KINDS:
+        shapes = [(SAM_VIT_B["hidden_size"], h, h) for h in sizes]
+        for shape in shapes:  # warm-up
+            measure_heads(shape, kind)
+        values = [measure_heads(shape, kind) for shape in shapes]
+        pixels = [h * h for h in sizes]
+        heads[kind] = {"points": list(zip(pixels, values)),
+                       "bytes_per_pixel": (values[1] - values[0]) / (pixels[1] - pixels[0])}
+    return heads
+
+
+def adp_plan(facts: dict, activations: dict, measured: dict) -> dict:
+    """SDXL's ADP stage (recipes/sdxl/dmdx.sh stage 2) per GPU, 1 GPU and 8 x DDP: the same accounting as
+    :func:`predict` with ADP's networks (training/adp.py): a frozen bf16 teacher (latent D's backbone), the fp32
+    generator (its gradients, 8-bit AdamW, DDP buckets, autocast's bf16 copy), the VAE (fp32 weights), SAM ViT-B in
+    bf16, latent + pixel heads; the generator update's activations: the checkpointed generator, the teacher to its
+    last D block and the latent heads (gradient to the input), the VAE decoder's backward at 1024 px, SAM's pass at
+    1024 px and the pixel heads (gradient to the input), per sample x batch."""
+    import diffusers
+    import transformers
+
+    from dmdx.training import DiscriminatorHeads
+
+    with torch.device("meta"):
+        vae_params = sum(p.numel() for p in diffusers.AutoencoderKL(**SDXL_VAE).parameters())
+        sam_params = sum(p.numel() for p in transformers.SamVisionModel(
+            transformers.SamVisionConfig(**SAM_VIT_B)).parameters())
+        shape = tuple(measured["sam_feature_shape"])
+        pixel_heads = sum(p.numel() for p in DiscriminatorHeads([shape] * len(SAM_LAYERS),
+                                                                 hidden_channels=HEAD_CHANNELS).parameters())
+    P, H = facts["parameters"], facts["heads_parameters"] + pixel_heads
+    latent_pixels = (ADP_RECIPE["resolution"] // 8) ** 2
+    opt = 2 if ADP_RECIPE["adam_8bit"] else 8
+    pixel_heads_train = len(SAM_LAYERS) * max(0.0, measured["pixel_heads"]["heads_train"]["bytes_per_pixel"]) * \
+        shape[1] * shape[2]
+    rows, per_sample_of = [], {}
+    for name, b, vae_gc in ADP_SETUPS:
+        vae = measured["vae_decode_gc" if vae_gc else "vae_decode"]
+        per_sample = per_sample_of[name] = {
+            "generator (train_gc)": activations["train_gc"],
+            "latent D backbone (d_backbone)": activations["d_backbone"],
+            "latent heads": activations["heads_input"],
+            "VAE decoder backward": max(0.0, vae["bytes_per_latent_pixel"]) * latent_pixels,
+            "SAM": measured["sam_input"]["bytes"],
+            "pixel heads": len(SAM_LAYERS) * max(0.0, measured["pixel_heads"]["heads_input"]["bytes_per_pixel"])
+            * shape[1] * shape[2],
+        }
+        for n, engine in ((1, "single"), (8, "ddp")):
+            out = {"frozen_weights": 2 * (P + facts["buffer_elements"]) + 4 * vae_params + 2 * sam_params,
+                   "trainable_weights": 4 * (P + facts["buffer_elements"]), "optimizer_states": opt * P,
+                   "discriminator_heads": (4 + opt) * H, "ema": 0.0,
+                   "engine_buffers": 4 * (P + H) if n > 1 else 0.0,
+                   "text_encoders": 2 * sum(facts["text_encoder_parameters"].values())}
+            phases = {"generator": (4 * P, 2 * P, b * sum(per_sample.values())),
+                      "discriminator": (4 * H, 2 * (P + H), 2 * b * (activations["heads_train"] + pixel_heads_train))}
+            phase = max(phases, key=lambda k: sum(phases[k]))
+            out["gradients"], out["autocast_cache"], out["activations"] = phases[phase]
+            out["optimizer_temporaries"] = 0.0  # bitsandbytes' 8-bit step works tensor by tensor
+            out["total"] = sum(out.values())
+            rows.append({"setup": name, "batch": b, "vae_checkpointing": vae_gc, "gpus": n, "engine": engine,
+                         "peak_phase": phase, **out})
+    per_sample = per_sample_of[ADP_SETUPS[0][0]]
+    return {"recipe": ADP_RECIPE["recipe"], "vae_parameters": vae_params, "sam_parameters": sam_params,
+            "pixel_heads_parameters": pixel_heads, "activations_per_sample": per_sample,
+            "activations_per_sample_by_setup": per_sample_of, "rows": rows,
+            "measurement": measured}
+
+
 def small_job(key: str, facts: dict, policy: str = "cuda") -> dict:
     spec = MODELS[key]
     config = {**spec["config"], **spec["small"]}
@@ -503,7 +677,7 @@ def run_worker_process(kind: str, job: dict, threads: int) -> dict:
             json.dump({**job, "worker": kind, "out": out_path, "threads": threads}, f)
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                "PYTHONWARNINGS": "ignore"}
-        if kind == "measure":
+        if kind in ("measure", "adp"):
             env["MALLOC_MMAP_THRESHOLD_"] = "65536"
         proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", job_path], env=env,
                               capture_output=True, text=True)
@@ -531,7 +705,7 @@ def activations_per_sample(facts: dict, measured: dict) -> dict:
 # ---- the plan -----------------------------------------------------------------------------------------------------
 def setup_from(facts: dict, generator_rank: int, fake_rank: int, *, batch: int, gradient_checkpointing: bool,
                ema: bool, activations: dict | None, text_encoders: bool = True, frozen_bytes: int = 2,
-               adam_8bit: bool = False) -> dict:
+               adam_8bit: bool = False, frozen_checkpointing: bool = False) -> dict:
     """One training configuration: everything :func:`predict` needs (parameter counts, activations per sample)."""
     lora = facts["lora_parameters"] if facts["lora_rank"] else 0
     if (generator_rank and generator_rank != facts["lora_rank"]) or (fake_rank and fake_rank != facts["lora_rank"]):
@@ -544,7 +718,7 @@ def setup_from(facts: dict, generator_rank: int, fake_rank: int, *, batch: int, 
         "heads": facts["heads_parameters"], "feature_elements": facts["feature_elements"],
         "text_encoders": sum(facts["text_encoder_parameters"].values()) if text_encoders else 0,
         "ema": bool(ema and generator_rank == 0), "batch": batch, "gradient_checkpointing": gradient_checkpointing,
-        "frozen_bytes": frozen_bytes, "activations": activations,
+        "frozen_bytes": frozen_bytes, "activations": activations, "frozen_checkpointing": frozen_checkpointing,
         "optimizer_bytes": 2 if adam_8bit else 8,  # bitsandbytes AdamW8bit: two 1-byte moments (block stats aside)
     }
 
@@ -593,13 +767,16 @@ def predict(s: dict, engine: str = "single", n: int = 1, foreach: bool = True) -
     if a is not None:
         gc_ = s["gradient_checkpointing"]
         # the fake score's pass inside the generator update: a full copy keeps its own gradient checkpointing; a LoRA
-        # view with its adapter frozen does not checkpoint (LoraView.activate); the teacher never does
-        fake_kind = "input_gc" if gc_ and s["fake_rank"] == 0 else "input"
+        # view with its adapter frozen does not checkpoint (LoraView.activate); D's backbone (the teacher) does not
+        # either, unless --gradient_checkpointing_frozen_passes checkpoints both frozen passes
+        frozen_gc = s.get("frozen_checkpointing", False)
+        fake_kind = "input_gc" if (gc_ and s["fake_rank"] == 0) or frozen_gc else "input"
+        d_kind = "d_backbone_gc" if frozen_gc else "d_backbone"
         train_kind = "train_gc" if gc_ else "train"
         phases.update({
             "fake_score": (4 * trainable["fake"], cache["fake"], b * a[train_kind], 0.0),
             "generator": (4 * trainable["generator"], cache["generator"],
-                          b * (a[train_kind] + a[fake_kind] + a["d_backbone"] + a["heads_input"]), 0.0),
+                          b * (a[train_kind] + a[fake_kind] + a[d_kind] + a["heads_input"]), 0.0),
             "discriminator": (4 * heads, cache["discriminator"],
                               2 * b * (a["heads_train"] + s["feature_elements"] * fb), 0.0),
         })
@@ -616,7 +793,8 @@ def plan_rows(key: str, facts: dict, activations: dict) -> list[dict]:
     for generator_rank, fake_rank in spec["modes"]:
         s = setup_from(facts, generator_rank, fake_rank, batch=spec["batch"],
                        gradient_checkpointing=spec["gradient_checkpointing"], ema=spec["ema"], activations=activations,
-                       adam_8bit=spec.get("adam_8bit", False) and (generator_rank, fake_rank) == spec["modes"][0])
+                       adam_8bit=spec.get("adam_8bit", False) and (generator_rank, fake_rank) == spec["modes"][0],
+                       text_encoders=not TEXT_CACHE, frozen_checkpointing=spec.get("frozen_checkpointing", False))
         for n in GPU_COUNTS:
             for engine in (("single",) if n == 1 else ENGINES):
                 rows.append({"model": key, "mode": mode_name(generator_rank, fake_rank, s["optimizer_bytes"] == 2),
@@ -624,6 +802,25 @@ def plan_rows(key: str, facts: dict, activations: dict) -> list[dict]:
                              "recipe_mode": (generator_rank, fake_rank) == spec["modes"][0],
                              **predict(s, engine, n)})
     return rows
+
+
+def recipe_variants(key: str, facts: dict, activations: dict) -> dict:
+    """The recipe's own mode and engine with the two savings switched off one at a time: what frozen-pass
+    checkpointing and the text cache each save (GiB per GPU)."""
+    spec = MODELS[key]
+    (g, f), (n, engine) = spec["modes"][0], spec["recipe_engine"]
+    common = dict(batch=spec["batch"], gradient_checkpointing=spec["gradient_checkpointing"], ema=spec["ema"],
+                  activations=activations, adam_8bit=spec.get("adam_8bit", False))
+    out = {}
+    for name, frozen, cache in (("recipe", spec.get("frozen_checkpointing", False), TEXT_CACHE),
+                                ("no frozen-pass checkpointing", False, TEXT_CACHE),
+                                ("frozen-pass checkpointing", True, TEXT_CACHE),
+                                ("text encoders loaded", spec.get("frozen_checkpointing", False), False)):
+        row = predict(setup_from(facts, g, f, text_encoders=not cache, frozen_checkpointing=frozen, **common),
+                      engine, n)
+        out[name] = {"gpus": n, "engine": engine, "total": row["total"], "activations": row["activations"],
+                     "text_encoders": row["text_encoders"]}
+    return out
 
 
 def dmd2_row(facts: dict, activations: dict) -> dict:
@@ -655,7 +852,7 @@ def teacher_choice(key: str, facts: dict, rows: list[dict]) -> dict:
     micro-batch). Replicate whenever it fits; shard only when that is what makes the run fit."""
     choice = {}
     for n in GPU_COUNTS[1:]:
-        for mode in {r["mode"] for r in rows if r["model"] == key}:
+        for mode in dict.fromkeys(r["mode"] for r in rows if r["model"] == key):  # in the rows' order
             rep, shd = (next(r for r in rows if r["model"] == key and r["mode"] == mode and r["gpus"] == n
                              and r["engine"] == e) for e in ENGINES[1:])
             gather = 3 * 2 * facts["parameters"] * (n - 1) / n
@@ -786,7 +983,10 @@ def markdown(result: dict) -> str:
     lines = ["# Memory plan (per GPU, GiB; ADM iteration; `benchmarks/memory_plan.py`)", "",
              "Parameter counts from the published configs on the meta device; activations extrapolated from peak "
              "memory measured on small configurations of the same classes (method and assumptions: the script's "
-             "docstring). Fits = below 72 GiB (10% headroom on 80 GiB), tight = up to 80 GiB.", ""]
+             "docstring). Fits = below 72 GiB (10% headroom on 80 GiB), tight = up to 80 GiB. Every row reads the "
+             "prompts' conditioning from the text-embedding cache (text encoders not loaded) and uses its recipe's "
+             "--gradient_checkpointing_frozen_passes setting (SDXL stage 3, SD3.5-Large, CogVideoX: on; SD3-Medium: "
+             "off).", ""]
     sc = result.get("self_check")
     if sc:
         lines += [f"**Self-check** ({sc['size']}): a small SD3-architecture teacher through the real loop on the CPU, "
@@ -816,10 +1016,36 @@ def markdown(result: dict) -> str:
                          f"{gib(r['ema'])} | {gib(r['engine_buffers'])} | {gib(r['text_encoders'])} | "
                          f"{gib(r['autocast_cache'])} | {gib(r['activations'])} | {gib(r['optimizer_temporaries'])} | "
                          f"**{gib(r['total'])}** | {verdict(r['total'])} | {r['peak_phase']} |")
+        variants = model.get("recipe_variants")
+        if variants:
+            v = variants["recipe"]
+            lines += ["", f"Recipe ({v['gpus']} x {ENGINE_NAMES[v['engine']]}): **{gib(v['total'])} GiB** per GPU "
+                      f"({verdict(v['total'])}); with --gradient_checkpointing_frozen_passes "
+                      f"{gib(variants['frozen-pass checkpointing']['total'])}, without "
+                      f"{gib(variants['no frozen-pass checkpointing']['total'])}; with the text encoders loaded "
+                      f"instead of the cache {gib(variants['text encoders loaded']['total'])}."]
         lines += ["", "Teacher under FSDP2: " + "; ".join(
             f"{k}: {v['better']} (sharding saves {v['saves_GiB']:.1f} GiB, costs "
             f"{v['extra_all_gather_GiB_per_microbatch']:.0f} GiB all-gathered per micro-batch)"
             for k, v in model["teacher_choice"].items()), ""]
+    if "adp" in result:
+        adp = result["adp"]
+        lines += ["## SDXL ADP (DMDX stage 2)", "", f"Recipe: {adp['recipe']}. VAE {adp['vae_parameters'] / 1e6:.1f} M "
+                  f"parameters, SAM ViT-B {adp['sam_parameters'] / 1e6:.1f} M, pixel heads "
+                  f"{adp['pixel_heads_parameters'] / 1e6:.1f} M. Generator-update activations per sample (GiB): "
+                  + ", ".join(f"{k} {v / GiB:.2f}" for k, v in adp["activations_per_sample"].items())
+                  + " (SAM measured at its 1024 px input on the CPU, whose SDPA materialises the global layers' "
+                    "attention: an upper bound for CUDA's kernels).", "",
+                  "| setup | GPUs | engine | frozen (teacher, VAE, SAM) | trainable | grads | AdamW | heads | DDP "
+                  "buffers | text enc. | autocast cache | activations | **total** | 80 GiB | peak in |",
+                  "|" + "---|" * 15]
+        for r in adp["rows"]:
+            lines.append(f"| {r['setup']} | {r['gpus']} | {ENGINE_NAMES[r['engine']]} | {gib(r['frozen_weights'])} | "
+                         f"{gib(r['trainable_weights'])} | {gib(r['gradients'])} | {gib(r['optimizer_states'])} | "
+                         f"{gib(r['discriminator_heads'])} | {gib(r['engine_buffers'])} | {gib(r['text_encoders'])} | "
+                         f"{gib(r['autocast_cache'])} | {gib(r['activations'])} | **{gib(r['total'])}** | "
+                         f"{verdict(r['total'])} | {r['peak_phase']} |")
+        lines.append("")
     if "dmd2" in result:
         r = result["dmd2"]
         lines += ["## DMD2's published SDXL setup in this plan", "", DMD2_SDXL["source"] + ".", "",
@@ -869,28 +1095,47 @@ def main(argv=None):
         with open(args.worker) as f:
             job = json.load(f)
         torch.set_num_threads(job.get("threads") or 1)
-        result = measure_worker(job) if job["worker"] == "measure" else self_check_worker(job)
+        workers = {"measure": measure_worker, "adp": measure_adp_worker, "self_check": self_check_worker}
+        result = workers[job["worker"]](job)
         with open(job["out"], "w") as f:
             json.dump(result, f)
         return None
-    reused, reused_self_check = {}, None
+    reused, reused_self_check, previous_adp = {}, None, None
     if args.reuse:
         with open(args.reuse) as f:
             previous = json.load(f)
         reused = {k: v["activation_measurement"] for k, v in previous.get("models", {}).items()}
         reused_self_check = previous.get("self_check")
+        previous_adp = previous.get("adp", {}).get("measurement")
     result = {"command": "python benchmarks/memory_plan.py " + " ".join(sys.argv[1:]), "gib": GiB,
               "fit_gib": FIT_GIB, "gpu_gib": GPU_GIB, "method": __doc__, "models": {}}
     for key in [] if args.self_check_only else args.models:
         start = time.perf_counter()
         facts = architecture_facts(key)
-        measured = reused.get(key) or run_worker_process("measure", small_job(key, facts), args.threads)
+        job = small_job(key, facts)
+        measured = reused.get(key)
+        missing = [k for k in job["kinds"] if k not in (measured or {}).get("bytes_per_token", {})]
+        if measured is None:
+            measured = run_worker_process("measure", job, args.threads)
+        elif missing:  # measure only the pass kinds the reused plan lacks (same small config, same sizes)
+            extra = run_worker_process("measure", {**job, "kinds": missing, "head_shapes": []}, args.threads)
+            assert extra["tokens_measured"] == measured["tokens_measured"], (extra, measured)
+            measured = {**measured, "points": {**measured["points"], **extra["points"]},
+                        "bytes_per_token": {**measured["bytes_per_token"], **extra["bytes_per_token"]}}
         activations = activations_per_sample(facts, measured)
         rows = plan_rows(key, facts, activations)
         result["models"][key] = {"facts": facts, "activation_measurement": measured, "activations": activations,
-                                 "rows": rows, "teacher_choice": teacher_choice(key, facts, rows)}
+                                 "rows": rows, "teacher_choice": teacher_choice(key, facts, rows),
+                                 "recipe_variants": recipe_variants(key, facts, activations)}
         if key == "sdxl":
             result["dmd2"] = {**dmd2_row(facts, activations), "source": DMD2_SDXL["source"]}
+            adp_job = {"vae_latents": [16, 32], "pixel_head_sizes": [16, 32]}
+            adp_measured = previous_adp or run_worker_process("adp", adp_job, args.threads)
+            if "vae_decode_gc" not in adp_measured:  # a plan from before the decoder was checkpointed
+                adp_measured = {**adp_measured, **run_worker_process("adp", {**adp_job, "parts": ["vae_decode_gc"]},
+                                                                     args.threads)}
+            result["adp"] = adp_plan(facts, activations, adp_measured)
+            print(f"SDXL ADP: 8 x DDP {gib(result['adp']['rows'][1]['total'])} GiB per GPU", flush=True)
         recipe = next(r for r in rows if r["recipe_mode"] and r["gpus"] == 8 and r["engine"] == "ddp")
         print(f"{MODELS[key]['title']}: {facts['parameters'] / 1e9:.3f} B parameters; recipe mode "
               f"{recipe['mode']}, 8 x DDP: {gib(recipe['total'])} GiB per GPU ({time.perf_counter() - start:.0f} s)",

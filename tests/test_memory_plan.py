@@ -123,6 +123,77 @@ def test_plan_arithmetic(mp, tiny_facts):
     assert per_sample["heads_input"] == 3.0 * 3 * 64
 
 
+def test_frozen_pass_checkpointing_and_text_cache_in_the_plan(mp, tiny_facts):
+    """--gradient_checkpointing_frozen_passes turns the generator update's fake-score pass into input_gc (a LoRA view
+    too) and D's backbone pass into d_backbone_gc; the text cache leaves the encoders off the GPU."""
+    f = tiny_facts
+    acts = {k: 1000.0 * (i + 1) for i, k in enumerate(mp.BACKBONE_KINDS + mp.HEAD_KINDS)}
+    acts["train_gc"] = 1e12  # the generator update is the peak
+    for ranks in ((0, 0), (4, 4)):
+        plain = mp.predict(mp.setup_from(f, *ranks, batch=2, gradient_checkpointing=True, ema=False,
+                                         activations=acts, text_encoders=False))
+        frozen = mp.predict(mp.setup_from(f, *ranks, batch=2, gradient_checkpointing=True, ema=False,
+                                          activations=acts, text_encoders=False, frozen_checkpointing=True))
+        assert frozen["peak_phase"] == plain["peak_phase"] == "generator"
+        fake_before = acts["input_gc"] if ranks[1] == 0 else acts["input"]
+        assert plain["activations"] == 2 * (1e12 + fake_before + acts["d_backbone"] + acts["heads_input"])
+        assert frozen["activations"] == 2 * (1e12 + acts["input_gc"] + acts["d_backbone_gc"] + acts["heads_input"])
+    with_text = mp.setup_from({**f, "text_encoder_parameters": {"t5": 1000}}, 0, 0, batch=1,
+                              gradient_checkpointing=True, ema=False, activations=None)
+    assert mp.predict(with_text)["text_encoders"] == 2 * 1000  # bf16 encoders when loaded
+
+
+def test_adp_plan_arithmetic(mp, tiny_facts):
+    """ADP's rows: the VAE decoder's per-latent-pixel slope at 1024 px (128 x 128 latents), SAM's measured pass, the
+    pixel heads per feature pixel, plus the generator and the latent D from the model's own measurement."""
+    f = {**tiny_facts, "text_encoder_parameters": {"clip": 100}}
+    acts = {k: 1000.0 * (i + 1) for i, k in enumerate(mp.BACKBONE_KINDS + mp.HEAD_KINDS)}
+    acts["train_gc"] = 1e12  # the generator update is the peak
+    measured = {"vae_decode": {"bytes_per_latent_pixel": 10.0}, "vae_decode_gc": {"bytes_per_latent_pixel": 3.0},
+                "sam_input": {"bytes": 5e6},
+                "sam_feature_shape": [16, 4, 4],
+                "pixel_heads": {"heads_input": {"bytes_per_pixel": 2.0}, "heads_train": {"bytes_per_pixel": 1.0}}}
+    plan = mp.adp_plan(f, acts, measured)
+    per = plan["activations_per_sample"]  # the recipe's setup: the decoder checkpointed
+    assert per["VAE decoder backward"] == 3.0 * 128 * 128 and per["SAM"] == 5e6
+    before = plan["activations_per_sample_by_setup"][mp.ADP_SETUPS[-1][0]]
+    assert before["VAE decoder backward"] == 10.0 * 128 * 128
+    assert per["pixel heads"] == 4 * 2.0 * 16 and per["latent D backbone (d_backbone)"] == acts["d_backbone"]
+    assert len(plan["rows"]) == 2 * len(mp.ADP_SETUPS)
+    one, ddp = plan["rows"][:2]
+    assert (one["gpus"], ddp["gpus"], ddp["engine"], one["batch"]) == (1, 8, "ddp", mp.ADP_RECIPE["batch"])
+    P = f["parameters"]
+    assert one["trainable_weights"] == 4 * (P + f["buffer_elements"]) and one["optimizer_states"] == 2 * P  # 8-bit
+    assert ddp["total"] - one["total"] == ddp["engine_buffers"] > 4 * P
+    assert one["text_encoders"] == 200 and one["peak_phase"] == "generator"
+    assert one["activations"] == mp.ADP_RECIPE["batch"] * sum(per.values())
+    assert one["total"] == sum(v for k, v in one.items() if k not in (
+        "total", "peak_phase", "gpus", "engine", "setup", "batch", "vae_checkpointing"))
+
+
+def test_teacher_choice_is_in_row_order(mp):
+    rows = [{"model": "m", "mode": mode, "gpus": n, "engine": e, "total": 10 * mp.GiB}
+            for mode in ("b", "a", "c") for n in mp.GPU_COUNTS[1:] for e in mp.ENGINES]
+    facts = {"parameters": 1e9}
+    for _ in range(3):
+        assert list(mp.teacher_choice("m", facts, rows)) == ["b x8", "a x8", "c x8", "b x64", "a x64", "c x64"]
+
+
+def test_committed_plan_fits_every_recipe_on_its_cards():
+    """benchmarks/results/memory_plan.json as committed: every recipe, as its train.sh runs it (frozen-pass
+    checkpointing where set, the text cache), fits the 80 GB cards it names, and so does SDXL's ADP stage."""
+    result = json.loads((BENCHMARKS / "results" / "memory_plan.json").read_text())
+    gib = result["gib"]
+    for key, model in result["models"].items():
+        recipe = model["recipe_variants"]["recipe"]
+        assert recipe["total"] / gib <= result["gpu_gib"], (key, recipe["total"] / gib)
+        assert recipe["text_encoders"] == 0
+    assert set(result["models"]) >= {"sdxl", "sd3-medium", "sd3.5-large", "cogvideox-2b", "cogvideox-5b"}
+    recipe = next(r for r in result["adp"]["rows"] if r["setup"].startswith("recipe") and r["engine"] == "ddp")
+    assert recipe["total"] / gib <= result["gpu_gib"]
+    assert result["adp"]["activations_per_sample"]["VAE decoder backward"] > 0
+
+
 def test_real_configs_give_the_published_counts(mp):
     model = mp.build_denoiser("SD3Transformer2DModel", mp.SD3_MEDIUM)
     assert sum(p.numel() for p in model.parameters()) == 2_028_328_000
@@ -157,9 +228,11 @@ def test_gpu_check_stops_clearly_without_cuda(capsys):
 def test_gpu_check_smoke_mode(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     gpu_check = _load("gpu_check")
-    summary = gpu_check.main(["--device", "cpu", "--tiny", "--cases", "sdxl_b1", "sd3m_lora", "--warmup", "0",
+    summary = gpu_check.main(["--device", "cpu", "--tiny", "--cases", "sdxl_b1", "sd3m_lora", "sd3m_lora_frozen_gc",
+                              "--warmup", "0",
                               "--repeats", "1", "--plan", str(tmp_path / "none.json"), "--out", str(tmp_path)])
-    assert [c["case"] for c in summary["cases"]] == ["sdxl_b1", "sd3m_lora"]
+    assert [c["case"] for c in summary["cases"]] == ["sdxl_b1", "sd3m_lora", "sd3m_lora_frozen_gc"]
+    assert [c["frozen_checkpointing"] for c in summary["cases"]] == [False, False, True]
     for case in summary["cases"]:
         assert case["seconds_per_iteration"] > 0 and math.isfinite(case["peak_over_plan"])
         assert all(math.isfinite(v) for v in case["losses"].values())

@@ -146,6 +146,14 @@ def distillation_parser(description: str) -> argparse.ArgumentParser:
     g.add_argument("--diagnostics_steps", type=int, default=25,
                    help="Every N steps also log how far the generator's outputs move in one update and, for adm, "
                         "how ADM's generator gradient relates to DMD's (0 = never; costs one generator forward).")
+    g.add_argument("--gradient_checkpointing_frozen_passes", action="store_true",
+                   help="Gradient checkpointing of the frozen passes that carry the generator's gradient (adm: the "
+                        "fake score's ODE step and the discriminator's backbone pass in the generator update): their "
+                        "blocks keep only their inputs until the backward and are recomputed one at a time, as "
+                        "--gradient_checkpointing does for the trained networks (LoRA roles included). Gradients are "
+                        "unchanged; costs one more forward of each of those passes per micro-batch "
+                        "(docs/memory.md). No effect with --distribution_loss dmd (its frozen passes run without "
+                        "gradients).")
     return p
 
 

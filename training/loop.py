@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import uuid
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,10 +33,13 @@ from .lora import LoraView, add_lora_adapter
 from .plumbing import (
     ShardedEMAState,
     accumulated_update,
+    broadcast_main_weights,
     check_output_dir,
     check_provenance,
     clean_leftovers,
+    empty_denoiser,
     fsdp_wrap_classes_of,
+    host_memory_mib,
     iteration_seed,
     make_accelerator,
     make_lr_scheduler,
@@ -180,6 +184,9 @@ def build_models(adapter, args, accelerator, generator_path: str | None) -> Dist
 
     device, weight_dtype = accelerator.device, weight_dtype_of(accelerator)
     sharded = accelerator.distributed_type.name == "FSDP"  # prepare() shards and moves full models itself
+    # FSDP: only the main process reads the trainable networks' weights; the others hold them on the meta device
+    # until prepare_models broadcasts the main process's copy into every rank's shards (host RAM: docs/memory.md)
+    read_weights = not sharded or accelerator.is_main_process
     teacher = adapter.load_denoiser(weight_dtype).requires_grad_(False).eval().to(device)
     bases = {}  # LoRA bases: the teacher for roles that start from it, a frozen copy of another generator otherwise
 
@@ -193,7 +200,8 @@ def build_models(adapter, args, accelerator, generator_path: str | None) -> Dist
             if args.gradient_checkpointing:
                 base.enable_gradient_checkpointing()
             return base
-        model = adapter.load_denoiser(torch.float32, path=path).requires_grad_(True).train()
+        model = adapter.load_denoiser(torch.float32, path=path) if read_weights else empty_denoiser(adapter, path)
+        model.requires_grad_(True).train()
         if not sharded:
             model.to(device)
         if args.gradient_checkpointing:
@@ -202,6 +210,11 @@ def build_models(adapter, args, accelerator, generator_path: str | None) -> Dist
 
     generator = trainable("generator", args.lora_rank, args.lora_alpha, generator_path, 0)
     fake_score = trainable("fake_score", args.fake_score_lora_rank, args.fake_score_lora_rank, None, 1)
+    held = sum(p.numel() * p.element_size() for rank, m in ((args.lora_rank, generator),
+                                                             (args.fake_score_lora_rank, fake_score))
+               if rank == 0 for p in m.parameters() if not p.is_meta)  # the fully trained networks' copies
+    logger.info("process %d: %.1f MiB of trainable weights read into memory before sharding", accelerator.process_index,
+                held / 2**20)
     # views after every adapter exists (peft's add_adapter re-freezes the adapters added before)
     if args.lora_rank > 0:
         generator = LoraView(generator, "generator", args.gradient_checkpointing)
@@ -290,20 +303,29 @@ def prepare_models(args, accelerator, models: DistillationModels) -> None:
              ("fake_score", "fake_score", args.fake_score_lr, args.fake_score_update_ratio)]
     if models.discriminator_heads is not None:
         specs.append(("discriminator", "discriminator_heads", args.discriminator_lr, args.discriminator_update_ratio))
+    sharded = accelerator.distributed_type.name == "FSDP"
     for name, attr, lr, ratio in specs:
         module = getattr(models, attr)
         optimizer = make_optimizer(args, module, lr)
         scheduler = make_lr_scheduler(args, optimizer, ratio, accelerator.num_processes)
+        broadcast = sharded and attr != "discriminator_heads"  # the denoisers: read by the main process only
+        if broadcast:
+            trained = [n for n, p in module.named_parameters() if p.requires_grad]
+            full_state = module.state_dict() if accelerator.is_main_process else {}
         with fsdp_wrap_classes_of(accelerator, module):
             module, optimizer, scheduler = accelerator.prepare(module, optimizer, scheduler)
+        if broadcast:
+            broadcast_main_weights(module, full_state, optimizer, trained)
+            del full_state
         setattr(models, attr, module)
         models.optimizers[name], models.lr_schedulers[name] = optimizer, scheduler
     if args.use_ema and models.ema is None:  # FSDP: an EMA of the generator's shards (1/n of a copy per process)
         from diffusers.training_utils import EMAModel
 
         models.ema = EMAModel(models.generator.parameters(), decay=args.ema_decay)
+    logger.info("process %d: peak host memory %.0f MiB after preparing the models", accelerator.process_index,
+                host_memory_mib())
     if models.ema is not None:
-        sharded = accelerator.distributed_type.name == "FSDP"
         accelerator.register_for_checkpointing(ShardedEMAState(models.ema) if sharded else models.ema)
 
 
@@ -326,6 +348,7 @@ def train_iteration(models: DistillationModels, adapter, args, accelerator, prom
     )
     from .checkpointing import check_finite
     from .diagnostics import band_discriminator_diagnostics, generator_gradient_diagnostics, prediction_gap
+    from .freezing import checkpointed_passes
     from .remedies import (
         approximate_r1_penalty,
         ode_step_target,
@@ -462,7 +485,12 @@ def train_iteration(models: DistillationModels, adapter, args, accelerator, prom
                         logs.update({k: v for k, v in gap.items() if v == v})  # relative: needs a batch of 2+
                 yield loss, {"loss_generator": loss, "dmd_loss_recorded": recorded}
 
-        with frozen_parameters(fake_frozen, heads_frozen):  # gradient flows through their inputs to G only
+        # --gradient_checkpointing_frozen_passes: the fake score's ODE step and D's backbone pass recompute their blocks
+        # in the backward instead of keeping them (no effect on passes without gradients: the real score, D's update)
+        backbone = m.teacher if m.discriminator_backbone is None else m.discriminator_backbone
+        recompute = (checkpointed_passes(fake_frozen, backbone)
+                     if adm and getattr(args, "gradient_checkpointing_frozen_passes", False) else nullcontext())
+        with frozen_parameters(fake_frozen, heads_frozen), recompute:  # gradient flows through their inputs to G only
             if train_generator:
                 accumulated_update(accelerator, args, m.generator, m.optimizers["generator"],
                                    m.lr_schedulers["generator"], generator_losses(), logs, "generator")

@@ -41,6 +41,7 @@ class LoraView(nn.Module):
         object.__setattr__(self, "base", base)  # not a submodule: parameters() hold this adapter's weights only
         self.adapter_name = adapter_name
         self.gradient_checkpointing = gradient_checkpointing
+        self.checkpoint_frozen = False  # checkpoint even while frozen (training.freezing.checkpointed_passes)
         marker = f".{adapter_name}."
         self.adapter = nn.ParameterDict({n.replace(".", KEY_SEP): p for n, p in base.named_parameters()
                                          if adapter_name and marker in n})
@@ -64,7 +65,8 @@ class LoraView(nn.Module):
             layer._disable_adapters = self.adapter_name is None
             if self.adapter_name is not None:
                 layer._active_adapter = [self.adapter_name]
-        checkpoint = self.gradient_checkpointing and any(p.requires_grad for p in self.adapter.values())
+        checkpoint = self.checkpoint_frozen or (self.gradient_checkpointing
+                                                and any(p.requires_grad for p in self.adapter.values()))
         for module in self._checkpointed:
             module.gradient_checkpointing = checkpoint
 

@@ -453,3 +453,47 @@ class ShardedEMAState:
         self.ema.load_state_dict(state)
         self.ema.shadow_params = [distribute_tensor(f.to(p.device, p.dtype), p.device_mesh, p.placements)
                                   for f, p in zip(full, like)]
+
+
+# ---- FSDP: the trainable networks' weights read once (the main process), broadcast into every rank's shards ----------
+def empty_denoiser(adapter, path: str | None):
+    """The denoiser of ``path`` (the teacher's when None) with its parameters on the meta device (no memory) and its
+    buffers (position tables) computed for real: what a process other than the main one holds of a trainable network
+    under FSDP until :func:`broadcast_main_weights` fills its shards."""
+    import diffusers
+    from accelerate import init_empty_weights
+
+    source = adapter if path is None else adapter.for_path(path, "--pretrained_generator_name_or_path")
+    config = source.denoiser_config
+    with init_empty_weights(include_buffers=False):
+        return getattr(diffusers, adapter.denoiser_class).from_config(config)
+
+
+def broadcast_main_weights(module, full_state: dict, optimizer, trained_names: list[str]) -> None:
+    """After ``accelerator.prepare`` sharded ``module`` (FSDP2): the main process's full weights (``full_state``, its
+    state dict read before ``prepare``; ``{}`` elsewhere) are broadcast one tensor at a time into every rank's shards
+    (torch's ``set_model_state_dict(broadcast_from_rank0=True)``; on the other ranks the meta parameters are replaced).
+    Then the optimizer is pointed at the sharded parameters by name: accelerate maps old to new parameters by
+    ``data_ptr``, which is 0 for every meta parameter, so on those ranks its mapping gives every slot one parameter.
+
+    Not accelerate's ``fsdp_cpu_ram_efficient_loading``: its broadcast reads ``device_mesh`` off every state-dict entry
+    and stops at the first persistent buffer, which diffusers' denoisers have (SD3's ``pos_embed.pos_embed``)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(module, full_state,
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    params = dict(module.named_parameters())
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps torch's
+    if len(inner.param_groups) != 1:
+        raise RuntimeError("expected one parameter group per network (make_optimizer)")
+    inner.param_groups[0]["params"] = [params[n] for n in trained_names]
+    meta = [n for n, p in params.items() if (p.to_local() if hasattr(p, "to_local") else p).is_meta]
+    if meta:
+        raise RuntimeError(f"FSDP: parameters still on the meta device after the broadcast: {meta[:5]}")
+
+
+def host_memory_mib() -> float:
+    """This process's peak resident set so far (Linux ``ru_maxrss``, KiB), in MiB."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -2,8 +2,9 @@
 # Eight-step ADM student of CogVideoX-2b, full fine-tuning (the paper: 8 steps, 8k iterations; full fine-tuning is
 # our reading, docs/method.md#choices). See the README section "CogVideoX" for every value's source.
 # Needs: prompts.txt (one prompt per line; the paper uses OpenVid-1M / Vript / Open-Sora-Plan captions), 8 x 80 GB GPUs
-# (FSDP2). Planned peak 56.5 GiB per GPU (benchmarks/results/memory_plan.md, CogVideoX-2b, full / full, 8 x FSDP2,
-# teacher replicated; 49 frames at 480x720, batch 1, gradient checkpointing): a plan, not a measurement.
+# (FSDP2). Planned peak 21.2 GiB per GPU (benchmarks/results/memory_plan.md, CogVideoX-2b, full / full, 8 x FSDP2,
+# teacher replicated; 49 frames at 480x720, batch 1, gradient checkpointing, --gradient_checkpointing_frozen_passes,
+# text encoders not loaded): a plan, not a measurement.
 # Run from anywhere; TEACHER / PROMPTS / OUTPUT_DIR / TEXT_CACHE / CONFIG override the defaults. Extra flags are appended
 # ("$@") and later flags win (tests/test_cogvideox_script.py runs this file on tiny models exactly so).
 set -euo pipefail
@@ -28,6 +29,7 @@ accelerate launch --config_file "$CONFIG" "$ROOT/distill_scripts/train_adm_cogvi
   --fake_score_update_ratio 1 --discriminator_update_ratio 1 --discriminator_warmup_steps 200 \
   --generator_lr 1e-6 --fake_score_lr 1e-6 --discriminator_lr 1e-5 --max_grad_norm 10 \
   --mixed_precision bf16 --gradient_checkpointing --allow_tf32 --max_train_steps 8000 \
+  --gradient_checkpointing_frozen_passes \
   --checkpointing_steps 250 --checkpoints_total_limit 2 --resume_from_checkpoint latest \
   --validation_prompts "a panda playing a guitar in a bamboo forest" "waves breaking on a rocky shore at sunset" \
   --validation_steps 500 --report_to tensorboard "$@"

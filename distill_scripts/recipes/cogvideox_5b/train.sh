@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Eight-step ADM student of CogVideoX-5b, full fine-tuning (the paper: 8 steps, 8k iterations; full fine-tuning is
 # our reading, docs/method.md#choices). See the README section "CogVideoX" for every value's source.
-# Needs: prompts.txt (one prompt per line; the paper uses OpenVid-1M / Vript / Open-Sora-Plan captions), 8 x 141 GB GPUs
-# (H200, FSDP2). Planned peak 122.0 GiB per GPU (benchmarks/results/memory_plan.md, CogVideoX-5b, full / full, 8 x FSDP2,
-# teacher replicated; 49 frames at 480x720, batch 1, gradient checkpointing): a plan, not a measurement. It does not
-# fit an 80 GB GPU at this size (the plan puts even 64 x FSDP2 with the teacher sharded at 95.8 GiB); fewer frames or a
-# smaller size lower the activations (83.7 of the 122 GiB), untested.
+# Needs: prompts.txt (one prompt per line; the paper uses OpenVid-1M / Vript / Open-Sora-Plan captions), 8 x 80 GB GPUs
+# (FSDP2). Planned peak 52.2 GiB per GPU (benchmarks/results/memory_plan.md, CogVideoX-5b, full / full, 8 x FSDP2,
+# teacher replicated; 49 frames at 480x720, batch 1, gradient checkpointing, --gradient_checkpointing_frozen_passes,
+# text encoders not loaded): a plan, not a measurement. Without the frozen-pass checkpointing the plan is 113.1 GiB
+# (docs/memory.md).
 # Run from anywhere; TEACHER / PROMPTS / OUTPUT_DIR / TEXT_CACHE / CONFIG override the defaults. Extra flags are appended
 # ("$@") and later flags win (tests/test_cogvideox_script.py runs this file on tiny models exactly so).
 set -euo pipefail
@@ -30,6 +30,7 @@ accelerate launch --config_file "$CONFIG" "$ROOT/distill_scripts/train_adm_cogvi
   --fake_score_update_ratio 1 --discriminator_update_ratio 1 --discriminator_warmup_steps 200 \
   --generator_lr 1e-6 --fake_score_lr 1e-6 --discriminator_lr 1e-5 --max_grad_norm 10 \
   --mixed_precision bf16 --gradient_checkpointing --allow_tf32 --max_train_steps 8000 \
+  --gradient_checkpointing_frozen_passes \
   --checkpointing_steps 250 --checkpoints_total_limit 2 --resume_from_checkpoint latest \
   --validation_prompts "a panda playing a guitar in a bamboo forest" "waves breaking on a rocky shore at sunset" \
   --validation_steps 500 --report_to tensorboard "$@"

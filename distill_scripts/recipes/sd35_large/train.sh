@@ -24,6 +24,7 @@ accelerate launch --config_file "$CONFIG" "$ROOT/distill_scripts/train_adm_sd3.p
   --fake_score_update_ratio 1 --discriminator_update_ratio 1 --discriminator_warmup_steps 200 \
   --generator_lr 1e-6 --fake_score_lr 1e-6 --discriminator_lr 1e-5 --max_grad_norm 10 \
   --mixed_precision bf16 --gradient_checkpointing --allow_tf32 --max_train_steps 3000 \
+  --gradient_checkpointing_frozen_passes \
   --checkpointing_steps 250 --checkpoints_total_limit 2 --resume_from_checkpoint latest \
   --validation_prompts "a photo of a cat" "a lighthouse at dusk, oil painting" --validation_steps 250 \
   --report_to tensorboard "$@"

@@ -22,7 +22,8 @@ accelerate launch --config_file "$CONFIG" "$ROOT/distill_scripts/train_adp_sdxl.
   --pretrained_model_name_or_path "$TEACHER" --variant fp16 --ode_pairs_dir sdxl-ode-pairs \
   --text_embeddings_cache "$TEXT_CACHE" \
   --pixel_discriminator_model facebook/sam-vit-base --latent_weight 0.85 --pixel_weight 0.15 \
-  --resolution 1024 --train_batch_size 2 --gradient_accumulation_steps 4 --gradient_checkpointing \
+  --resolution 1024 --gradient_checkpointing \
+  --train_batch_size 1 --gradient_accumulation_steps 8 \
   --generator_lr 1e-5 --discriminator_lr 1e-5 --max_train_steps 5000 --use_8bit_adam \
   --checkpointing_steps 500 --checkpoints_total_limit 3 --resume_from_checkpoint latest \
   --validation_prompts "a photo of a cat" "a lighthouse at dusk, oil painting" --validation_steps 500 \
@@ -34,6 +35,7 @@ accelerate launch --config_file "$CONFIG" "$ROOT/distill_scripts/train_adm_sdxl.
   --prompts_file "$PROMPTS" --text_embeddings_cache "$TEXT_CACHE" \
   --resolution 1024 --train_batch_size 2 --gradient_accumulation_steps 4 \
   --gradient_checkpointing --use_8bit_adam --fake_score_lora_rank 64 \
+  --gradient_checkpointing_frozen_passes \
   --distribution_loss adm --guidance_scale 8.0 --ode_step_dt 0.015625 \
   --min_timestep_percent 0.02 --max_timestep_percent 0.98 \
   --fake_score_update_ratio 1 --discriminator_update_ratio 1 --discriminator_warmup_steps 200 \

@@ -28,7 +28,7 @@ accelerate launch --config_file "$CONFIG" "$ROOT/distill_scripts/train_adm_wan.p
   --min_timestep_percent 0.02 --max_timestep_percent 0.98 --timestep_sampling uniform \
   --fake_score_update_ratio 1 --discriminator_update_ratio 1 --discriminator_warmup_steps 200 \
   --generator_lr 1e-6 --fake_score_lr 1e-6 --discriminator_lr 1e-5 --max_grad_norm 10 \
-  --mixed_precision bf16 --gradient_checkpointing --allow_tf32 --max_train_steps 8000 \
+  --mixed_precision bf16 --gradient_checkpointing --gradient_checkpointing_frozen_passes --allow_tf32 --max_train_steps 8000 \
   --checkpointing_steps 250 --checkpoints_total_limit 2 --resume_from_checkpoint latest \
   --validation_prompts "a panda playing a guitar in a bamboo forest" "waves breaking on a rocky shore at sunset" \
   --validation_steps 500 --report_to tensorboard "$@"
