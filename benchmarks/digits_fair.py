@@ -82,6 +82,9 @@ def parse_args(argv=None):
                    help="Stop each run after this many generator updates instead of --budget_s CPU seconds: one "
                         "value for every run, or one per --seeds entry (e.g. the update counts a published grid's "
                         "runs reached in their budget).")
+    p.add_argument("--compare_to", default=None, metavar="FAIR_JSON",
+                   help="A published fair.json (e.g. benchmarks/results/digits_fair_sd3.json): its best cells are "
+                        "listed beside this run's, per seed.")
     p.add_argument("--adm_flags", default="",
                    help="Extra flags for every ADM run, e.g. \"--discriminator_head_output per_position "
                         "--discriminator_head_depth 1\".")
@@ -258,6 +261,20 @@ def summarise(args, report: dict, grid_runs: dict, seed_runs: dict) -> dict:
             "reference": ref, "grid": grid, "best": finals, "curves": curves}
 
 
+def published_cells(path: str) -> dict:
+    """The best cells of a published fair.json: mean ± sd and each seed's last checkpoint (updates, FID to teacher),
+    with the checkpoint where the generator had not moved yet (the end of D's warm-up) as the start."""
+    with open(path) as f:
+        published = json.load(f)
+    out = {"source": os.path.relpath(os.path.abspath(path), ROOT), "cells": {}}
+    for method, row in published["best"].items():
+        runs = {n: rows for n, rows in published["curves"].items() if n.rsplit("_s", 1)[0] == row["cell"]}
+        out["cells"][method] = {**row, "per_seed": {n: {"step": rows[-1]["step"],
+                                                        "fid_to_teacher": rows[-1]["fid_to_teacher"]}
+                                                    for n, rows in sorted(runs.items())}}
+    return out
+
+
 def markdown(result: dict) -> str:
     def f(v, nd=2):
         return "n/a" if v is None else f"{v:.{nd}f}"
@@ -265,9 +282,10 @@ def markdown(result: dict) -> str:
     lines = [f"# ADM vs DMD2 like for like: {result['teacher']} digits teacher",
              "", (f"Budget {result['budget_cpu_s']:.0f} CPU seconds of training per run (one thread)."
                   if result.get("budget_cpu_s") else f"Budget: {result['max_updates']} generator updates per run "
-                  f"(per seed {result['seeds']})") + " Grid: generator "
-             f"lr {result['grid_lrs']} x fake-score updates per generator update {result['grid_ratios']}, both "
-             f"methods, seed {result['seeds'][0]}; then the best cell of each method at seeds {result['seeds']}. "
+                  f"(per seed {result['seeds']}).") + " Grid: generator "
+             f"lr {result['grid_lrs']} x fake-score updates per generator update {result['grid_ratios']}, "
+             f"{' and '.join(result['best'])}, seed {result['seeds'][0]}; then the best cell of each method at seeds "
+             f"{result['seeds']}. "
              f"ADM fixed: `{' '.join(result['adm_fixed'] + result.get('adm_flags', []))}`.", "",
              "## Best cell per method, end of budget (mean ± sd over seeds)", "",
              "| method | cell | seeds | FID to teacher | class-hist TV to teacher | digit-FID (real) | prompt acc. | "
@@ -279,6 +297,22 @@ def markdown(result: dict) -> str:
     for name, row in result["reference"].items():
         lines.append(f"| {name} | | | {f(row['fid_to_teacher'])} | {f(row['class_hist_tv_to_teacher'])} | "
                      f"{f(row['digit_fid'])} | {f(row['prompt_accuracy'])} | |")
+    if result.get("published"):
+        lines += ["", f"## Against the published cells (`{result['published']['source']}`)", "",
+                  "| method | cell | seeds | FID to teacher | class-hist TV to teacher | digit-FID (real) | "
+                  "prompt acc. | generator updates | FID to teacher per seed |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        rows = [(f"this run: {'DMDX (ADM)' if m == 'adm' else 'DMD2'}", r, {
+            n: {"step": c[-1]["step"], "fid_to_teacher": c[-1]["fid_to_teacher"]}
+            for n, c in sorted(result["curves"].items()) if n.rsplit("_s", 1)[0] == r["cell"]})
+            for m, r in result["best"].items()]
+        rows += [(f"published: {'DMDX (ADM)' if m == 'adm' else 'DMD2'}", r, r["per_seed"])
+                 for m, r in result["published"]["cells"].items()]
+        for label, row, seeds in rows:
+            lines.append(f"| {label} | `{row['cell']}` | {row['seeds']} | "
+                         + " | ".join(f"{f(row[k][0])} ± {f(row[k][1])}" for k in KEYS)
+                         + f" | {row['updates'][0]:.0f} | "
+                         + ", ".join(f"{f(v['fid_to_teacher'])} @{v['step']}" for v in seeds.values()) + " |")
     lines += ["", "## Tuning grid (first seed, end of budget)", "",
               "| run | updates | CPU s | FID to teacher | class-hist TV | digit-FID | prompt acc. |",
               "|---|---|---|---|---|---|---|"]
@@ -345,6 +379,8 @@ def main(argv=None):
     if seed_runs and not one_cell:  # the other seeds in their own evaluate.py call (the teacher's samples are the same)
         report = {**score(args, list(seed_runs.values()), "seeds"), **report}
     result = summarise(args, report, grid_runs, seed_runs)
+    if args.compare_to:
+        result["published"] = published_cells(args.compare_to)
     with open(os.path.join(args.output_dir, "fair.json"), "w") as f:
         json.dump(result, f, indent=1)
     with open(os.path.join(args.output_dir, "fair.md"), "w") as f:
