@@ -319,7 +319,7 @@ def markdown(result: dict) -> str:
     def f(v):
         return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
 
-    lines = ["# ADM discriminator probe: a frozen generator, D trained to its plateau", "",
+    lines = ["# ADM discriminator probe: a frozen generator, only D's heads trained", "",
              f"Teacher `{result['teacher']}` (the 4-step generator and the fake score: the teacher, frozen), batch "
              f"{result['train_batch_size']}, D lr {result['discriminator_lr']:g}, heads trained on "
              f"{result['pool_batches']} batches of pairs until the hinge loss plateaus (window {result['window']} "
@@ -335,7 +335,7 @@ def markdown(result: dict) -> str:
                          f"{row['stopped'] if when == 'after' else ''} | "
                          f"{f(row['cpu_s_per_adm_iteration']) if when == 'after' else ''} | "
                          + " | ".join(f(row[when][k]) for k, _ in COLUMNS) + " |")
-    lines += ["", "Hinge loss per window of iterations:", ""]
+    lines += ["", f"Training hinge loss (on the pooled pairs) per window of {result['window']} updates:", ""]
     for row in result["variants"]:
         lines.append(f"- `{row['variant']}`: " + ", ".join(f"{v:.3f}" for v in row["hinge_windows"]))
     return "\n".join(lines) + "\n"
