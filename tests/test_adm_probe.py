@@ -73,3 +73,24 @@ def test_probe_smoke(tiny_sd3, prompts_file, tmp_path):
         assert row["after"]["alignment_adm_raw"] != 0  # the heads trained: D has a gradient now
     with pytest.raises(SystemExit):
         adm_probe.parse_args(["--output_dir", str(out), "--variants", "patch:1"])
+
+
+def test_digits_fair_update_budget_and_published_cells():
+    """The grid's update-count budget (one value or one per seed) and the published cells it is compared with."""
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import digits_fair
+
+    args = digits_fair.parse_args(["--output_dir", "x", "--methods", "adm", "--seeds", "0", "1", "2",
+                                   "--max_updates", "60", "87", "91", "--adm_flags",
+                                   "--discriminator_head_output per_position"])
+    assert [digits_fair.update_limit(args, s) for s in (0, 1, 2)] == [60, 87, 91]
+    assert args.adm_flags == ["--discriminator_head_output", "per_position"]
+    one = digits_fair.parse_args(["--output_dir", "x", "--max_updates", "50"])
+    assert digits_fair.update_limit(one, 2) == 50
+    assert digits_fair.update_limit(digits_fair.parse_args(["--output_dir", "x"]), 0) is None  # CPU budget
+    for bad in (["--max_updates", "60", "87"], ["--max_updates", "20"]):
+        with pytest.raises(SystemExit):
+            digits_fair.parse_args(["--output_dir", "x", *bad])
+    cells = digits_fair.published_cells(os.path.join(REPO, "benchmarks", "results", "digits_fair_sd3.json"))["cells"]
+    assert cells["adm"]["cell"] == "adm_lr2e-06_r5"
+    assert [v["step"] for v in cells["adm"]["per_seed"].values()] == [60, 87, 91]
