@@ -16,6 +16,9 @@ seeds, judged against the teacher's own samples, with quality-against-compute cu
    scores them (one call per stage) against the teacher (``--teacher_steps`` with the demo's CFG) as the reference:
    FID to the teacher in the digit classifier's feature space first, the class-histogram gap to the teacher, then
    real-data digit-FID and prompt accuracy.
+``--max_updates`` stops each run at a number of generator updates instead (one value, or one per seed): on a
+shared machine CPU seconds are not comparable with a grid measured on an idle one, update counts are. With
+``--methods adm --adm_flags "..."`` one ADM variant runs against the published cells (docs/adm_probe.md).
 Writes ``<output_dir>/fair.json`` and ``fair.md`` (grid table, mean ± sd over seeds at the end of the budget, curve
 points), ``fair.png`` (FID to teacher against CPU seconds and against generator updates). Finished runs are reused.
 
@@ -74,6 +77,17 @@ def parse_args(argv=None):
     p.add_argument("--num_images_per_prompt", type=int, default=30)
     p.add_argument("--num_class_free_images", type=int, default=100)
     p.add_argument("--score_only", action="store_true", help="Skip training; score the runs already there.")
+    p.add_argument("--methods", nargs="+", default=["adm", "dmd"], choices=["adm", "dmd"])
+    p.add_argument("--max_updates", type=int, nargs="+", default=None,
+                   help="Stop each run after this many generator updates instead of --budget_s CPU seconds: one "
+                        "value for every run, or one per --seeds entry (e.g. the update counts a published grid's "
+                        "runs reached in their budget).")
+    p.add_argument("--compare_to", default=None, metavar="FAIR_JSON",
+                   help="A published fair.json (e.g. benchmarks/results/digits_fair_sd3.json): its best cells are "
+                        "listed beside this run's, per seed.")
+    p.add_argument("--adm_flags", default="",
+                   help="Extra flags for every ADM run, e.g. \"--discriminator_head_output per_position "
+                        "--discriminator_head_depth 1\".")
     args = p.parse_args(argv)
     args.teacher_dir = args.teacher_dir or os.path.join(DIGITS, "assets", f"digits-{args.teacher}-teacher")
     args.generator = args.generator or args.teacher_dir
@@ -82,7 +96,20 @@ def parse_args(argv=None):
             p.error(f"--{flag} {getattr(args, flag)!r} is not a pipeline folder.")
     if args.budget_s <= 0 or args.checkpointing_steps < 1:
         p.error("--budget_s must be > 0 and --checkpointing_steps >= 1.")
+    if args.max_updates is not None:
+        if len(args.max_updates) not in (1, len(args.seeds)):
+            p.error(f"--max_updates takes one value or one per seed ({len(args.seeds)}), got {len(args.max_updates)}.")
+        if min(args.max_updates) <= 20 and "adm" in args.methods:
+            p.error("--max_updates must exceed ADM's 20 discriminator warm-up steps.")
+    args.adm_flags = args.adm_flags.split()
     return args
+
+
+def update_limit(args, seed: int) -> int | None:
+    """The update count a run of ``seed`` stops at (None: the CPU budget stops it)."""
+    if args.max_updates is None:
+        return None
+    return args.max_updates[0] if len(args.max_updates) == 1 else args.max_updates[args.seeds.index(seed)]
 
 
 def run_name(method: str, lr: float, ratio: int, seed: int) -> str:
@@ -110,9 +137,9 @@ def train(args, prompts_file: str, method: str, lr: float, ratio: int, seed: int
            "--guidance_scale", str(teacher["guidance_scale"]), "--mixed_precision", "no", "--lr_scheduler",
            "constant", "--train_batch_size", str(args.train_batch_size), "--generator_lr", str(lr),
            "--fake_score_lr", str(args.fake_score_lr), "--fake_score_update_ratio", str(ratio),
-           "--distribution_loss", method, "--max_train_steps", "100000", "--checkpointing_steps",
-           str(args.checkpointing_steps), "--diagnostics_steps", "0", *teacher["flags"],
-           *(ADM_FIXED if method == "adm" else [])]
+           "--distribution_loss", method, "--max_train_steps", str(update_limit(args, seed) or 100000),
+           "--checkpointing_steps", str(args.checkpointing_steps), "--diagnostics_steps", "0", *teacher["flags"],
+           *(ADM_FIXED + args.adm_flags if method == "adm" else [])]
     if os.path.abspath(args.generator) != os.path.abspath(args.teacher_dir):
         cmd += ["--pretrained_generator_name_or_path", args.generator]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
@@ -122,7 +149,9 @@ def train(args, prompts_file: str, method: str, lr: float, ratio: int, seed: int
 
         shutil.rmtree(out)
     os.makedirs(out)
-    print(f"[fair] {run_name(method, lr, ratio, seed)}: {args.budget_s:.0f} CPU s", flush=True)
+    limit = update_limit(args, seed)
+    print(f"[fair] {run_name(method, lr, ratio, seed)}: "
+          + (f"{limit} updates" if limit else f"{args.budget_s:.0f} CPU s"), flush=True)
     start = time.time()
     with open(os.path.join(out, "stderr.txt"), "w") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=ROOT)
@@ -130,7 +159,7 @@ def train(args, prompts_file: str, method: str, lr: float, ratio: int, seed: int
         while proc.poll() is None:
             time.sleep(1.0)
             log = read_log(out)
-            if not sent and log and log[-1]["cpu_time"] - log[0]["cpu_time"] >= args.budget_s:
+            if not limit and not sent and log and log[-1]["cpu_time"] - log[0]["cpu_time"] >= args.budget_s:
                 proc.send_signal(signal.SIGTERM)  # the loop checkpoints this step and exits 128 + 15
                 sent = True
     if proc.returncode not in (0, 128 + signal.SIGTERM):
@@ -215,7 +244,7 @@ def summarise(args, report: dict, grid_runs: dict, seed_runs: dict) -> dict:
     curves = {name: curve(report, out) for name, out in {**grid_runs, **seed_runs}.items()}
     grid = [{"run": name, **curves[name][-1]} for name in grid_runs]
     best = {}
-    for method in ("adm", "dmd"):
+    for method in args.methods:
         cells = [(curves[n][-1]["fid_to_teacher"], n) for n in grid_runs if n.startswith(method)]
         best[method] = min(cells)[1].rsplit("_s", 1)[0]
     finals = {}
@@ -226,9 +255,24 @@ def summarise(args, report: dict, grid_runs: dict, seed_runs: dict) -> dict:
                           "cpu_s": mean_sd([curves[n][-1]["cpu_s"] for n in names]),
                           "updates": mean_sd([curves[n][-1]["step"] for n in names])}
     ref = {name: {k: report.get(name, {}).get(k) for k in KEYS} for name in ("teacher", "start")}
-    return {"teacher": args.teacher, "budget_cpu_s": args.budget_s, "grid_lrs": args.generator_lrs,
+    return {"teacher": args.teacher, "budget_cpu_s": None if args.max_updates else args.budget_s,
+            "max_updates": args.max_updates, "adm_flags": args.adm_flags, "grid_lrs": args.generator_lrs,
             "grid_ratios": args.fake_score_ratios, "seeds": args.seeds, "adm_fixed": ADM_FIXED,
             "reference": ref, "grid": grid, "best": finals, "curves": curves}
+
+
+def published_cells(path: str) -> dict:
+    """The best cells of a published fair.json: mean ± sd and each seed's last checkpoint (updates, FID to teacher),
+    with the checkpoint where the generator had not moved yet (the end of D's warm-up) as the start."""
+    with open(path) as f:
+        published = json.load(f)
+    out = {"source": os.path.relpath(os.path.abspath(path), ROOT), "cells": {}}
+    for method, row in published["best"].items():
+        runs = {n: rows for n, rows in published["curves"].items() if n.rsplit("_s", 1)[0] == row["cell"]}
+        out["cells"][method] = {**row, "per_seed": {n: {"step": rows[-1]["step"],
+                                                        "fid_to_teacher": rows[-1]["fid_to_teacher"]}
+                                                    for n, rows in sorted(runs.items())}}
+    return out
 
 
 def markdown(result: dict) -> str:
@@ -236,10 +280,13 @@ def markdown(result: dict) -> str:
         return "n/a" if v is None else f"{v:.{nd}f}"
 
     lines = [f"# ADM vs DMD2 like for like: {result['teacher']} digits teacher",
-             "", f"Budget {result['budget_cpu_s']:.0f} CPU seconds of training per run (one thread). Grid: generator "
-             f"lr {result['grid_lrs']} x fake-score updates per generator update {result['grid_ratios']}, both "
-             f"methods, seed {result['seeds'][0]}; then the best cell of each method at seeds {result['seeds']}. "
-             f"ADM fixed: `{' '.join(result['adm_fixed'])}`.", "",
+             "", (f"Budget {result['budget_cpu_s']:.0f} CPU seconds of training per run (one thread)."
+                  if result.get("budget_cpu_s") else f"Budget: {result['max_updates']} generator updates per run "
+                  f"(per seed {result['seeds']}).") + " Grid: generator "
+             f"lr {result['grid_lrs']} x fake-score updates per generator update {result['grid_ratios']}, "
+             f"{' and '.join(result['best'])}, seed {result['seeds'][0]}; then the best cell of each method at seeds "
+             f"{result['seeds']}. "
+             f"ADM fixed: `{' '.join(result['adm_fixed'] + result.get('adm_flags', []))}`.", "",
              "## Best cell per method, end of budget (mean ± sd over seeds)", "",
              "| method | cell | seeds | FID to teacher | class-hist TV to teacher | digit-FID (real) | prompt acc. | "
              "generator updates |", "|---|---|---|---|---|---|---|---|"]
@@ -250,6 +297,22 @@ def markdown(result: dict) -> str:
     for name, row in result["reference"].items():
         lines.append(f"| {name} | | | {f(row['fid_to_teacher'])} | {f(row['class_hist_tv_to_teacher'])} | "
                      f"{f(row['digit_fid'])} | {f(row['prompt_accuracy'])} | |")
+    if result.get("published"):
+        lines += ["", f"## Against the published cells (`{result['published']['source']}`)", "",
+                  "| method | cell | seeds | FID to teacher | class-hist TV to teacher | digit-FID (real) | "
+                  "prompt acc. | generator updates | FID to teacher per seed |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        rows = [(f"this run: {'DMDX (ADM)' if m == 'adm' else 'DMD2'}", r, {
+            n: {"step": c[-1]["step"], "fid_to_teacher": c[-1]["fid_to_teacher"]}
+            for n, c in sorted(result["curves"].items()) if n.rsplit("_s", 1)[0] == r["cell"]})
+            for m, r in result["best"].items()]
+        rows += [(f"published: {'DMDX (ADM)' if m == 'adm' else 'DMD2'}", r, r["per_seed"])
+                 for m, r in result["published"]["cells"].items()]
+        for label, row, seeds in rows:
+            lines.append(f"| {label} | `{row['cell']}` | {row['seeds']} | "
+                         + " | ".join(f"{f(row[k][0])} ± {f(row[k][1])}" for k in KEYS)
+                         + f" | {row['updates'][0]:.0f} | "
+                         + ", ".join(f"{f(v['fid_to_teacher'])} @{v['step']}" for v in seeds.values()) + " |")
     lines += ["", "## Tuning grid (first seed, end of budget)", "",
               "| run | updates | CPU s | FID to teacher | class-hist TV | digit-FID | prompt acc. |",
               "|---|---|---|---|---|---|---|"]
@@ -267,6 +330,8 @@ def plot(result: dict, path: str) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     colours = {"adm": "tab:red", "dmd": "tab:blue"}
+    if not result["curves"]:
+        return
     for name, rows in result["curves"].items():
         method = name.split("_")[0]
         best = name.rsplit("_s", 1)[0] == result["best"][method]["cell"]
@@ -293,24 +358,29 @@ def main(argv=None):
     with open(prompts_file, "w") as f:  # as the demo: the class-free prompt twice
         f.write("\n".join(class_prompts() + [CLASS_FREE_PROMPT] * 2) + "\n")
     first, others = args.seeds[0], args.seeds[1:]
-    cells = [(m, lr, r) for m in ("adm", "dmd") for lr in args.generator_lrs for r in args.fake_score_ratios]
+    cells = [(m, lr, r) for m in args.methods for lr in args.generator_lrs for r in args.fake_score_ratios]
     grid_runs = {run_name(*c, first): os.path.join(args.output_dir, "runs", run_name(*c, first)) for c in cells}
+    one_cell = len(args.generator_lrs) == len(args.fake_score_ratios) == 1  # no tuning: every seed, one scoring
     if not args.score_only:
         for c in cells:
-            train(args, prompts_file, *c, first)
-    report = score(args, list(grid_runs.values()), "grid")
+            for seed in [first] + (others if one_cell else []):
+                train(args, prompts_file, *c, seed)
+    everything = [os.path.join(args.output_dir, "runs", run_name(*c, seed)) for c in cells for seed in args.seeds]
+    report = score(args, everything if one_cell else list(grid_runs.values()), "grid")
     best = summarise(args, report, grid_runs, {})["best"]
     seed_runs = {}
-    for method in ("adm", "dmd"):
+    for method in args.methods:
         _, lr, ratio = best[method]["cell"].split("_")
         for seed in others:
             name = run_name(method, float(lr[2:]), int(ratio[1:]), seed)
             seed_runs[name] = os.path.join(args.output_dir, "runs", name)
             if not args.score_only:
                 train(args, prompts_file, method, float(lr[2:]), int(ratio[1:]), seed)
-    if seed_runs:  # the other seeds in their own evaluate.py call (the teacher's samples are the same)
+    if seed_runs and not one_cell:  # the other seeds in their own evaluate.py call (the teacher's samples are the same)
         report = {**score(args, list(seed_runs.values()), "seeds"), **report}
     result = summarise(args, report, grid_runs, seed_runs)
+    if args.compare_to:
+        result["published"] = published_cells(args.compare_to)
     with open(os.path.join(args.output_dir, "fair.json"), "w") as f:
         json.dump(result, f, indent=1)
     with open(os.path.join(args.output_dir, "fair.md"), "w") as f:

@@ -143,3 +143,72 @@ def test_tokens_to_map_and_first_tensor():
     assert first_tensor(t) is t and first_tensor(("a", t)) is t and first_tensor(Out()) is Out.sample
     with pytest.raises(TypeError):
         first_tensor(("a", 1))
+
+
+# ---- per-position heads (--discriminator_head_output per_position, docs/adm_probe.md) ----------------------------
+def test_per_position_shapes_2d_and_3d():
+    torch.manual_seed(5)
+    # depth 1: an 8x8 map ends 4x4, a 4x4 map 2x2 (repeated to 4x4 so each head weighs equally per position)
+    heads = DiscriminatorHeads([(4, 8, 8), (6, 4, 4)], hidden_channels=8, num_downsamples=1, zero_init=False,
+                               output="per_position")
+    feats = [torch.randn(3, 4, 8, 8), torch.randn(3, 6, 4, 4)]
+    logits = heads(feats)
+    assert logits.shape == (3, 2, 4, 4) and torch.isfinite(logits).all()
+    second = heads.heads[1](feats[1])
+    assert second.shape == (3, 2, 2)
+    torch.testing.assert_close(logits[:, 1, ::2, ::2], second)
+    torch.testing.assert_close(logits[:, 1, 1::2, 1::2], second)
+    video = DiscriminatorHeads([(4, 3, 8, 8)], hidden_channels=8, num_downsamples=1, zero_init=False,
+                               output="per_position")
+    x = torch.randn(2, 4, 3, 8, 8, requires_grad=True)
+    vlogits = video([x])
+    assert vlogits.shape == (2, 1, 3, 4, 4) and vlogits.std() > 0
+    vlogits.sum().backward()
+    assert x.grad.abs().sum() > 0
+    zero = DiscriminatorHeads([(4, 8, 8)], hidden_channels=8, num_downsamples=1, output="per_position")
+    assert torch.equal(zero([feats[0]]), torch.zeros(3, 1, 4, 4))  # zero-initialised: a coin flip everywhere
+    with pytest.raises(ValueError, match="not one of"):
+        DiscriminatorHeads([(4, 8, 8)], output="patch")
+
+
+def test_per_position_logits_are_local_pooled_are_not():
+    """A per-position logit depends only on its receptive field of the head's input (depth 1 on 8x8: the logit at
+    row/column 3 of the 4x4 map sees input rows/columns 3..7); a pooled head's logit sees every position."""
+    torch.manual_seed(6)
+    local = DiscriminatorHeads([(4, 8, 8)], hidden_channels=8, num_downsamples=1, zero_init=False,
+                               output="per_position")
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    local([x])[:, 0, 3, 3].sum().backward()
+    grad = x.grad.abs().sum(dim=(0, 1))
+    assert grad[:3, :].sum() == 0 and grad[:, :3].sum() == 0  # outside the receptive field: exactly no effect
+    assert (grad[3:, 3:] > 0).all()
+    moved = x.detach().clone()
+    moved[:, :, 0, 0] += 5.0  # one input position changes: far logits unchanged, the near one moves
+    before, after = local([x.detach()]), local([moved])
+    torch.testing.assert_close(after[:, 0, 2:, 2:], before[:, 0, 2:, 2:])
+    assert (after[:, 0, 0, 0] - before[:, 0, 0, 0]).abs().min() > 0
+    pooled = DiscriminatorHeads([(4, 8, 8)], hidden_channels=8, num_downsamples=1, zero_init=False)
+    y = x.detach().clone().requires_grad_(True)
+    pooled([y]).sum().backward()
+    assert (y.grad.abs().sum(dim=(0, 1)) > 0).all()
+
+
+def test_per_position_hinge_differs_from_pooled_hinge():
+    """The per-position hinge is not the hinge of the pooled logit: positions already past the margin stop
+    contributing, others keep pulling. The generator's loss is the mean logit either way."""
+    from dmdx.training import generator_adversarial_loss, hinge_discriminator_loss
+
+    real = torch.tensor([[[3.0, -1.0]], [[0.5, 0.5]]])  # (B=2, heads=1, 2 positions)
+    fake = torch.tensor([[[-3.0, 1.0]], [[-0.5, -0.5]]])
+    per_position = hinge_discriminator_loss(real, fake)
+    assert per_position.shape == (2,)
+    torch.testing.assert_close(per_position, torch.tensor([(0 + 2 + 0 + 2) / 2, (0.5 + 0.5 + 0.5 + 0.5) / 2]))
+    pooled = hinge_discriminator_loss(real.mean(dim=(1, 2)), fake.mean(dim=(1, 2)))
+    torch.testing.assert_close(pooled, torch.tensor([0.0, 1.0]))  # sample 0: the mean logits 1 / -1 sit on the margin
+    assert not torch.allclose(per_position, pooled)
+    torch.testing.assert_close(generator_adversarial_loss(fake), -fake.mean(dim=(1, 2)))
+    one = torch.randn(4, 1, 1, 1)  # a 1x1 map: per position is pooled
+    torch.testing.assert_close(hinge_discriminator_loss(one, -one), hinge_discriminator_loss(one.flatten(),
+                                                                                            -one.flatten()))
+    with pytest.raises(ValueError, match="differ"):
+        hinge_discriminator_loss(real, fake[:, :, :1])

@@ -143,6 +143,11 @@ def distillation_parser(description: str) -> argparse.ArgumentParser:
                         "teacher copy of memory; the same as mixed under --mixed_precision no).")
     g.add_argument("--discriminator_head_depth", type=int, default=3,
                    help="Downsampling convs per discriminator head (docs/method.md#heads: 3).")
+    g.add_argument("--discriminator_head_output", default="pooled", choices=["pooled", "per_position"],
+                   help="pooled: each head averages its map to one logit per sample (the paper's heads). "
+                        "per_position: a logit per position of each head's last map, the hinge taken per position "
+                        "(a patch discriminator; docs/adm_probe.md). With --discriminator_head_depth 3 a small map "
+                        "ends at 1x1, i.e. pooled: use a smaller depth to keep positions.")
     g.add_argument("--diagnostics_steps", type=int, default=25,
                    help="Every N steps also log how far the generator's outputs move in one update and, for adm, "
                         "how ADM's generator gradient relates to DMD's (0 = never; costs one generator forward).")

@@ -171,3 +171,33 @@ def generator_gradient_diagnostics(grad_x0: torch.Tensor, x0_before: torch.Tenso
         out["grad_cosine_adm_dmd_per_sample"] = torch.nn.functional.cosine_similarity(a, b, dim=1).mean().item()
         out["dmd_grad_coherence"] = batch_coherence(dmd_grad)
     return out
+
+
+@torch.no_grad()
+def sample_specific_alignment(direction: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+    """How much of a per-sample ``direction`` (e.g. where the generator is pushed, dD(x_fake_i)/dx) points along
+    that sample's own ``target`` (e.g. its one-step gap x_real_i - x_fake_i) beyond what the whole batch shares.
+
+    ``alignment``: the cosine per sample between ``direction_i - mean(direction)`` and ``target_i - mean(target)``,
+    averaged over samples (0 for a direction that is the same for every sample, 1 for one that follows each sample's
+    own target); ``alignment_shuffled``: the same against the next sample's target (a control: the level reached by a
+    direction that knows the batch but not the sample); ``alignment_raw``: the cosine without removing the means;
+    ``common_fraction``: ||mean(direction)|| / mean ||direction_i|| (1 = every sample pushed the same way). A sample
+    whose centred direction or target is zero counts as 0 (undefined angle); nan for a batch of one (docs/adm_probe.md).
+    """
+    if direction.shape != target.shape:
+        raise ValueError(f"Shapes differ: {tuple(direction.shape)} vs {tuple(target.shape)}.")
+    d = direction.detach().to(torch.float64).reshape(direction.shape[0], -1)
+    g = target.detach().to(torch.float64).reshape(target.shape[0], -1).to(d.device)
+    if d.shape[0] < 2:
+        return {"alignment": math.nan, "alignment_shuffled": math.nan, "alignment_raw": math.nan,
+                "common_fraction": math.nan}
+
+    def mean_cosine(a, b):
+        return torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-300).mean().item()
+
+    dc, gc = d - d.mean(dim=0), g - g.mean(dim=0)
+    norms = d.norm(dim=1).mean()
+    return {"alignment": mean_cosine(dc, gc), "alignment_shuffled": mean_cosine(dc, gc.roll(1, dims=0)),
+            "alignment_raw": mean_cosine(d, g),
+            "common_fraction": (d.mean(dim=0).norm() / norms).item() if norms > 0 else math.nan}

@@ -272,6 +272,7 @@ def build_discriminator(adapter, args, models: DistillationModels, negative: dic
     models.discriminator_heads = DiscriminatorHeads([tuple(f.shape[1:]) for f in feats],
                                                     hidden_channels=args.discriminator_head_channels,
                                                     num_downsamples=getattr(args, "discriminator_head_depth", 3),
+                                                    output=getattr(args, "discriminator_head_output", "pooled"),
                                                     fp32=models.discriminator_backbone is not None)
     models.discriminator_heads.to(device)
     models.discriminator_heads.train()

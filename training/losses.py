@@ -24,13 +24,18 @@ def per_sample_mean(x: torch.Tensor) -> torch.Tensor:
 
 # ---- GAN terms (ADM and ADP) ------------------------------------------------------------------------------------
 def hinge_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
-    """``max(0, 1 - D(real)) + max(0, 1 + D(fake))`` per sample (paper Eq. for L_GAN(tau))."""
-    return F.relu(1.0 - logits_real) + F.relu(1.0 + logits_fake)
+    """``max(0, 1 - D(real)) + max(0, 1 + D(fake))`` per sample (paper Eq. for L_GAN(tau)). Logits with more than
+    one value per sample (per-position heads: (B, heads, *map)) take the hinge per position, then the mean per
+    sample (docs/adm_probe.md)."""
+    if logits_real.shape != logits_fake.shape:
+        raise ValueError(f"logits_real {tuple(logits_real.shape)} and logits_fake {tuple(logits_fake.shape)} differ.")
+    loss = F.relu(1.0 - logits_real) + F.relu(1.0 + logits_fake)
+    return per_sample_mean(loss) if loss.ndim > 1 else loss
 
 
 def generator_adversarial_loss(logits_fake: torch.Tensor) -> torch.Tensor:
-    """``-D(fake)`` per sample (paper Eq. for L_GAN(theta))."""
-    return -logits_fake
+    """``-D(fake)`` per sample (paper Eq. for L_GAN(theta)); per-position logits: the mean over positions."""
+    return -per_sample_mean(logits_fake) if logits_fake.ndim > 1 else -logits_fake
 
 
 # ---- ADM --------------------------------------------------------------------------------------------------------
