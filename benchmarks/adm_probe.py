@@ -150,9 +150,9 @@ def eval_batch(models, adapter, run_args, accelerator, source, seed: int) -> dic
         adm_noise_levels,
         apply_cfg,
         backward_simulate,
+        ode_step_target,
     )
-    from dmdx.training.loop import cat_conditioning
-    from dmdx.training.remedies import ode_step_target
+    from dmdx.training.conditioning import cat_conditioning
 
     m, device, batch = models, accelerator.device, run_args.train_batch_size
     torch.manual_seed(seed)
@@ -197,7 +197,7 @@ def measure(models, adapter, run_args, accelerator, source, batches: int, seed: 
         batch_coherence,
         sample_specific_alignment,
     )
-    from dmdx.training.loop import discriminator_logits
+    from dmdx.training.steps import discriminator_logits
 
     heads = models.discriminator_heads
     rows = {}
@@ -239,7 +239,8 @@ def draw_pool(models, adapter, run_args, accelerator, source, batches: int, seed
 @torch.no_grad()
 def pool_features(models, adapter, pool: list[dict]) -> list[dict]:
     """The frozen backbone's block features of every pooled pair (the heads are all that trains)."""
-    from dmdx.training.loop import cat_conditioning, discriminator_features
+    from dmdx.training.conditioning import cat_conditioning
+    from dmdx.training.steps import discriminator_features
 
     out = []
     for b in pool:

@@ -57,6 +57,7 @@ from dmdx.training import (
     frozen_parameters,
     generator_adversarial_loss,
     hinge_discriminator_loss,
+    ode_step_target,
     schedule_from_scheduler_config,
     uniform_timesteps,
 )
@@ -67,11 +68,10 @@ from dmdx.training.diagnostics import (
     output_shift,
     prediction_gap,
 )
+from dmdx.training.losses import ODE_STEP_MODES
 from dmdx.training.remedies import (
     GENERATOR_GRADIENT_MODES,
-    ODE_STEP_MODES,
     approximate_r1_penalty,
-    ode_step_target,
     r1_penalty,
     sample_renoise_level,
     shape_generator_gradient,

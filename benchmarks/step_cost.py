@@ -281,7 +281,7 @@ class Run:
     def _parts(self) -> dict:
         """Each pass as the loop makes it, on one fixed batch, under the loop's autocast."""
         from dmdx.training import frozen_parameters
-        from dmdx.training.loop import cat_conditioning
+        from dmdx.training.conditioning import cat_conditioning
 
         m, a, acc, predict, device = self.models, self.args, self.acc, self.predict, self.acc.device
         gen, fake, heads = m.generator, m.fake_score, m.discriminator_heads

@@ -37,6 +37,14 @@ def teachers(tiny_sdxl, tiny_sd3):
     return {"sdxl": (tiny_sdxl, 32), "sd3": (tiny_sd3, 16)}
 
 
+def discriminator_args(path: str):
+    """The distillation CLI's own defaults for D (blocks, head depth and output, precision), small heads."""
+    from dmdx.training.cli import distillation_parser
+
+    return distillation_parser("test").parse_args(["--pretrained_model_name_or_path", path,
+                                                   "--discriminator_head_channels", "16"])
+
+
 @pytest.mark.parametrize("kind", ["sdxl", "sd3"])
 def test_adapter_answers_the_protocol(kind, teachers):
     """Configs only: architecture, latent shape, blocks, schedules; then weights: conditioning, prediction,
@@ -69,7 +77,7 @@ def test_adapter_answers_the_protocol(kind, teachers):
 
     models = types.SimpleNamespace(teacher_base=denoiser, teacher=denoiser, latent_shape=shape,
                                    teacher_schedule=teacher.teacher_schedule())
-    args = types.SimpleNamespace(discriminator_blocks=None, discriminator_head_channels=16)
+    args = discriminator_args(path)
     build_discriminator(teacher, args, models, negative, "cpu")
     assert models.discriminator_heads is not None and len(models.features.module_names) >= 2
     with torch.no_grad():
@@ -329,7 +337,7 @@ def test_cogvideox_predict_rotary_features_and_pipeline(tiny_cogvideox):
 
     models = types.SimpleNamespace(teacher_base=denoiser, teacher=denoiser, latent_shape=shape,
                                    teacher_schedule=teacher.teacher_schedule())
-    build_discriminator(teacher, types.SimpleNamespace(discriminator_blocks=None, discriminator_head_channels=16),
+    build_discriminator(teacher, discriminator_args(tiny_cogvideox),
                         models, negative, "cpu")
     with torch.no_grad():
         feats = models.features(lambda: teacher.predict(denoiser, x, torch.full((3,), 500.0), cond))

@@ -25,6 +25,7 @@ from .losses import (
     hinge_discriminator_loss,
     interpolate_ode_pair,
     ode_pair_velocity,
+    ode_step_target,
     per_sample_mean,
     velocity_regression_loss,
 )

@@ -1,6 +1,6 @@
 """The one ADM / DMD2 distillation loop, used by every teacher through its adapter (``dmdx.pipelines.teachers``).
 
-One iteration = one generator update (docs/method.md#adm):
+One iteration = one generator update (docs/method.md#adm), in three steps (``dmdx.training.steps``):
   1. fake score: ordinary denoising loss on detached generator samples, ``--fake_score_update_ratio`` updates;
   2. generator: x0 = G(x_k, t_k) at one of the student's own timesteps (its input by backward simulation of its
      earlier steps, as DMD2 does); x_t = add_noise(x0, eps, t); one PF-ODE step t -> s = t - dt from the same x_t
@@ -19,20 +19,20 @@ from __future__ import annotations
 import logging
 import os
 import uuid
-from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from .cli import load_prompts
-from .conditioning import cat_conditioning, select_conditioning
+from .conditioning import select_conditioning
 from .errors import UsageError
 from .finish import finish_and_export, validate
 from .lora import LoraView, add_lora_adapter
+from .parametrization import NoiseSchedule
 from .plumbing import (
     ShardedEMAState,
-    accumulated_update,
     broadcast_main_weights,
     check_output_dir,
     check_provenance,
@@ -40,7 +40,6 @@ from .plumbing import (
     empty_denoiser,
     fsdp_wrap_classes_of,
     host_memory_mib,
-    iteration_seed,
     make_accelerator,
     make_lr_scheduler,
     make_optimizer,
@@ -52,6 +51,23 @@ from .plumbing import (
     weights_fingerprint,
     write_training_config,
 )
+from .steps import (
+    Iteration,
+    discriminator_features,
+    discriminator_logits,  # noqa: F401  (part of this module's interface: the ADM probe, the tests)
+    discriminator_step,
+    distribution_loss,
+    fake_score_step,
+    generator_step,
+)
+
+if TYPE_CHECKING:
+    from diffusers import SchedulerMixin
+    from diffusers.training_utils import EMAModel
+    from torch.optim import Optimizer
+    from torch.optim.lr_scheduler import LRScheduler
+
+    from .discriminator import BackboneFeatures, DiscriminatorHeads
 
 logger = logging.getLogger("dmdx")
 
@@ -97,8 +113,9 @@ class PromptSource:
 
 
 def text_cache_folder(args) -> str | None:
-    """``--text_embeddings_cache``; ``--precompute_text_embeddings`` alone means a cache in the output folder."""
-    folder = getattr(args, "text_embeddings_cache", None)
+    """``--text_embeddings_cache``; ``--precompute_text_embeddings`` alone means a cache in the output folder (ODE-pair
+    collection's flags have no such shorthand)."""
+    folder = args.text_embeddings_cache
     if folder is None and getattr(args, "precompute_text_embeddings", False):
         folder = os.path.join(args.output_dir, "text_embeddings")
     return folder
@@ -158,23 +175,23 @@ class DistillationModels:
     """The roles of one run. ``teacher`` is the frozen real score and the discriminator's backbone; when LoRA roles
     share its weights it is a :class:`LoraView` with every adapter off and ``teacher_base`` the module itself."""
 
-    teacher: Any
-    teacher_base: Any
-    generator: Any
-    fake_score: Any
-    discriminator_heads: Any  # None for dmd
-    features: Any  # BackboneFeatures on D's backbone (None for dmd)
-    teacher_schedule: Any
-    student_schedule: Any
-    student_scheduler: Any
+    teacher: nn.Module  # the denoiser (a diffusers ModelMixin), or a LoraView of it
+    teacher_base: nn.Module
+    generator: nn.Module  # a full fp32 copy or a LoraView; after prepare_models, as accelerate wrapped it
+    fake_score: nn.Module
+    discriminator_heads: DiscriminatorHeads | None  # None for dmd
+    features: BackboneFeatures | None  # on D's backbone (None for dmd)
+    teacher_schedule: NoiseSchedule
+    student_schedule: NoiseSchedule
+    student_scheduler: SchedulerMixin
     student_timesteps: torch.Tensor
     renoise: str
-    latent_shape: tuple
+    latent_shape: tuple[int, ...]
     weight_dtype: torch.dtype
-    ema: Any = None
-    discriminator_backbone: Any = None  # None: the teacher itself; else its fp32 copy (--discriminator_precision)
-    optimizers: dict = field(default_factory=dict)
-    lr_schedulers: dict = field(default_factory=dict)
+    ema: EMAModel | None = None
+    discriminator_backbone: nn.Module | None = None  # None: the teacher; else its fp32 copy (--discriminator_precision)
+    optimizers: dict[str, Optimizer] = field(default_factory=dict)
+    lr_schedulers: dict[str, LRScheduler] = field(default_factory=dict)
 
 
 def build_models(adapter, args, accelerator, generator_path: str | None) -> DistillationModels:
@@ -256,7 +273,7 @@ def build_discriminator(adapter, args, models: DistillationModels, negative: dic
     from . import BackboneFeatures, DiscriminatorHeads
 
     backbone, models.discriminator_backbone = models.teacher_base, None
-    if getattr(args, "discriminator_precision", "mixed") == "fp32" and models.weight_dtype != torch.float32:
+    if args.discriminator_precision == "fp32" and models.weight_dtype != torch.float32:
         backbone = models.discriminator_backbone = (
             adapter.load_denoiser(torch.float32).requires_grad_(False).eval().to(device))
         if args.gradient_checkpointing:  # the generator's gradient and exact R1 / R2 go back through it
@@ -271,30 +288,11 @@ def build_discriminator(adapter, args, models: DistillationModels, negative: dic
         feats = discriminator_features(models, adapter, x, t, negative)
     models.discriminator_heads = DiscriminatorHeads([tuple(f.shape[1:]) for f in feats],
                                                     hidden_channels=args.discriminator_head_channels,
-                                                    num_downsamples=getattr(args, "discriminator_head_depth", 3),
-                                                    output=getattr(args, "discriminator_head_output", "pooled"),
+                                                    num_downsamples=args.discriminator_head_depth,
+                                                    output=args.discriminator_head_output,
                                                     fp32=models.discriminator_backbone is not None)
     models.discriminator_heads.to(device)
     models.discriminator_heads.train()
-
-
-def discriminator_features(models: DistillationModels, adapter, x, s, cond) -> list:
-    """The frozen backbone's block features that D's heads read, at (x, s). The fp32 copy runs with autocast off: the
-    two ODE-step outputs D compares differ by well under 1% of their magnitude, which bf16's 8-bit mantissa rounds
-    away (docs/results.md#remedies)."""
-    if models.discriminator_backbone is None:
-        return models.features(lambda: adapter.predict(models.teacher, x, s, cond))
-    with torch.autocast(x.device.type, enabled=False):
-        return models.features(lambda: adapter.predict(models.discriminator_backbone, x.float(), s.float(), cond))
-
-
-def discriminator_logits(models: DistillationModels, adapter, heads, x, s, cond, backbone_grad: bool) -> torch.Tensor:
-    """D(x, s) = heads(the frozen backbone's block features at (x, s)), fp32 logits. ``backbone_grad``: let the
-    gradient flow through the backbone to ``x`` (the generator's loss, exact R1 / R2). With the fp32 backbone copy the
-    heads were built with ``fp32=True``: they keep autocast off themselves."""
-    with torch.set_grad_enabled(backbone_grad and torch.is_grad_enabled()):
-        feats = discriminator_features(models, adapter, x, s, cond)
-    return heads(feats).float()
 
 
 def prepare_models(args, accelerator, models: DistillationModels) -> None:
@@ -335,251 +333,31 @@ def prepare_models(args, accelerator, models: DistillationModels) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 def train_iteration(models: DistillationModels, adapter, args, accelerator, prompt_source: PromptSource,
                     step: int) -> dict[str, float]:
-    """One ADM (or DMD2) iteration = one generator update; returns every loss term and diagnostic (floats)."""
-    from . import (
-        adm_latent_predictions,
-        adm_noise_levels,
-        apply_cfg,
-        backward_simulate,
-        dmd_loss,
-        fake_score_denoising_loss,
-        frozen_parameters,
-        generator_adversarial_loss,
-        hinge_discriminator_loss,
-    )
-    from .checkpointing import check_finite
-    from .diagnostics import band_discriminator_diagnostics, generator_gradient_diagnostics, prediction_gap
-    from .freezing import checkpointed_passes
-    from .remedies import (
-        approximate_r1_penalty,
-        ode_step_target,
-        r1_penalty,
-        sample_renoise_level,
-        shape_generator_gradient,
-        shared_renoise,
-    )
-
-    torch.manual_seed(iteration_seed(args.seed, step, accelerator.process_index))
-    # With several processes every rank draws the same student step k per micro-batch (from rank 0's seed): under
-    # FSDP each generator forward of the backward simulation is a collective (all-gather), so the ranks must run
-    # equally many; DDP draws the same k too, so a DDP and an FSDP run of one seed compute the same thing.
-    k_stream = (torch.Generator().manual_seed(iteration_seed(args.seed, step, 0)) if accelerator.num_processes > 1
-                else None)
-    m, device, logs = models, accelerator.device, {}
-    adm = args.distribution_loss == "adm"
-    k_micro, batch = args.gradient_accumulation_steps, args.train_batch_size
-    train_generator = step >= args.discriminator_warmup_steps
-    diagnose = bool(args.diagnostics_steps) and train_generator and step % args.diagnostics_steps == 0
-    T = m.teacher_schedule.T
-    shift = m.teacher_schedule.shift if args.timestep_sampling == "shifted" else None
-    ts = m.student_timesteps.to(device)
-    # A pass with a network's parameters frozen (gradient only through its input) uses the unwrapped module so
-    # DDP's reducer is not armed; FSDP2 shards in place, the object itself works.
-    plain = (lambda mod: mod) if accelerator.distributed_type.name == "FSDP" else accelerator.unwrap_model
-    generator_plain, fake_frozen = plain(m.generator), plain(m.fake_score)
-    heads_frozen = plain(m.discriminator_heads) if adm else None
-
-    def gen_x0(model, x, t, cond):  # the student's parametrisation: its shipped scheduler's
-        return m.student_schedule.to_x0_noise(adapter.predict(model, x, t, cond), x, t)[0]
-
-    def real_x0(x, t, cond, uncond):  # the teacher with CFG: the real score (never needs gradients)
-        with torch.no_grad():
-            out = adapter.predict(m.teacher, torch.cat([x, x]), torch.cat([t, t]), cat_conditioning(cond, uncond))
-            out_cond, out_uncond = out.chunk(2)
-            return m.teacher_schedule.to_x0_noise(apply_cfg(out_cond, out_uncond, args.guidance_scale), x, t)[0]
-
-    def fake_x0(model, x, t, cond):  # Choice: the fake score without CFG (DMD2's convention)
-        return m.teacher_schedule.to_x0_noise(adapter.predict(model, x, t, cond), x, t)[0]
-
-    def discriminate(heads, x, s, cond, backbone_grad: bool):
-        return discriminator_logits(m, adapter, heads, x, s, cond, backbone_grad)
-
-    def draw():
-        """A micro-batch: prompts, the student's input at a random step k of its schedule (backward simulation of
-        its first k steps without gradients) and the noise levels t, s."""
-        cond, uncond = prompt_source.batch(torch.randint(prompt_source.count, (batch,)))
-        z = torch.randn((batch, *m.latent_shape), device=device)
-        k = int(torch.randint(len(ts), (), generator=k_stream)) if len(ts) > 1 else 0
-        x_k = backward_simulate(lambda x, t: gen_x0(generator_plain, x, t, cond), z, ts, k, m.student_schedule,
-                                m.renoise) if k else z
-        t = adm_noise_levels(torch.rand(batch, device=device), args.min_timestep_percent,
-                             args.max_timestep_percent, T, shift)
-        s = ode_step_target(t, args.ode_step_dt, T, args.ode_step_mode)  # Choice: dt applied after any shift
-        return {"cond": cond, "uncond": uncond, "x_k": x_k, "t_k": ts[k].expand(batch), "k": k, "t": t, "s": s}
-
-    def ode_predictions(b, x0, x_t, fake_model):
-        """x_real, x_fake: one PF-ODE step t -> s from the same x_t with the teacher (CFG) and the fake score."""
-        cache = {}
-
-        def real(x, tt):
-            cache["real"] = real_x0(x.detach(), tt, b["cond"], b["uncond"])
-            return cache["real"]
-
-        def fake(x, tt):
-            cache["fake"] = fake_x0(fake_model, x, tt, b["cond"])
-            return cache["fake"]
-
-        x_real, x_fake = adm_latent_predictions(x_t, b["t"], b["s"], real, fake, m.teacher_schedule)
-        return x_real, x_fake, cache  # the x0 predictions, for the recorded DMD loss
-
-    def discriminator_inputs(x_real, x_fake, s):
-        """What D sees: the two ODE-step outputs at s, or (--discriminator_renoise shared) both re-noised with the
-        same fresh noise to a higher level."""
-        if args.discriminator_renoise == "none":
-            return x_real, x_fake, s
-        level = sample_renoise_level(s, T, args.discriminator_renoise_min)
-        x_real, x_fake = shared_renoise(x_real, x_fake, m.teacher_schedule, s, level, torch.randn_like(x_real))
-        return x_real, x_fake, level
-
+    """One ADM (or DMD2) iteration = one generator update (docs/method.md#adm); returns every loss term and
+    diagnostic (floats). The steps are ``dmdx.training.steps``; what they share is an :class:`Iteration`."""
+    it = Iteration.start(models, adapter, args, accelerator, prompt_source, step)  # seeds torch: (seed, step, rank)
     with accelerator.autocast():
-        # 1. Fake score: denoising loss on detached generator samples (each update draws its own batch).
-        def fake_losses():
-            for _ in range(k_micro):
-                b = draw()
-                with torch.no_grad():
-                    x0 = gen_x0(generator_plain, b["x_k"], b["t_k"], b["cond"])
-                eps = torch.randn_like(x0)
-                x_t = m.teacher_schedule.add_noise(x0, eps, b["t"])
-                out = adapter.predict(m.fake_score, x_t, b["t"], b["cond"])
-                loss = fake_score_denoising_loss(out, x0, eps, b["t"], m.teacher_schedule).mean()
-                yield loss, {"loss_fake_score": loss}
-
-        for _ in range(args.fake_score_update_ratio):
-            accumulated_update(accelerator, args, m.fake_score, m.optimizers["fake_score"],
-                               m.lr_schedulers["fake_score"], fake_losses(), logs, "fake_score",
-                               1 / args.fake_score_update_ratio)
-
-        # 2. Generator. The detached predictions of each micro-batch are kept for D's first update (step 3).
-        saved, probe = [], {}
-
-        def generator_losses():
-            for i in range(k_micro):
-                b = draw()
-                with torch.set_grad_enabled(train_generator):
-                    x0 = gen_x0(m.generator, b["x_k"], b["t_k"], b["cond"])
-                eps = torch.randn_like(x0)
-                logs["student_step_index"] = logs.get("student_step_index", 0.0) + b["k"] / k_micro
-                if diagnose and i == 0 and x0.requires_grad:  # the generator's output gradient, per sample
-                    probe.update(x_k=b["x_k"], t_k=b["t_k"], cond=b["cond"], x0=x0.detach())
-                    x0.register_hook(lambda g: probe.__setitem__("grad", g.detach().float()))
-                if args.generator_gradient != "none" and x0.requires_grad:  # after the probe: it sees the raw one
-                    x0.register_hook(lambda g: shape_generator_gradient(g, args.generator_gradient))
-                if not adm:  # DMD2: x_t from sg(x0), gradient only through x0 in the loss
-                    x_t = m.teacher_schedule.add_noise(x0.detach(), eps, b["t"])
-                    with torch.no_grad():
-                        x0_real, x0_fake = real_x0(x_t, b["t"], b["cond"], b["uncond"]), fake_x0(
-                            fake_frozen, x_t, b["t"], b["cond"])
-                    loss = dmd_loss(x0, x0_real, x0_fake).mean()
-                    yield loss, {"loss_generator": loss}
-                    continue
-                x_t = m.teacher_schedule.add_noise(x0, eps, b["t"])  # gradient flows to G through x_t
-                x_real, x_fake, cache = ode_predictions(b, x0, x_t, fake_frozen)
-                _, d_fake, d_level = discriminator_inputs(x_real, x_fake, b["s"])
-                logits_fake = discriminate(heads_frozen, d_fake, d_level, b["cond"], backbone_grad=True)
-                loss = generator_adversarial_loss(logits_fake).mean()
-                saved.append({**b, "x_real": x_real.detach(), "x_fake": x_fake.detach()})
-                with torch.no_grad():  # recorded, not optimised (the paper's Fig. 3): the DMD loss of these samples
-                    recorded = dmd_loss(x0.detach(), cache["real"], cache["fake"].detach()).mean()
-                    if i == 0:
-                        probe.update(x0_real=cache["real"], x0_fake=cache["fake"].detach())
-                        gap = prediction_gap(x_real.detach(), x_fake.detach(), x0.detach())
-                        logs.update({k: v for k, v in gap.items() if v == v})  # relative: needs a batch of 2+
-                yield loss, {"loss_generator": loss, "dmd_loss_recorded": recorded}
-
-        # --gradient_checkpointing_frozen_passes: the fake score's ODE step and D's backbone pass recompute their blocks
-        # in the backward instead of keeping them (no effect on passes without gradients: the real score, D's update)
-        backbone = m.teacher if m.discriminator_backbone is None else m.discriminator_backbone
-        recompute = (checkpointed_passes(fake_frozen, backbone)
-                     if adm and getattr(args, "gradient_checkpointing_frozen_passes", False) else nullcontext())
-        with frozen_parameters(fake_frozen, heads_frozen), recompute:  # gradient flows through their inputs to G only
-            if train_generator:
-                accumulated_update(accelerator, args, m.generator, m.optimizers["generator"],
-                                   m.lr_schedulers["generator"], generator_losses(), logs, "generator")
-                if m.ema is not None:
-                    m.ema.step(accelerator.unwrap_model(m.generator).parameters())
-            else:  # D warm-up: the same predictions for D, no generator update
-                with torch.no_grad():
-                    for _, terms in generator_losses():
-                        check_finite(terms, accelerator)
-                        for key, value in terms.items():
-                            logs[key] = logs.get(key, 0.0) + value.float().item() / k_micro
-        if diagnose and "grad" in probe:
-            with torch.no_grad():
-                x0_after = gen_x0(generator_plain, probe["x_k"], probe["t_k"], probe["cond"])
-            logs.update(generator_gradient_diagnostics(probe["grad"], probe["x0"], x0_after, probe.get("x0_real"),
-                                                       probe.get("x0_fake")))
-
-        # 3. Discriminator heads: hinge loss on x_real (teacher step) vs x_fake (fake-score step); the backbone runs
-        #    without autograd. The first update reuses step 2's predictions; further updates draw fresh ones.
-        if adm:
-            diag = []
-
-            def pair_logits(b):
-                """D on real and fake (batched through the backbone, which needs no autograd here), and the penalties
-                on D's slope asked for: R1 at the real inputs, R2 at the fake ones ({name: (weight, per sample)})."""
-                x_real, x_fake, level = discriminator_inputs(b["x_real"], b["x_fake"], b["s"])
-                x, s, cond = torch.cat([x_real, x_fake]), torch.cat([level, level]), cat_conditioning(b["cond"],
-                                                                                                     b["cond"])
-                logits_real, logits_fake = discriminate(m.discriminator_heads, x, s, cond, backbone_grad=False).chunk(2)
-                penalties = {}
-                for name, weight, x_at, logits_at in (("loss_r1", args.discriminator_r1_weight, x_real, logits_real),
-                                                      ("loss_r2", args.discriminator_r2_weight, x_fake, logits_fake)):
-                    if weight > 0:
-                        penalties[name] = (weight, slope_penalty(x_at, logits_at, level, b["cond"]))
-                return logits_real, logits_fake, penalties
-
-            def slope_penalty(x_at, logits_at, level, cond):
-                """||dD/dx||^2 at ``x_at`` per sample: FastGen's finite difference, or exact (a double backward)."""
-                if args.discriminator_r1 == "approximate":
-                    x_moved = x_at + args.discriminator_r1_alpha * torch.randn_like(x_at)
-                    return approximate_r1_penalty(logits_at, discriminate(m.discriminator_heads, x_moved, level, cond,
-                                                                          backbone_grad=False))
-                from torch.nn.attention import SDPBackend, sdpa_kernel
-
-                x_in = x_at.detach().requires_grad_(True)
-                with sdpa_kernel(SDPBackend.MATH):  # a double backward: fused attention kernels have none
-                    return r1_penalty(discriminate(m.discriminator_heads, x_in, level, cond, backbone_grad=True), x_in)
-
-            def discriminator_losses(fresh: bool):
-                for i in range(k_micro):
-                    if fresh:
-                        b = draw()
-                        with torch.no_grad():
-                            x0 = gen_x0(generator_plain, b["x_k"], b["t_k"], b["cond"])
-                            x_t = m.teacher_schedule.add_noise(x0, torch.randn_like(x0), b["t"])
-                            b["x_real"], b["x_fake"], _ = ode_predictions(b, x0, x_t, fake_frozen)
-                    else:
-                        b = saved[i]
-                    logits_real, logits_fake, penalties = pair_logits(b)
-                    loss = hinge_discriminator_loss(logits_real, logits_fake).mean()
-                    diag.append((logits_real.detach(), logits_fake.detach(), b["t"]))
-                    terms = {"loss_discriminator": loss, **{k: p.mean() for k, (_, p) in penalties.items()}}
-                    yield loss + sum(w * terms[k] for k, (w, _) in penalties.items()), terms
-
-            for r in range(args.discriminator_update_ratio):
-                diag.clear()
-                accumulated_update(accelerator, args, m.discriminator_heads, m.optimizers["discriminator"],
-                                   m.lr_schedulers["discriminator"], discriminator_losses(fresh=r > 0), logs,
-                                   "discriminator", 1 / args.discriminator_update_ratio)
-            logits_real, logits_fake, t = (torch.cat(x) for x in zip(*diag))
-            # D's accuracy and logit gap per noise band: at dt = T/64 its signal may sit at low noise only
-            band = band_discriminator_diagnostics(logits_real, logits_fake, t, T)
-            logs.update({k: v for k, v in band.items() if v == v})  # a band no sample fell in is left out
-            logs["logits_real"], logs["logits_fake"] = logits_real.mean().item(), logits_fake.mean().item()
-
-    for name, scheduler in m.lr_schedulers.items():
-        logs[f"lr_{name}"] = scheduler.get_last_lr()[0]
-    logs["generator_frozen"] = float(not train_generator)
-    return logs
+        # 1. Fake score: its denoising loss on detached generator samples (docs/method.md#fake-score-update).
+        fake_score_step(it)
+        # 2. Generator: x0 = G(x_k, t_k) at a student step k (docs/method.md#backward-simulation); ADM: -D(x_fake, s)
+        #    after one PF-ODE step t -> s = t - dt (docs/method.md#generator-update, #ode-step); DMD2: its loss on
+        #    the two x0 predictions (docs/method.md#dmd2). During D's warm-up: the same passes, no update.
+        saved = generator_step(it)
+        # 3. Discriminator (ADM): hinge loss on x_real vs x_fake (docs/method.md#discriminator-update); the first
+        #    update reuses step 2's predictions, further ones draw fresh ones.
+        if it.loss.has_discriminator:
+            discriminator_step(it, saved)
+    for name, scheduler in models.lr_schedulers.items():
+        it.logs[f"lr_{name}"] = scheduler.get_last_lr()[0]
+    it.logs["generator_frozen"] = float(not it.train_generator)
+    return it.logs
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The run
 # ----------------------------------------------------------------------------------------------------------------
 def method_name(args) -> str:
-    if args.distribution_loss == "dmd":
-        return "dmd"
-    return "dmdx" if args.pretrained_generator_name_or_path else "adm"
+    return distribution_loss(args).method(args.pretrained_generator_name_or_path)
 
 
 def distill(adapter, args, tracker_project: str) -> None:
@@ -595,7 +373,8 @@ def distill(adapter, args, tracker_project: str) -> None:
     generator_path = args.pretrained_generator_name_or_path
     if generator_path:
         adapter.for_path(generator_path, "--pretrained_generator_name_or_path")
-    if args.distribution_loss == "adm":
+    loss = distribution_loss(args)
+    if loss.has_discriminator:
         adapter.discriminator_blocks(args.discriminator_blocks)
     adapter.latent_shape(args.resolution)
     scheduler = adapter.student_scheduler(args.num_student_steps, generator_path)
@@ -636,7 +415,7 @@ def distill(adapter, args, tracker_project: str) -> None:
         adapter.load_text_encoders(device, models.weight_dtype, denoiser=models.teacher_base)
     source = PromptSource(adapter, prompts, device, cache=cache)
     val_cond = source.conditioning(list(args.validation_prompts)) if args.validation_prompts else None
-    if args.distribution_loss == "adm":
+    if loss.has_discriminator:
         build_discriminator(adapter, args, models, source.negative, device)
     vae = adapter.load_vae(device) if args.validation_prompts else None
     prepare_models(args, accelerator, models)
@@ -694,7 +473,7 @@ def run_provenance(adapter, args, script: str, generator_path: str | None, times
             "lora_rank": args.lora_rank, "fake_score_lora_rank": args.fake_score_lora_rank,
             "student_timesteps": [float(t) for t in timesteps], "resolution": args.resolution,
             "discriminator": [args.discriminator_blocks, args.discriminator_head_channels,
-                              args.discriminator_head_depth] if args.distribution_loss == "adm" else None,
+                              args.discriminator_head_depth] if distribution_loss(args).has_discriminator else None,
             **adapter.provenance_fields(), "run_id": uuid.uuid4().hex}
 
 

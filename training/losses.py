@@ -14,6 +14,8 @@ import torch.nn.functional as F
 
 from .parametrization import NoiseSchedule
 
+ODE_STEP_MODES = ("fixed", "relative")  # --ode_step_mode
+
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t) -> x0_hat
 
 
@@ -52,6 +54,23 @@ def adm_latent_predictions(
     x_real = schedule.ode_step(x_t, real_denoise(x_t, t), t, s)
     x_fake = schedule.ode_step(x_t, fake_denoise(x_t, t), t, s)
     return x_real, x_fake
+
+
+def ode_step_target(t: torch.Tensor, dt: float, T: float, mode: str) -> torch.Tensor:
+    """The level ``s`` where ADM's one PF-ODE step from ``t`` ends, clamped at 0.
+
+    * ``fixed``: ``s = t - dt * T`` (the paper: dt = 1/64);
+    * ``relative``: ``s = t * (1 - dt)``: the step is a fraction of t, so low-noise steps are small where the two
+      predictions already differ most. ``dt = 1/32`` matches the fixed T/64 step on average over t ~ U[0, T].
+    """
+    if mode not in ODE_STEP_MODES:
+        raise ValueError(f"Unknown ODE step mode {mode!r}; expected one of {ODE_STEP_MODES}.")
+    if not 0 < dt <= 1:
+        raise ValueError(f"dt is a fraction of T (fixed) or of t (relative) in (0, 1], got {dt}.")
+    t = torch.as_tensor(t)
+    t = t if t.is_floating_point() else t.float()
+    s = t - dt * T if mode == "fixed" else t * (1 - dt)
+    return s.clamp_min(0)
 
 
 def fake_score_denoising_loss(

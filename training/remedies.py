@@ -6,7 +6,8 @@ Each is a knob a training loop can switch on by a flag; none knows about args, a
   generator's output that normalises the per-sample gradients or removes their batch-common part);
 * limits on D's slope: :func:`r1_penalty` (exact R1, or R2 on fake inputs, as in R3GAN) and
   :func:`approximate_r1_penalty` (FastGen's finite-difference R1);
-* where ADM's ODE step ends: :func:`ode_step_target` (a fixed dt, the paper, or a fraction of t);
+* where ADM's ODE step ends: ``--ode_step_mode relative`` of :func:`dmdx.training.losses.ode_step_target` (a
+  fraction of t instead of the paper's fixed dt; re-exported here);
 * re-noising both latent predictions with the same fresh noise to a higher level before D (PCM's SD3
   discriminator): :func:`shared_renoise` and :func:`sample_renoise_level`.
 
@@ -18,10 +19,10 @@ from __future__ import annotations
 
 import torch
 
+from .losses import ODE_STEP_MODES, ode_step_target  # noqa: F401  (ADM's s = t - dt lives with ADM's algebra)
 from .parametrization import NoiseSchedule
 
 GENERATOR_GRADIENT_MODES = ("none", "normalize", "remove_batch_mean")
-ODE_STEP_MODES = ("fixed", "relative")
 
 
 def _per_sample_norm(x: torch.Tensor) -> torch.Tensor:
@@ -82,23 +83,6 @@ def r1_penalty(logits: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
         raise ValueError("r1_penalty needs inputs that require grad (call inputs.requires_grad_() before D).")
     (grad,) = torch.autograd.grad(logits.float().sum(), inputs, create_graph=True)
     return grad.float().reshape(grad.shape[0], -1).pow(2).sum(dim=1)
-
-
-def ode_step_target(t: torch.Tensor, dt: float, T: float, mode: str) -> torch.Tensor:
-    """The level ``s`` where ADM's one PF-ODE step from ``t`` ends, clamped at 0.
-
-    * ``fixed``: ``s = t - dt * T`` (the paper: dt = 1/64);
-    * ``relative``: ``s = t * (1 - dt)``: the step is a fraction of t, so low-noise steps are small where the two
-      predictions already differ most. ``dt = 1/32`` matches the fixed T/64 step on average over t ~ U[0, T].
-    """
-    if mode not in ODE_STEP_MODES:
-        raise ValueError(f"Unknown ODE step mode {mode!r}; expected one of {ODE_STEP_MODES}.")
-    if not 0 < dt <= 1:
-        raise ValueError(f"dt is a fraction of T (fixed) or of t (relative) in (0, 1], got {dt}.")
-    t = torch.as_tensor(t)
-    t = t if t.is_floating_point() else t.float()
-    s = t - dt * T if mode == "fixed" else t * (1 - dt)
-    return s.clamp_min(0)
 
 
 def sample_renoise_level(s: torch.Tensor, T: float, min_fraction: float, generator=None) -> torch.Tensor:
