@@ -356,10 +356,6 @@ def train_iteration(models: DistillationModels, adapter, args, accelerator, prom
 # ----------------------------------------------------------------------------------------------------------------
 # The run
 # ----------------------------------------------------------------------------------------------------------------
-def method_name(args) -> str:
-    return distribution_loss(args).method(args.pretrained_generator_name_or_path)
-
-
 def distill(adapter, args, tracker_project: str) -> None:
     """The whole run: checks, models, the loop with checkpoints / validation / logs, then the export of a stock
     pipeline with the student's scheduler, its model card and (optionally) the upload."""
@@ -373,8 +369,8 @@ def distill(adapter, args, tracker_project: str) -> None:
     generator_path = args.pretrained_generator_name_or_path
     if generator_path:
         adapter.for_path(generator_path, "--pretrained_generator_name_or_path")
-    loss = distribution_loss(args)
-    if loss.has_discriminator:
+    objective = distribution_loss(args)  # ADM or DMD2, chosen once
+    if objective.has_discriminator:
         adapter.discriminator_blocks(args.discriminator_blocks)
     adapter.latent_shape(args.resolution)
     scheduler = adapter.student_scheduler(args.num_student_steps, generator_path)
@@ -415,11 +411,11 @@ def distill(adapter, args, tracker_project: str) -> None:
         adapter.load_text_encoders(device, models.weight_dtype, denoiser=models.teacher_base)
     source = PromptSource(adapter, prompts, device, cache=cache)
     val_cond = source.conditioning(list(args.validation_prompts)) if args.validation_prompts else None
-    if loss.has_discriminator:
+    if objective.has_discriminator:
         build_discriminator(adapter, args, models, source.negative, device)
     vae = adapter.load_vae(device) if args.validation_prompts else None
     prepare_models(args, accelerator, models)
-    method = method_name(args)
+    method = objective.method(generator_path)
     fields = {**student_schedule_fields(models, method), "run_id": provenance["run_id"]}
     if not checkpoint:
         fields["generator_initial_checksum"] = parameter_checksum(models.generator)
