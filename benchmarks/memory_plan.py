@@ -248,6 +248,9 @@ MODELS = {
                   "512 tokens, DDP x 8",
         "recipe_engine": (8, "ddp"), "frozen_checkpointing": False,
         "small": {"num_attention_heads": 1, "ffn_dim": round(8960 / 12)}, "sizes": [16, 32],
+        # the recipe's mode with the recipe's flags changed (appended flags, CONFIG=...): what would make it fit
+        "size_variants": [(81, 480, 832, 8, "ddp", True), (81, 480, 832, 8, "fsdp2_teacher_replicated", False),
+                          (81, 480, 832, 8, "fsdp2_teacher_replicated", True)],
     },
     "wan2.1-14b": {
         "title": "Wan 2.1 T2V 14B", "class": "WanTransformer3DModel", "config": WAN_14B, "family": "wan",
@@ -259,6 +262,11 @@ MODELS = {
                   "512 tokens, FSDP2 x 8",
         "recipe_engine": (8, "fsdp2_teacher_replicated"), "frozen_checkpointing": True,
         "small": {"num_attention_heads": 1, "ffn_dim": round(13824 / 40)}, "sizes": [16, 32],
+        "size_variants": [(81, 480, 832, 8, "fsdp2_teacher_replicated", True),
+                          (49, 480, 832, 8, "fsdp2_teacher_replicated", True),
+                          (33, 480, 832, 8, "fsdp2_teacher_replicated", True),
+                          (81, 720, 1280, 64, "fsdp2_teacher_replicated", True),
+                          (49, 480, 832, 64, "fsdp2_teacher_replicated", True)],
     },
 }
 # Every recipe reads its prompts' conditioning from the text-embedding cache (bf16, memory-mapped on the host): the
@@ -878,6 +886,26 @@ def recipe_variants(key: str, facts: dict, activations: dict) -> dict:
     return out
 
 
+def size_variants(key: str, measured: dict) -> list[dict]:
+    """The recipe's mode at other sizes / engines / frozen-pass settings (``size_variants`` of the spec: frames,
+    height, width, GPUs, engine, --gradient_checkpointing_frozen_passes), from the same small-config measurement:
+    what a user can change with appended flags (or CONFIG=) when the recipe as written does not fit."""
+    spec = MODELS[key]
+    (g, f) = spec["modes"][0]
+    out = []
+    for frames, height, width, n, engine, frozen in spec.get("size_variants", []):
+        facts = architecture_facts(key, {**spec, "resolution": (height, width), "frames": frames})
+        activations = activations_per_sample(facts, measured)
+        setup = setup_from(facts, g, f, batch=spec["batch"], gradient_checkpointing=spec["gradient_checkpointing"],
+                           ema=spec["ema"], activations=activations, text_encoders=not TEXT_CACHE,
+                           frozen_checkpointing=frozen)
+        row = predict(setup, engine, n)
+        out.append({"frames": frames, "height": height, "width": width, "gpus": n, "engine": engine,
+                    "frozen_checkpointing": frozen, "tokens": facts["geometry"]["tokens"], "total": row["total"],
+                    "activations": row["activations"], "peak_phase": row["peak_phase"]})
+    return out
+
+
 def dmd2_row(facts: dict, activations: dict) -> dict:
     """DMD2's published SDXL setup in this plan's terms: full / full, batch 2, no gradient checkpointing, sharded over
     a node's 8 GPUs (HYBRID_SHARD = FULL_SHARD within the shard group), the teacher replicated on each GPU."""
@@ -1079,6 +1107,12 @@ def markdown(result: dict) -> str:
                       f"{gib(variants['frozen-pass checkpointing']['total'])}, without "
                       f"{gib(variants['no frozen-pass checkpointing']['total'])}; with the text encoders loaded "
                       f"instead of the cache {gib(variants['text encoders loaded']['total'])}."]
+        if model.get("size_variants"):
+            lines += ["", "The recipe's mode with its flags changed (per GPU): " + "; ".join(
+                f"{v['frames']} frames at {v['height']}x{v['width']} ({v['tokens']} video tokens), {v['gpus']} x "
+                f"{ENGINE_NAMES[v['engine']]}, frozen-pass checkpointing {'on' if v['frozen_checkpointing'] else 'off'}"
+                f": **{gib(v['total'])} GiB** ({verdict(v['total'])}; activations {gib(v['activations'])})"
+                for v in model["size_variants"]) + "."]
         lines += ["", "Teacher under FSDP2: " + "; ".join(
             f"{k}: {v['better']} (sharding saves {v['saves_GiB']:.1f} GiB, costs "
             f"{v['extra_all_gather_GiB_per_microbatch']:.0f} GiB all-gathered per micro-batch)"
@@ -1182,6 +1216,8 @@ def main(argv=None):
         result["models"][key] = {"facts": facts, "activation_measurement": measured, "activations": activations,
                                  "rows": rows, "teacher_choice": teacher_choice(key, facts, rows),
                                  "recipe_variants": recipe_variants(key, facts, activations)}
+        if MODELS[key].get("size_variants"):
+            result["models"][key]["size_variants"] = size_variants(key, measured)
         if key == "sdxl":
             result["dmd2"] = {**dmd2_row(facts, activations), "source": DMD2_SDXL["source"]}
             adp_job = {"vae_latents": [16, 32], "pixel_head_sizes": [16, 32]}
