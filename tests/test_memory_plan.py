@@ -233,8 +233,9 @@ def test_committed_plan_fits_every_recipe_on_its_cards():
     gib = result["gib"]
     for key, model in result["models"].items():
         recipe = model["recipe_variants"]["recipe"]
-        assert recipe["total"] / gib <= result["gpu_gib"], (key, recipe["total"] / gib)
         assert recipe["text_encoders"] == 0
+        if not key.startswith("wan"):  # the Wan recipes as written do not fit: test_wan_recipes_quote_the_plan
+            assert recipe["total"] / gib <= result["gpu_gib"], (key, recipe["total"] / gib)
     assert set(result["models"]) >= {"sdxl", "sd3-medium", "sd3.5-large", "cogvideox-2b", "cogvideox-5b",
                                       "wan2.1-1.3b", "wan2.1-14b"}
     for key in ("wan2.1-1.3b", "wan2.1-14b"):  # measured on Wan's own small configuration
@@ -243,6 +244,33 @@ def test_committed_plan_fits_every_recipe_on_its_cards():
     recipe = next(r for r in result["adp"]["rows"] if r["setup"].startswith("recipe") and r["engine"] == "ddp")
     assert recipe["total"] / gib <= result["gpu_gib"]
     assert result["adp"]["activations_per_sample"]["VAE decoder backward"] > 0
+
+
+def test_wan_recipes_quote_the_plan():
+    """The Wan recipes' headers give the committed plan's per-GPU figures, say where a recipe as written does not
+    fit, and name a change that fits by the plan: 1.3B with frozen-pass checkpointing under FSDP2 on 80 GB cards, 14B
+    at 33 frames 480x832 on 141 GB cards (131 GiB, 10% headroom)."""
+    result = json.loads((BENCHMARKS / "results" / "memory_plan.json").read_text())
+    gib = result["gib"]
+    recipes = Path(REPO) / "distill_scripts" / "recipes"
+    header = {name: " ".join(line.lstrip("# ") for line in (recipes / name / "train.sh").read_text().splitlines()
+                             if line.startswith("#")) for name in ("wan_1_3b", "wan_14b")}
+    small, large = result["models"]["wan2.1-1.3b"], result["models"]["wan2.1-14b"]
+    variant = {(key, v["frames"], v["height"], v["gpus"], v["engine"], v["frozen_checkpointing"]): v["total"] / gib
+               for key, model in (("1.3b", small), ("14b", large)) for v in model["size_variants"]}
+
+    def quoted(text, value):
+        return f"{value:.1f} GiB" in text or f"{value:.1f}," in text or f"{value:.1f} " in text
+
+    recipe = small["recipe_variants"]["recipe"]["total"] / gib
+    assert recipe > result["gpu_gib"] and quoted(header["wan_1_3b"], recipe) and "NOT fit" in header["wan_1_3b"]
+    fsdp = variant[("1.3b", 81, 480, 8, "fsdp2_teacher_replicated", True)]
+    assert fsdp <= result["fit_gib"] and quoted(header["wan_1_3b"], fsdp)
+    assert quoted(header["wan_1_3b"], small["recipe_variants"]["frozen-pass checkpointing"]["total"] / gib)
+    recipe = large["recipe_variants"]["recipe"]["total"] / gib
+    assert recipe > 141e9 / gib and quoted(header["wan_14b"], recipe)
+    h200 = variant[("14b", 33, 480, 8, "fsdp2_teacher_replicated", True)]
+    assert h200 <= 0.9 * 141e9 / gib and quoted(header["wan_14b"], h200) and "--num_frames 33" in header["wan_14b"]
 
 
 def test_real_configs_give_the_published_counts(mp):
