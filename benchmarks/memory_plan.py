@@ -1,13 +1,15 @@
 """The memory plan: what one ADM run of the real teachers holds per GPU, before a user rents the GPUs.
 
-    python benchmarks/memory_plan.py                    # all five teachers + the self-check (~1 h on 2 shared cores)
+    python benchmarks/memory_plan.py                    # all seven teachers + the self-check (~1 h on 2 shared cores)
+    python benchmarks/memory_plan.py --reuse benchmarks/results/memory_plan.json --skip_self_check  # measure only
+                                                        # what that plan lacks (a new teacher, a new pass kind)
     python benchmarks/memory_plan.py --models sdxl sd3-medium --skip_self_check
     python benchmarks/memory_plan.py --self_check_only --tiny --out /tmp/plan   # what the test runs
 
-What it computes, per teacher (SDXL, SD3-Medium, SD3.5-Large, CogVideoX-2b, CogVideoX-5b), per training mode (full
-fine-tuning of the generator and the fake score, LoRA adapters on the shared teacher, and the recipe's own mix where
-it differs), at 1, 8 and 64 GPUs with DDP and with FSDP2 (FULL_SHARD of the trainable models; the frozen teacher
-replicated, or sharded too), in bytes per GPU:
+What it computes, per teacher (SDXL, SD3-Medium, SD3.5-Large, CogVideoX-2b, CogVideoX-5b, Wan 2.1 T2V 1.3B and 14B),
+per training mode (full fine-tuning of the generator and the fake score, LoRA adapters on the shared teacher, and the
+recipe's own mix where it differs), at 1, 8 and 64 GPUs with DDP and with FSDP2 (FULL_SHARD of the trainable
+models; the frozen teacher replicated, or sharded too), in bytes per GPU:
 
 - frozen weights: the teacher in the mixed-precision dtype (bf16), one copy, as ``dmdx.training.loop.build_models``
   keeps it (real score = discriminator backbone = the LoRA roles' base); its buffers too (SD3's position table);
@@ -35,7 +37,8 @@ Activations (measured, then extrapolated). The peak of an ADM iteration is the g
 forward/backward (trainable), the fake score with a gradient through its input (parameters frozen), and the teacher
 backbone up to the last discriminator block with a gradient through its input, plus the heads, all alive at once
 for one micro-batch. For each architecture a SMALL configuration of the same class is built (the same blocks and
-depth, the same head dim 64, fewer heads / channels: one head for the transformers, channels / 5 for the UNet)
+depth, the same head dim (64; Wan's 128), fewer heads / channels: one head for the transformers (Wan: its FFN
+width scaled with it, ffn_dim / heads), channels / 5 for the UNet)
 and one forward+backward of each pass kind is run on the CPU under bf16 autocast at two input sizes, each in a fresh
 worker process, measuring the resident-set high-water mark (VmHWM reset through /proc/self/clear_refs, glibc
 trimmed, MALLOC_MMAP_THRESHOLD_=65536 so freed tensors leave the resident set). Pass kinds: ``train`` /
@@ -44,7 +47,8 @@ frozen parameters, gradient to the input), ``d_backbone`` (bf16 frozen, gradient
 the last discriminator block as ``BackboneFeatures`` cuts it), ``d_backbone_gc`` (the same with the blocks
 checkpointed: ``--gradient_checkpointing_frozen_passes``, which also turns the fake score's pass into ``input_gc``).
 The slope between the two sizes is the bytes per token
-(image + text tokens of the joint transformers; latent pixels of the UNet); the constant part (gradients of the small
+(image + text tokens of the joint transformers; latent pixels of the UNet; Wan: video + text tokens, though its
+512 UMT5 tokens enter only the cross-attention, an over-count of under 2%); the constant part (gradients of the small
 model, allocator, thread pools) cancels. The real size's activations = slope x (real width / small width) x real
 tokens x micro-batch. The heads are measured the same way with the real feature channel counts at two small spatial
 sizes (bytes per feature pixel). CUDA's autocast runs layer_norm and group_norm in fp32; CPU's does not, so the
@@ -122,6 +126,17 @@ COGVIDEOX = {
 }
 COGVIDEOX_2B = {**COGVIDEOX, "num_attention_heads": 30, "num_layers": 30, "use_rotary_positional_embeddings": False}
 COGVIDEOX_5B = {**COGVIDEOX, "num_attention_heads": 48, "num_layers": 42, "use_rotary_positional_embeddings": True}
+# Wan-AI/Wan2.1-T2V-1.3B-Diffusers and Wan-AI/Wan2.1-T2V-14B-Diffusers, transformer/config.json (rotary positions
+# computed inside the model; the VAE compresses time by 4 and space by 8: vae/config.json scale_factor_temporal /
+# scale_factor_spatial, what WanPipeline reads)
+WAN_2_1 = {
+    "patch_size": [1, 2, 2], "attention_head_dim": 128, "in_channels": 16, "out_channels": 16, "text_dim": 4096,
+    "freq_dim": 256, "cross_attn_norm": True, "qk_norm": "rms_norm_across_heads", "eps": 1e-6, "image_dim": None,
+    "added_kv_proj_dim": None, "rope_max_seq_len": 1024,
+}
+WAN_1_3B = {**WAN_2_1, "num_attention_heads": 12, "ffn_dim": 8960, "num_layers": 30}
+WAN_14B = {**WAN_2_1, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40}
+WAN_TEMPORAL_RATIO = 4
 # Text encoders (their config.json): CLIP ViT-L/14 text tower, OpenCLIP bigG text tower, T5 v1.1 XXL encoder
 TEXT_ENCODERS = {
     "clip_l": ("CLIPTextModel", {"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072,
@@ -135,6 +150,11 @@ TEXT_ENCODERS = {
                                                "max_position_embeddings": 77, "projection_dim": 1280}),
     "t5_xxl": ("T5EncoderModel", {"vocab_size": 32128, "d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 24,
                                   "num_heads": 64, "feed_forward_proj": "gated-gelu"}),
+    # google/umt5-xxl encoder (Wan's text_encoder/config.json): T5 v1.1 XXL's shape, a 256k vocabulary, and a
+    # relative-position bias in every layer
+    "umt5_xxl": ("UMT5EncoderModel", {"vocab_size": 256384, "d_model": 4096, "d_kv": 64, "d_ff": 10240,
+                                      "num_layers": 24, "num_heads": 64, "feed_forward_proj": "gated-gelu",
+                                      "relative_attention_num_buckets": 32, "tie_word_embeddings": False}),
 }
 # stabilityai/stable-diffusion-xl-base-1.0 vae/config.json (83.7 M parameters); ADP decodes the generator's latents
 # with it and back-propagates through the decoder (training/adp.py, to_sam_pixels)
@@ -217,6 +237,37 @@ MODELS = {
         "recipe_engine": (8, "fsdp2_teacher_replicated"), "frozen_checkpointing": True,
         "small": {"num_attention_heads": 1, "max_text_seq_length": 32}, "sizes": [16, 32],
     },
+    # Wan: the small configuration keeps the real head dim (128) and the FFN's ratio to the width (ffn_dim / heads)
+    "wan2.1-1.3b": {
+        "title": "Wan 2.1 T2V 1.3B", "class": "WanTransformer3DModel", "config": WAN_1_3B, "family": "wan",
+        "source": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers transformer/config.json",
+        "text_encoders": ["umt5_xxl"], "units": ("WanTransformerBlock",), "lora_targets": ATTN_LORA,
+        "resolution": (480, 832), "frames": 81, "text_tokens": 512, "batch": 1, "gradient_checkpointing": True,
+        "ema": False, "lora_rank": 64, "modes": [(0, 0), (64, 64)],
+        "recipe": "recipes/wan_1_3b: 480x832, 81 frames, batch 1 x 4, full / full, gradient checkpointing, UMT5 "
+                  "512 tokens, DDP x 8",
+        "recipe_engine": (8, "ddp"), "frozen_checkpointing": False,
+        "small": {"num_attention_heads": 1, "ffn_dim": round(8960 / 12)}, "sizes": [16, 32],
+        # the recipe's mode with the recipe's flags changed (appended flags, CONFIG=...): what would make it fit
+        "size_variants": [(81, 480, 832, 8, "ddp", True), (81, 480, 832, 8, "fsdp2_teacher_replicated", False),
+                          (81, 480, 832, 8, "fsdp2_teacher_replicated", True)],
+    },
+    "wan2.1-14b": {
+        "title": "Wan 2.1 T2V 14B", "class": "WanTransformer3DModel", "config": WAN_14B, "family": "wan",
+        "source": "Wan-AI/Wan2.1-T2V-14B-Diffusers transformer/config.json",
+        "text_encoders": ["umt5_xxl"], "units": ("WanTransformerBlock",), "lora_targets": ATTN_LORA,
+        "resolution": (720, 1280), "frames": 81, "text_tokens": 512, "batch": 1, "gradient_checkpointing": True,
+        "ema": False, "lora_rank": 64, "modes": [(0, 0), (64, 64)],
+        "recipe": "recipes/wan_14b: 720x1280, 81 frames, batch 1 x 4, full / full, gradient checkpointing, UMT5 "
+                  "512 tokens, FSDP2 x 8",
+        "recipe_engine": (8, "fsdp2_teacher_replicated"), "frozen_checkpointing": True,
+        "small": {"num_attention_heads": 1, "ffn_dim": round(13824 / 40)}, "sizes": [16, 32],
+        "size_variants": [(81, 480, 832, 8, "fsdp2_teacher_replicated", True),
+                          (49, 480, 832, 8, "fsdp2_teacher_replicated", True),
+                          (33, 480, 832, 8, "fsdp2_teacher_replicated", True),
+                          (81, 720, 1280, 64, "fsdp2_teacher_replicated", True),
+                          (49, 480, 832, 64, "fsdp2_teacher_replicated", True)],
+    },
 }
 # Every recipe reads its prompts' conditioning from the text-embedding cache (bf16, memory-mapped on the host): the
 # text encoders are not loaded during training, so no GPU holds them
@@ -258,6 +309,11 @@ def latent_geometry(spec: dict, resolution=None, frames=None) -> dict:
     if family == "sd3":
         return {"latent": (config["in_channels"], lh, lw), "tokens": (lh // p) * (lw // p), "grid": (lh // p, lw // p),
                 "frames": None}
+    if family == "wan":  # (C, F, H, W), as WanPipeline.prepare_latents; 3-D patches (p_t, p_h, p_w)
+        p_t, p_h, p_w = p
+        lf = (frames - 1) // WAN_TEMPORAL_RATIO + 1
+        return {"latent": (config["in_channels"], lf, lh, lw), "tokens": (lf // p_t) * (lh // p_h) * (lw // p_w),
+                "grid": (lh // p_h, lw // p_w), "frames": lf // p_t}
     lf = (frames - 1) // config["temporal_compression_ratio"] + 1
     return {"latent": (lf, config["in_channels"], lh, lw), "tokens": lf * (lh // p) * (lw // p),
             "grid": (lh // p, lw // p), "frames": lf}
@@ -269,7 +325,8 @@ def default_discriminator_blocks(family: str, config: dict) -> list[str]:
     if family == "unet":
         return [f"down_blocks.{i}" for i in range(len(config["down_block_types"]))] + ["mid_block"]
     n = config["num_layers"]
-    return [f"transformer_blocks.{i}" for i in sorted({round(i * (n - 1) / 3) for i in range(4)})]
+    prefix = "blocks" if family == "wan" else "transformer_blocks"  # WanTeacher.discriminator_blocks
+    return [f"{prefix}.{i}" for i in sorted({round(i * (n - 1) / 3) for i in range(4)})]
 
 
 def feature_selector(family: str, geometry: dict):
@@ -280,6 +337,8 @@ def feature_selector(family: str, geometry: dict):
         return first_tensor
     if family == "sd3":  # JointTransformerBlock returns (encoder_hidden_states, hidden_states)
         return lambda out: tokens_to_map(out[1], gh, gw)
+    if family == "wan":  # WanTransformerBlock returns the video tokens (WanTeacher.feature_selector)
+        return lambda out: tokens_to_map(first_tensor(out), gh, gw, frames=geometry["frames"])
     return lambda out: tokens_to_map(out[0], gh, gw, geometry["frames"])  # CogVideoXBlock: (hidden, encoder_hidden)
 
 
@@ -299,6 +358,9 @@ def denoiser_inputs(family: str, config: dict, batch: int, geometry: dict, text_
         return {"hidden_states": x, "timestep": t, "return_dict": False,
                 "encoder_hidden_states": torch.randn((batch, text_tokens, config["joint_attention_dim"]), **kw),
                 "pooled_projections": torch.randn((batch, config["pooled_projection_dim"]), **kw)}
+    if family == "wan":  # as WanTeacher.predict: UMT5 embeddings, one timestep per sample (Wan 2.1)
+        return {"hidden_states": x, "timestep": t, "return_dict": False,
+                "encoder_hidden_states": torch.randn((batch, text_tokens, config["text_dim"]), **kw)}
     inputs = {"hidden_states": x, "timestep": t, "return_dict": False,
               "encoder_hidden_states": torch.randn((batch, text_tokens, config["text_embed_dim"]), **kw)}
     if config.get("use_rotary_positional_embeddings"):  # as CogVideoXPipeline._prepare_rotary_positional_embeddings
@@ -357,7 +419,8 @@ def architecture_facts(key: str, spec: dict | None = None, head_channels: int = 
     text = {}
     for name in spec["text_encoders"]:
         model_cls, cfg = TEXT_ENCODERS[name]
-        config_cls = transformers.T5Config if name.startswith("t5") else transformers.CLIPTextConfig
+        config_cls = (transformers.UMT5Config if name.startswith("umt5") else transformers.T5Config
+                      if name.startswith("t5") else transformers.CLIPTextConfig)
         with torch.device("meta"):
             text[name] = sum(p.numel() for p in getattr(transformers, model_cls)(config_cls(**cfg)).parameters())
     rank = spec["lora_rank"]
@@ -664,7 +727,7 @@ def small_job(key: str, facts: dict, policy: str = "cuda") -> dict:
         head_shapes.append([(c, 16, 16), (c, 32, 32)] if len(shape) == 3 else [(c, shape[1], 8, 8),
                                                                                 (c, shape[1], 16, 16)])
     return {"class": spec["class"], "config": config, "family": spec["family"], "text_tokens": text,
-            "sizes": spec["sizes"], "frames": 13 if spec["family"] == "cog" else None, "policy": policy,
+            "sizes": spec["sizes"], "frames": 13 if spec["family"] in ("cog", "wan") else None, "policy": policy,
             "kinds": [k for k in BACKBONE_KINDS if k != "train" or key == "sdxl"],  # "train": DMD2's row (no GC)
             "head_shapes": sorted(head_shapes)}
 
@@ -820,6 +883,26 @@ def recipe_variants(key: str, facts: dict, activations: dict) -> dict:
                       engine, n)
         out[name] = {"gpus": n, "engine": engine, "total": row["total"], "activations": row["activations"],
                      "text_encoders": row["text_encoders"]}
+    return out
+
+
+def size_variants(key: str, measured: dict) -> list[dict]:
+    """The recipe's mode at other sizes / engines / frozen-pass settings (``size_variants`` of the spec: frames,
+    height, width, GPUs, engine, --gradient_checkpointing_frozen_passes), from the same small-config measurement:
+    what a user can change with appended flags (or CONFIG=) when the recipe as written does not fit."""
+    spec = MODELS[key]
+    (g, f) = spec["modes"][0]
+    out = []
+    for frames, height, width, n, engine, frozen in spec.get("size_variants", []):
+        facts = architecture_facts(key, {**spec, "resolution": (height, width), "frames": frames})
+        activations = activations_per_sample(facts, measured)
+        setup = setup_from(facts, g, f, batch=spec["batch"], gradient_checkpointing=spec["gradient_checkpointing"],
+                           ema=spec["ema"], activations=activations, text_encoders=not TEXT_CACHE,
+                           frozen_checkpointing=frozen)
+        row = predict(setup, engine, n)
+        out.append({"frames": frames, "height": height, "width": width, "gpus": n, "engine": engine,
+                    "frozen_checkpointing": frozen, "tokens": facts["geometry"]["tokens"], "total": row["total"],
+                    "activations": row["activations"], "peak_phase": row["peak_phase"]})
     return out
 
 
@@ -985,8 +1068,8 @@ def markdown(result: dict) -> str:
              "memory measured on small configurations of the same classes (method and assumptions: the script's "
              "docstring). Fits = below 72 GiB (10% headroom on 80 GiB), tight = up to 80 GiB. Every row reads the "
              "prompts' conditioning from the text-embedding cache (text encoders not loaded) and uses its recipe's "
-             "--gradient_checkpointing_frozen_passes setting (SDXL stage 3, SD3.5-Large, CogVideoX: on; SD3-Medium: "
-             "off).", ""]
+             "--gradient_checkpointing_frozen_passes setting (SDXL stage 3, SD3.5-Large, CogVideoX, Wan 14B: on; "
+             "SD3-Medium, Wan 1.3B: off).", ""]
     sc = result.get("self_check")
     if sc:
         lines += [f"**Self-check** ({sc['size']}): a small SD3-architecture teacher through the real loop on the CPU, "
@@ -1024,6 +1107,12 @@ def markdown(result: dict) -> str:
                       f"{gib(variants['frozen-pass checkpointing']['total'])}, without "
                       f"{gib(variants['no frozen-pass checkpointing']['total'])}; with the text encoders loaded "
                       f"instead of the cache {gib(variants['text encoders loaded']['total'])}."]
+        if model.get("size_variants"):
+            lines += ["", "The recipe's mode with its flags changed (per GPU): " + "; ".join(
+                f"{v['frames']} frames at {v['height']}x{v['width']} ({v['tokens']} video tokens), {v['gpus']} x "
+                f"{ENGINE_NAMES[v['engine']]}, frozen-pass checkpointing {'on' if v['frozen_checkpointing'] else 'off'}"
+                f": **{gib(v['total'])} GiB** ({verdict(v['total'])}; activations {gib(v['activations'])})"
+                for v in model["size_variants"]) + "."]
         lines += ["", "Teacher under FSDP2: " + "; ".join(
             f"{k}: {v['better']} (sharding saves {v['saves_GiB']:.1f} GiB, costs "
             f"{v['extra_all_gather_GiB_per_microbatch']:.0f} GiB all-gathered per micro-batch)"
@@ -1127,6 +1216,8 @@ def main(argv=None):
         result["models"][key] = {"facts": facts, "activation_measurement": measured, "activations": activations,
                                  "rows": rows, "teacher_choice": teacher_choice(key, facts, rows),
                                  "recipe_variants": recipe_variants(key, facts, activations)}
+        if MODELS[key].get("size_variants"):
+            result["models"][key]["size_variants"] = size_variants(key, measured)
         if key == "sdxl":
             result["dmd2"] = {**dmd2_row(facts, activations), "source": DMD2_SDXL["source"]}
             adp_job = {"vae_latents": [16, 32], "pixel_head_sizes": [16, 32]}

@@ -1,5 +1,8 @@
 """Discriminator pieces (dmdx.training.discriminator): backbone feature hooks and the 2-D / 3-D heads."""
 
+import argparse
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -212,3 +215,30 @@ def test_per_position_hinge_differs_from_pooled_hinge():
                                                                                             -one.flatten()))
     with pytest.raises(ValueError, match="differ"):
         hinge_discriminator_loss(real, fake[:, :, :1])
+
+
+def test_head_output_is_part_of_a_checkpoints_provenance(tmp_path):
+    """Per-position heads hold other parameters than pooled ones: a resume across the two must be refused by the
+    provenance check (with a message naming the field), not fail later on a state-dict shape; pooled runs keep the
+    provenance they had before the flag existed, so their checkpoints still resume."""
+    from dmdx.pipelines.teachers import SD3Teacher
+    from dmdx.training.loop import run_provenance
+
+    teacher = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "distill_scripts", "digits",
+                           "assets", "digits-sd3-teacher")
+    adapter = SD3Teacher(teacher, resolution=16)
+    ts = torch.tensor([999.0, 750.0])
+
+    def provenance(*extra):
+        args = argparse.Namespace(distribution_loss="adm", lora_rank=0, fake_score_lora_rank=0, resolution=16,
+                                  discriminator_blocks=None, discriminator_head_channels=64,
+                                  discriminator_head_depth=1, discriminator_head_output="pooled")
+        for key, value in extra:
+            setattr(args, key, value)
+        fields = run_provenance(adapter, args, "train_adm_sd3.py", None, ts)
+        return {k: v for k, v in fields.items() if k != "run_id"}
+
+    pooled, per_position = provenance(), provenance(("discriminator_head_output", "per_position"))
+    assert pooled["discriminator"] == [None, 64, 1]
+    assert per_position["discriminator"] == [None, 64, 1, "per_position"]
+    assert {k for k in pooled if pooled[k] != per_position[k]} == {"discriminator"}

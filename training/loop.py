@@ -468,8 +468,11 @@ def run_provenance(adapter, args, script: str, generator_path: str | None, times
             "generator": weights_fingerprint(generator_path, adapter.denoiser_name) if generator_path else None,
             "lora_rank": args.lora_rank, "fake_score_lora_rank": args.fake_score_lora_rank,
             "student_timesteps": [float(t) for t in timesteps], "resolution": args.resolution,
+            # per-position heads hold other parameters: named only then, so pooled runs' checkpoints still match
             "discriminator": [args.discriminator_blocks, args.discriminator_head_channels,
-                              args.discriminator_head_depth] if distribution_loss(args).has_discriminator else None,
+                              args.discriminator_head_depth]
+            + (["per_position"] if args.discriminator_head_output == "per_position" else [])
+            if distribution_loss(args).has_discriminator else None,
             **adapter.provenance_fields(), "run_id": uuid.uuid4().hex}
 
 

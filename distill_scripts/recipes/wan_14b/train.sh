@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
 # Four-step ADM student of Wan 2.1 T2V 14B, full fine-tuning with FSDP2, 81 frames at 720x1280 (the 14B's 720p use,
 # flow shift 5.0 from its scheduler config). See docs/wan.md for every value's source and what is tested.
-# Needs: prompts.txt, 8 x 141 GB GPUs (H200, FSDP2). By arithmetic (not measured): 2 x 28.6 GB of sharded fp32
-# weights, gradients and Adam states + 28.6 GB for the bf16 teacher, replicated, per GPU, before activations (75,600
-# video tokens per sample); it does not fit an 80 GB GPU at this size. For 480x832 pass --height 480 --width 832.
+# Needs: prompts.txt and more memory per GPU than any 8 GPUs have at this size. By the memory plan
+# (benchmarks/results/memory_plan.md, docs/memory.md; not measured on GPUs), per GPU with FSDP2 over 8: 231.8 GiB =
+# 69.1 resident (sharded fp32 weights and Adam states of both roles 39.9, the bf16 teacher replicated 26.6, FSDP
+# gathers 2.4, D heads 0.2) + 6.7 of gradients + 156.0 of activations for one 75,600-token sample, even with
+# --gradient_checkpointing_frozen_passes (set below; without it 788.5). It fits neither 8 x 80 GB nor 8 x 141 GB
+# (H200); splitting a sample's tokens over GPUs (sequence parallelism) is not in this toolkit. On 8 x 141 GB (131 GiB)
+# pass --height 480 --width 832 --num_frames 33 (105.6 GiB, fits) or --num_frames 49 (118.4, tight); 81 frames at
+# 480x832 needs 144.0. On 80 GB cards no size fits 8 GPUs (the resident part alone is 69.1 GiB); 64 x 80 GB at
+# 49 frames, 480x832: 77.4 (tight).
 # LoRA roles are DDP-only in this toolkit (FSDP shards per role); a LoRA run of the 14B is not a recipe here.
 # Run from anywhere; TEACHER / PROMPTS / OUTPUT_DIR / TEXT_CACHE / CONFIG override the defaults. Extra flags are appended
 # ("$@") and later flags win (tests/test_wan_script.py runs this file on tiny models exactly so).

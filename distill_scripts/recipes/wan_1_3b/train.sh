@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
 # Four-step ADM student of Wan 2.1 T2V 1.3B, full fine-tuning, 81 frames at 480x832 (WanPipeline's defaults).
 # See docs/wan.md for every value's source and what is tested.
-# Needs: prompts.txt (one prompt per line, e.g. captions of a video data set), 8 x 80 GB GPUs (DDP). By arithmetic
-# (not measured): 2 x 22.7 GB for the trainable generator and fake score (fp32 weights, gradients, Adam) + 2.8 GB for
-# the bf16 teacher per GPU, before activations; the text-embedding cache (TEXT_CACHE) frees UMT5-XXL (about 11 GB in bf16).
+# Needs: prompts.txt (one prompt per line, e.g. captions of a video data set) and 8 GPUs. Memory per GPU by the plan
+# (benchmarks/results/memory_plan.md, docs/memory.md: the real config's parameter counts, activations extrapolated from
+# a small Wan measured on the CPU; not measured on GPUs): as written, 8 x DDP without frozen-pass checkpointing,
+# 136.6 GiB: it does NOT fit an 80 GB GPU. The generator update's two frozen passes (the fake score, D's backbone
+# through all 30 blocks) hold about 68 GiB each per 480x832x81 sample (32,760 video tokens). Append
+# --gradient_checkpointing_frozen_passes: 74.9 GiB under DDP (tight on 80 GB), 26.1 GiB under FSDP2 (add
+# CONFIG=distill_scripts/recipes/wan_14b/accelerate_fsdp.yaml, which wraps the same WanTransformerBlock): fits
+# 8 x 80 GB.
+# The text-embedding cache (TEXT_CACHE) keeps UMT5-XXL (5.68 B parameters, 10.6 GiB in bf16) off the GPUs.
 # Run from anywhere; TEACHER / PROMPTS / OUTPUT_DIR / TEXT_CACHE / CONFIG override the defaults. Extra flags are appended
 # ("$@") and later flags win (tests/test_wan_script.py runs this file on tiny models exactly so).
 set -euo pipefail
