@@ -11,6 +11,7 @@ call the stock pipeline with them.
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 import shutil
 import tempfile
@@ -19,6 +20,8 @@ from typing import Any
 import torch
 
 from dmdx.training.errors import UsageError
+
+logger = logging.getLogger("dmdx")
 
 
 def model_dtype(model) -> torch.dtype:
@@ -346,6 +349,63 @@ class TeacherAdapter:
         from dmdx.pipelines.hub import push_to_hub
 
         return push_to_hub(*args, **kwargs)
+
+
+class PipelineT5Text:
+    """The text path of teachers with one T5-family encoder whose stock pipeline encodes prompts itself (CogVideoX:
+    T5; Wan: UMT5): ``encode_prompt`` of the stock pipeline, so the conditioning is exactly the pipeline's (padding,
+    truncation, Wan's zeroing past each prompt's length); the empty prompt is CFG's negative, as both pipelines'
+    default. Mixed into a :class:`TeacherAdapter` that sets ``max_sequence_length`` and ``text_encoder_label``."""
+
+    text_encoder_label = "T5"
+
+    def check_prompts(self, prompts: list[str], what: str) -> None:
+        """Count the prompts the encoder will truncate at ``--max_sequence_length`` (the tokenizer only); the
+        pipeline's encode_prompt truncates them and warns again when it encodes them."""
+        import transformers
+
+        name = (self.index.get("tokenizer") or [None, None])[1]
+        cls = getattr(transformers, name or "", None) or transformers.AutoTokenizer
+        try:
+            tokenizer = cls.from_pretrained(self.path, subfolder="tokenizer", **self.load_kwargs)
+        except Exception as e:  # noqa: BLE001 - the text pipeline will report it when it loads
+            logger.warning("could not load the tokenizer to check prompt lengths: %s", e)
+            return
+        long = []
+        for i in range(0, len(prompts), 1024):
+            ids = tokenizer(prompts[i: i + 1024], add_special_tokens=True).input_ids
+            long += [p for p, t in zip(prompts[i: i + 1024], ids) if len(t) > self.max_sequence_length]
+        if long:
+            logger.warning("%d of %d %s are longer than --max_sequence_length %d %s tokens and are truncated as "
+                           "diffusers' %s truncates them, e.g. %r", len(long), len(prompts), what,
+                           self.max_sequence_length, self.text_encoder_label, self.pipeline_class, long[0][:120])
+
+    def text_options(self) -> dict:
+        return {"max_sequence_length": self.max_sequence_length}
+
+    def load_text_encoders(self, device, dtype, denoiser=None) -> None:
+        """The stock pipeline (without its VAE) whose ``encode_prompt`` encodes the prompts."""
+        import diffusers
+
+        cls = getattr(diffusers, self.pipeline_class)
+        text_pipe = cls.from_pretrained(self.path, transformer=denoiser, vae=None, torch_dtype=dtype,
+                                        variant=self.variant, **self.load_kwargs)
+        text_pipe.set_progress_bar_config(disable=True)
+        text_pipe.text_encoder.requires_grad_(False).eval().to(device)
+        self.text_modules = {"pipe": text_pipe}
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str], device) -> dict[str, torch.Tensor]:
+        embeds = []
+        for i in range(0, len(prompts), 16):
+            e, _ = self.text_modules["pipe"].encode_prompt(
+                prompts[i: i + 16], None, do_classifier_free_guidance=False,
+                max_sequence_length=self.max_sequence_length, device=device)
+            embeds.append(e.float())
+        return {"prompt_embeds": torch.cat(embeds)}
+
+    def negative_conditioning(self, device) -> dict[str, torch.Tensor]:
+        return self.encode_prompts([""], device)  # the pipelines' default negative prompt
 
 
 def merge_card_extras(*extras: dict) -> dict:

@@ -4,20 +4,17 @@ the causal 3-D VAE. Latents are (B, F, C, H, W): frames first, as the pipeline a
 from __future__ import annotations
 
 import inspect
-import logging
 
 import torch
 
 from dmdx.training.errors import UsageError
 
-from .base import TeacherAdapter, merge_card_extras, model_dtype, transformer_block_names
-
-logger = logging.getLogger("dmdx")
+from .base import PipelineT5Text, TeacherAdapter, merge_card_extras, model_dtype, transformer_block_names
 
 TILED_DECODE_ABOVE = 256  # px; see load_vae
 
 
-class CogVideoXTeacher(TeacherAdapter):
+class CogVideoXTeacher(PipelineT5Text, TeacherAdapter):
     pipeline_class = "CogVideoXPipeline"
     denoiser_name = "transformer"
     denoiser_class = "CogVideoXTransformer3DModel"
@@ -133,53 +130,6 @@ class CogVideoXTeacher(TeacherAdapter):
         if max(self.height, self.width) > TILED_DECODE_ABOVE:
             vae.enable_tiling()
         return vae.requires_grad_(False).eval().to(device, dtype=dtype)
-
-    def check_prompts(self, prompts: list[str], what: str) -> None:
-        """Count the prompts T5 will truncate at ``--max_sequence_length`` (the tokenizer only); diffusers'
-        encode_prompt truncates them and warns again when it encodes them."""
-        import transformers
-
-        name = (self.index.get("tokenizer") or [None, None])[1]
-        cls = getattr(transformers, name or "", None) or transformers.AutoTokenizer
-        try:
-            tokenizer = cls.from_pretrained(self.path, subfolder="tokenizer", **self.load_kwargs)
-        except Exception as e:  # noqa: BLE001 - the text pipeline will report it when it loads
-            logger.warning("could not load the tokenizer to check prompt lengths: %s", e)
-            return
-        long = []
-        for i in range(0, len(prompts), 1024):
-            ids = tokenizer(prompts[i: i + 1024], add_special_tokens=True).input_ids
-            long += [p for p, t in zip(prompts[i: i + 1024], ids) if len(t) > self.max_sequence_length]
-        if long:
-            logger.warning("%d of %d %s are longer than --max_sequence_length %d T5 tokens and are truncated as "
-                           "diffusers' CogVideoXPipeline truncates them, e.g. %r", len(long), len(prompts), what,
-                           self.max_sequence_length, long[0][:120])
-
-    def text_options(self) -> dict:
-        return {"max_sequence_length": self.max_sequence_length}
-
-    def load_text_encoders(self, device, dtype, denoiser=None) -> None:
-        """The stock pipeline's own encode_prompt (T5), on a pipeline without the VAE."""
-        from diffusers import CogVideoXPipeline
-
-        text_pipe = CogVideoXPipeline.from_pretrained(self.path, transformer=denoiser, vae=None, torch_dtype=dtype,
-                                                      variant=self.variant, **self.load_kwargs)
-        text_pipe.set_progress_bar_config(disable=True)
-        text_pipe.text_encoder.requires_grad_(False).eval().to(device)
-        self.text_modules = {"pipe": text_pipe}
-
-    @torch.no_grad()
-    def encode_prompts(self, prompts: list[str], device) -> dict[str, torch.Tensor]:
-        embeds = []
-        for i in range(0, len(prompts), 16):
-            e, _ = self.text_modules["pipe"].encode_prompt(
-                prompts[i: i + 16], None, do_classifier_free_guidance=False,
-                max_sequence_length=self.max_sequence_length, device=device)
-            embeds.append(e.float())
-        return {"prompt_embeds": torch.cat(embeds)}
-
-    def negative_conditioning(self, device) -> dict[str, torch.Tensor]:
-        return self.encode_prompts([""], device)  # CogVideoXPipeline's default negative prompt
 
     # ---- the denoiser ---------------------------------------------------------------------------------------------
     def rotary_embedding(self, latent_shape, device):

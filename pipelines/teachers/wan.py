@@ -5,15 +5,12 @@ matching, rotary positions computed inside the model), UMT5, the causal 3-D Auto
 from __future__ import annotations
 
 import inspect
-import logging
 
 import torch
 
 from dmdx.training.errors import UsageError
 
-from .base import TeacherAdapter, merge_card_extras, model_dtype, transformer_block_names
-
-logger = logging.getLogger("dmdx")
+from .base import PipelineT5Text, TeacherAdapter, merge_card_extras, model_dtype, transformer_block_names
 
 TILED_DECODE_ABOVE = 256  # px: AutoencoderKLWan's smallest tile; below it tiling has nothing to split
 
@@ -24,7 +21,8 @@ def _call_default(name: str):
     return inspect.signature(WanPipeline.__call__).parameters[name].default
 
 
-class WanTeacher(TeacherAdapter):
+class WanTeacher(PipelineT5Text, TeacherAdapter):
+    text_encoder_label = "UMT5"
     pipeline_class = "WanPipeline"
     denoiser_name = "transformer"
     denoiser_class = "WanTransformer3DModel"
@@ -152,49 +150,6 @@ class WanTeacher(TeacherAdapter):
         if max(self.height, self.width) > TILED_DECODE_ABOVE:
             vae.enable_tiling()
         return vae.requires_grad_(False).eval().to(device, dtype=dtype)
-
-    def check_prompts(self, prompts: list[str], what: str) -> None:
-        """Count the prompts UMT5 will truncate at ``--max_sequence_length`` (the tokenizer only)."""
-        from transformers import AutoTokenizer
-
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(self.path, subfolder="tokenizer", **self.load_kwargs)
-        except Exception as e:  # noqa: BLE001 - the text pipeline will report it when it loads
-            logger.warning("could not load the tokenizer to check prompt lengths: %s", e)
-            return
-        long = [p for i in range(0, len(prompts), 1024) for p, ids in zip(
-            prompts[i: i + 1024], tokenizer(prompts[i: i + 1024]).input_ids) if len(ids) > self.max_sequence_length]
-        if long:
-            logger.warning("%d of %d %s are longer than --max_sequence_length %d UMT5 tokens and are truncated as "
-                           "diffusers' WanPipeline truncates them, e.g. %r", len(long), len(prompts), what,
-                           self.max_sequence_length, long[0][:120])
-
-    def text_options(self) -> dict:
-        return {"max_sequence_length": self.max_sequence_length}
-
-    def load_text_encoders(self, device, dtype, denoiser=None) -> None:
-        """The stock pipeline's own encode_prompt (UMT5; embeddings cut to each prompt's length, zero-padded to
-        ``max_sequence_length``), on a pipeline without the VAE."""
-        from diffusers import WanPipeline
-
-        text_pipe = WanPipeline.from_pretrained(self.path, transformer=denoiser, vae=None, torch_dtype=dtype,
-                                                variant=self.variant, **self.load_kwargs)
-        text_pipe.set_progress_bar_config(disable=True)
-        text_pipe.text_encoder.requires_grad_(False).eval().to(device)
-        self.text_modules = {"pipe": text_pipe}
-
-    @torch.no_grad()
-    def encode_prompts(self, prompts: list[str], device) -> dict[str, torch.Tensor]:
-        embeds = []
-        for i in range(0, len(prompts), 16):
-            e, _ = self.text_modules["pipe"].encode_prompt(
-                prompts[i: i + 16], None, do_classifier_free_guidance=False,
-                max_sequence_length=self.max_sequence_length, device=device)
-            embeds.append(e.float())
-        return {"prompt_embeds": torch.cat(embeds)}
-
-    def negative_conditioning(self, device) -> dict[str, torch.Tensor]:
-        return self.encode_prompts([""], device)  # WanPipeline's default negative prompt
 
     # ---- the denoiser ---------------------------------------------------------------------------------------------
     def predict(self, model, x, t, cond):
