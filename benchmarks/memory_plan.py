@@ -244,27 +244,28 @@ MODELS = {
         "text_encoders": ["umt5_xxl"], "units": ("WanTransformerBlock",), "lora_targets": ATTN_LORA,
         "resolution": (480, 832), "frames": 81, "text_tokens": 512, "batch": 1, "gradient_checkpointing": True,
         "ema": False, "lora_rank": 64, "modes": [(0, 0), (64, 64)],
-        "recipe": "recipes/wan_1_3b: 480x832, 81 frames, batch 1 x 4, full / full, gradient checkpointing, UMT5 "
-                  "512 tokens, DDP x 8",
-        "recipe_engine": (8, "ddp"), "frozen_checkpointing": False,
+        "recipe": "recipes/wan_1_3b: 480x832, 81 frames, batch 1 x 4, full / full, gradient checkpointing and "
+                  "frozen-pass checkpointing, UMT5 512 tokens, FSDP2 x 8",
+        "recipe_engine": (8, "fsdp2_teacher_replicated"), "frozen_checkpointing": True,
         "small": {"num_attention_heads": 1, "ffn_dim": round(8960 / 12)}, "sizes": [16, 32],
-        # the recipe's mode with the recipe's flags changed (appended flags, CONFIG=...): what would make it fit
-        "size_variants": [(81, 480, 832, 8, "ddp", True), (81, 480, 832, 8, "fsdp2_teacher_replicated", False),
-                          (81, 480, 832, 8, "fsdp2_teacher_replicated", True)],
+        # the recipe's mode with its flags changed (appended flags, CONFIG=...): the DDP alternative
+        # (accelerate_ddp.yaml, for LoRA roles, which FSDP refuses) with and without frozen-pass checkpointing
+        "size_variants": [(81, 480, 832, 8, "ddp", True), (81, 480, 832, 8, "ddp", False)],
     },
     "wan2.1-14b": {
         "title": "Wan 2.1 T2V 14B", "class": "WanTransformer3DModel", "config": WAN_14B, "family": "wan",
         "source": "Wan-AI/Wan2.1-T2V-14B-Diffusers transformer/config.json",
         "text_encoders": ["umt5_xxl"], "units": ("WanTransformerBlock",), "lora_targets": ATTN_LORA,
-        "resolution": (720, 1280), "frames": 81, "text_tokens": 512, "batch": 1, "gradient_checkpointing": True,
+        "resolution": (480, 832), "frames": 33, "text_tokens": 512, "batch": 1, "gradient_checkpointing": True,
         "ema": False, "lora_rank": 64, "modes": [(0, 0), (64, 64)],
-        "recipe": "recipes/wan_14b: 720x1280, 81 frames, batch 1 x 4, full / full, gradient checkpointing, UMT5 "
-                  "512 tokens, FSDP2 x 8",
+        "recipe": "recipes/wan_14b: 480x832, 33 frames, batch 1 x 4, full / full, gradient checkpointing and "
+                  "frozen-pass checkpointing, UMT5 512 tokens, FSDP2 x 8 on 141 GB cards (H200)",
         "recipe_engine": (8, "fsdp2_teacher_replicated"), "frozen_checkpointing": True,
+        "card_gib": 141e9 / GiB,  # the recipe names 141 GB cards (H200); every other recipe 80 GB
         "small": {"num_attention_heads": 1, "ffn_dim": round(13824 / 40)}, "sizes": [16, 32],
-        "size_variants": [(81, 480, 832, 8, "fsdp2_teacher_replicated", True),
-                          (49, 480, 832, 8, "fsdp2_teacher_replicated", True),
-                          (33, 480, 832, 8, "fsdp2_teacher_replicated", True),
+        "size_variants": [(49, 480, 832, 8, "fsdp2_teacher_replicated", True),
+                          (81, 480, 832, 8, "fsdp2_teacher_replicated", True),
+                          (81, 720, 1280, 8, "fsdp2_teacher_replicated", True),
                           (81, 720, 1280, 64, "fsdp2_teacher_replicated", True),
                           (49, 480, 832, 64, "fsdp2_teacher_replicated", True)],
     },
@@ -882,7 +883,7 @@ def recipe_variants(key: str, facts: dict, activations: dict) -> dict:
         row = predict(setup_from(facts, g, f, text_encoders=not cache, frozen_checkpointing=frozen, **common),
                       engine, n)
         out[name] = {"gpus": n, "engine": engine, "total": row["total"], "activations": row["activations"],
-                     "text_encoders": row["text_encoders"]}
+                     "text_encoders": row["text_encoders"], "card_gib": spec.get("card_gib", GPU_GIB)}
     return out
 
 
@@ -924,9 +925,9 @@ def mode_name(generator_rank: int, fake_rank: int, adam_8bit: bool = False) -> s
 MARKS = {"fits": "✓", "tight": "~", "over": "✗"}
 
 
-def verdict(total_bytes: float) -> str:
-    g = total_bytes / GiB
-    return "fits" if g <= FIT_GIB else "tight" if g <= GPU_GIB else "over"
+def verdict(total_bytes: float, card_gib: float = GPU_GIB) -> str:
+    g = total_bytes / GiB  # the same 10% headroom on any card
+    return "fits" if g <= FIT_GIB * card_gib / GPU_GIB else "tight" if g <= card_gib else "over"
 
 
 def teacher_choice(key: str, facts: dict, rows: list[dict]) -> dict:
@@ -1068,8 +1069,9 @@ def markdown(result: dict) -> str:
              "memory measured on small configurations of the same classes (method and assumptions: the script's "
              "docstring). Fits = below 72 GiB (10% headroom on 80 GiB), tight = up to 80 GiB. Every row reads the "
              "prompts' conditioning from the text-embedding cache (text encoders not loaded) and uses its recipe's "
-             "--gradient_checkpointing_frozen_passes setting (SDXL stage 3, SD3.5-Large, CogVideoX, Wan 14B: on; "
-             "SD3-Medium, Wan 1.3B: off).", ""]
+             "--gradient_checkpointing_frozen_passes setting (SDXL stage 3, SD3.5-Large, CogVideoX, Wan: on; "
+             "SD3-Medium: off). Every recipe names 80 GB cards except Wan 14B's (141 GB, H200: 131 GiB; fits below "
+             "118 GiB, tight up to 131), which its \"Recipe\" line judges; every other verdict is for 80 GiB.", ""]
     sc = result.get("self_check")
     if sc:
         lines += [f"**Self-check** ({sc['size']}): a small SD3-architecture teacher through the real loop on the CPU, "
@@ -1102,8 +1104,10 @@ def markdown(result: dict) -> str:
         variants = model.get("recipe_variants")
         if variants:
             v = variants["recipe"]
+            card = v.get("card_gib", GPU_GIB)
             lines += ["", f"Recipe ({v['gpus']} x {ENGINE_NAMES[v['engine']]}): **{gib(v['total'])} GiB** per GPU "
-                      f"({verdict(v['total'])}); with --gradient_checkpointing_frozen_passes "
+                      f"({verdict(v['total'], card)} on {card:.0f} GiB cards); with "
+                      f"--gradient_checkpointing_frozen_passes "
                       f"{gib(variants['frozen-pass checkpointing']['total'])}, without "
                       f"{gib(variants['no frozen-pass checkpointing']['total'])}; with the text encoders loaded "
                       f"instead of the cache {gib(variants['text encoders loaded']['total'])}."]

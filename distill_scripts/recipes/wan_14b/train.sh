@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# Four-step ADM student of Wan 2.1 T2V 14B, full fine-tuning with FSDP2, 81 frames at 720x1280 (the 14B's 720p use,
-# flow shift 5.0 from its scheduler config). See docs/wan.md for every value's source and what is tested.
-# Needs: prompts.txt and more memory per GPU than any 8 GPUs have at this size. By the memory plan
-# (benchmarks/results/memory_plan.md, docs/memory.md; not measured on GPUs), per GPU with FSDP2 over 8: 231.8 GiB =
-# 69.1 resident (sharded fp32 weights and Adam states of both roles 39.9, the bf16 teacher replicated 26.6, FSDP
-# gathers 2.4, D heads 0.2) + 6.7 of gradients + 156.0 of activations for one 75,600-token sample, even with
-# --gradient_checkpointing_frozen_passes (set below; without it 788.5). It fits neither 8 x 80 GB nor 8 x 141 GB
-# (H200); splitting a sample's tokens over GPUs (sequence parallelism) is not in this toolkit. On 8 x 141 GB (131 GiB)
-# pass --height 480 --width 832 --num_frames 33 (105.6 GiB, fits) or --num_frames 49 (118.4, tight); 81 frames at
-# 480x832 needs 144.0. On 80 GB cards no size fits 8 GPUs (the resident part alone is 69.1 GiB); 64 x 80 GB at
-# 49 frames, 480x832: 77.4 (tight).
+# Four-step ADM student of Wan 2.1 T2V 14B, full fine-tuning with FSDP2 over 8 x 141 GB GPUs (H200), 33 frames at
+# 480x832 (the 14B's 480p use; flow shift 5.0 from its scheduler config). See docs/wan.md for every value's source and
+# what is tested.
+# Needs: prompts.txt and 8 GPUs of 141 GB (131 GiB; fits below 118 GiB with 10% headroom). Memory per GPU by the plan
+# (benchmarks/results/memory_plan.md, docs/memory.md; not measured on GPUs): 105.6 GiB = 69.2 GiB resident (sharded
+# fp32 weights and Adam states of both roles 39.9 GiB, the bf16 teacher replicated 26.6 GiB, FSDP gathers 2.4 GiB) +
+# 6.7 GiB of gradients + 29.8 GiB of activations for one sample (9 latent frames, 14,040 video tokens), with
+# --gradient_checkpointing_frozen_passes (set below; without it 212.0 GiB).
+# Longer clips: --num_frames 49 is 118.4 GiB (tight), 81 frames at 480x832 144.0 GiB (over). The 14B's 720p use, 81
+# frames at 720x1280 (75,600 tokens), is 231.8 GiB per GPU over 8 and still 190.9 GiB over 64 (156.0 GiB of
+# activations per sample): it needs a sample's tokens split over GPUs (sequence parallelism), not in this toolkit.
+# On 80 GB cards no size fits 8 GPUs (the resident part alone is 69.2 GiB); 64 x 80 GB at 49 frames: 77.4 GiB (tight).
 # LoRA roles are DDP-only in this toolkit (FSDP shards per role); a LoRA run of the 14B is not a recipe here.
 # Run from anywhere; TEACHER / PROMPTS / OUTPUT_DIR / TEXT_CACHE / CONFIG override the defaults. Extra flags are appended
 # ("$@") and later flags win (tests/test_wan_script.py runs this file on tiny models exactly so).
@@ -25,7 +26,7 @@ TEXT_CACHE=${TEXT_CACHE:-$OUTPUT_DIR-text-embeddings}
 
 accelerate launch --config_file "$CONFIG" "$ROOT/distill_scripts/train_adm_wan.py" \
   --pretrained_model_name_or_path "$TEACHER" --prompts_file "$PROMPTS" --output_dir "$OUTPUT_DIR" \
-  --num_frames 81 --height 720 --width 1280 --max_sequence_length 512 \
+  --num_frames 33 --height 480 --width 832 --max_sequence_length 512 \
   --text_embeddings_cache "$TEXT_CACHE" \
   --train_batch_size 1 --gradient_accumulation_steps 4 \
   --num_student_steps 4 --shift_terminal 0.25 \

@@ -1,20 +1,22 @@
 #!/usr/bin/env bash
-# Four-step ADM student of Wan 2.1 T2V 1.3B, full fine-tuning, 81 frames at 480x832 (WanPipeline's defaults).
-# See docs/wan.md for every value's source and what is tested.
-# Needs: prompts.txt (one prompt per line, e.g. captions of a video data set) and 8 GPUs. Memory per GPU by the plan
-# (benchmarks/results/memory_plan.md, docs/memory.md: the real config's parameter counts, activations extrapolated from
-# a small Wan measured on the CPU; not measured on GPUs): as written, 8 x DDP without frozen-pass checkpointing,
-# 136.6 GiB: it does NOT fit an 80 GB GPU. The generator update's two frozen passes (the fake score, D's backbone
-# through all 30 blocks) hold about 68 GiB each per 480x832x81 sample (32,760 video tokens). Append
-# --gradient_checkpointing_frozen_passes: 74.9 GiB under DDP (tight on 80 GB), 26.1 GiB under FSDP2 (add
-# CONFIG=distill_scripts/recipes/wan_14b/accelerate_fsdp.yaml, which wraps the same WanTransformerBlock): fits
-# 8 x 80 GB.
+# Four-step ADM student of Wan 2.1 T2V 1.3B, full fine-tuning with FSDP2 over 8 x 80 GB GPUs, 81 frames at 480x832
+# (WanPipeline's defaults), the generator update's frozen passes checkpointed. See docs/wan.md for every value's source
+# and what is tested.
+# Needs: prompts.txt (one prompt per line, e.g. captions of a video data set) and 8 GPUs of 80 GB. Memory per GPU by
+# the plan (benchmarks/results/memory_plan.md, docs/memory.md: the real config's parameter counts, activations
+# extrapolated from a small Wan measured on the CPU; not measured on GPUs): 26.1 GiB = 7.0 GiB resident (sharded fp32
+# weights and Adam states of both roles, the bf16 teacher replicated, FSDP gathers) + 0.7 GiB of gradients + 18.5 GiB
+# of activations for one sample (32,760 video tokens). --gradient_checkpointing_frozen_passes is what makes it fit:
+# without it D's backbone pass in the generator update (the frozen teacher through all 30 blocks, a gradient to its
+# input) keeps 69.0 GiB per sample, 87.8 GiB per GPU in all.
+# LoRA roles (--lora_rank, --fake_score_lora_rank) are refused under FSDP: CONFIG=.../wan_1_3b/accelerate_ddp.yaml
+# (DDP; LoRA 64 / 64: 23.8 GiB per GPU). Full fine-tuning under DDP is 74.9 GiB: tight on 80 GB, not the default.
 # The text-embedding cache (TEXT_CACHE) keeps UMT5-XXL (5.68 B parameters, 10.6 GiB in bf16) off the GPUs.
 # Run from anywhere; TEACHER / PROMPTS / OUTPUT_DIR / TEXT_CACHE / CONFIG override the defaults. Extra flags are appended
 # ("$@") and later flags win (tests/test_wan_script.py runs this file on tiny models exactly so).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)
-CONFIG=${CONFIG:-$ROOT/distill_scripts/recipes/wan_1_3b/accelerate_ddp.yaml}
+CONFIG=${CONFIG:-$ROOT/distill_scripts/recipes/wan_1_3b/accelerate_fsdp.yaml}
 TEACHER=${TEACHER:-Wan-AI/Wan2.1-T2V-1.3B-Diffusers}
 PROMPTS=${PROMPTS:-prompts.txt}
 OUTPUT_DIR=${OUTPUT_DIR:-wan2.1-1.3b-adm-4step}
@@ -33,7 +35,7 @@ accelerate launch --config_file "$CONFIG" "$ROOT/distill_scripts/train_adm_wan.p
   --min_timestep_percent 0.02 --max_timestep_percent 0.98 --timestep_sampling uniform \
   --fake_score_update_ratio 1 --discriminator_update_ratio 1 --discriminator_warmup_steps 200 \
   --generator_lr 1e-6 --fake_score_lr 1e-6 --discriminator_lr 1e-5 --max_grad_norm 10 \
-  --mixed_precision bf16 --gradient_checkpointing --allow_tf32 --max_train_steps 8000 \
+  --mixed_precision bf16 --gradient_checkpointing --gradient_checkpointing_frozen_passes --allow_tf32 --max_train_steps 8000 \
   --checkpointing_steps 250 --checkpoints_total_limit 2 --resume_from_checkpoint latest \
   --validation_prompts "a panda playing a guitar in a bamboo forest" "waves breaking on a rocky shore at sunset" \
   --validation_steps 500 --report_to tensorboard "$@"
