@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """Four-step ADM distillation of Wan 2.1 / 2.2 text-to-video (flow matching, UMT5), and DMD2 as the baseline.
 
-    accelerate launch --config_file distill_scripts/recipes/wan_1_3b/accelerate_ddp.yaml \
+    accelerate launch --config_file distill_scripts/recipes/wan_1_3b/accelerate_fsdp.yaml \
         distill_scripts/train_adm_wan.py --pretrained_model_name_or_path Wan-AI/Wan2.1-T2V-1.3B-Diffusers \
-        --prompts_file prompts.txt --output_dir wan-1.3b-adm --gradient_checkpointing --mixed_precision bf16
+        --prompts_file prompts.txt --output_dir wan-1.3b-adm --text_embeddings_cache wan-1.3b-text-embeddings \
+        --gradient_checkpointing --gradient_checkpointing_frozen_passes --mixed_precision bf16
 
 The algorithm is ``dmdx.training.loop`` (shared with SDXL, SD3 and CogVideoX); Wan's specifics (UMT5 conditioning,
 channels-first video latents, video tokens as (C, F, h, w) maps for 3-D discriminator heads, the two-expert refusal)
