@@ -129,3 +129,47 @@ def test_video_teacher_trainer_and_init_from(tmp_path):
     w1 = load_file(str(first / "transformer" / "diffusion_pytorch_model.safetensors"))
     w2 = load_file(str(second / "transformer" / "diffusion_pytorch_model.safetensors"))
     assert any(not w1[k].equal(w2[k]) for k in w1)
+
+
+@pytest.mark.slow
+def test_video_teacher_word_vocabulary_trained_text_encoder_and_vae_from(tmp_path):
+    """``--text_vocabulary words --train_text_encoder --vae_from``: the saved tokenizer gives each prompt word one
+    piece (character pieces keep their ids), the T5 is trained with the denoiser (its weights leave their seeded
+    initialisation) and reloads with stock diffusers, and the VAE comes unchanged from the other folder."""
+    import subprocess
+
+    import train_digits_teacher
+    from diffusers import CogVideoXPipeline
+    from safetensors.torch import load_file
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               OMP_NUM_THREADS="1", HF_HOME=str(tmp_path / "hf"))
+    common = ["--architecture", "cogvideox", "--num_frames", "5", "--clips_per_digit", "1", "--max_train_steps", "3",
+              "--train_batch_size", "4", "--validation_steps", "2", "--num_validation_images", "1",
+              "--learning_rate", "1e-2", "--lr_warmup_steps", "0", "--no-use_ema"]
+    first, second = tmp_path / "first", tmp_path / "second"
+    for out, extra in ((first, ["--vae_train_steps", "2", "--vae_batch_size", "4"]),
+                       (second, ["--vae_from", str(first), "--vae_train_steps", "0", "--text_vocabulary", "words",
+                                 "--train_text_encoder"])):
+        proc = subprocess.run([sys.executable, os.path.join(DIGITS_DIR, "train_digits_teacher.py"), *common, *extra,
+                               "--output_dir", str(out)], env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((second / "vae" / "config.json").read_text())["scaling_factor"] == \
+        json.loads((first / "vae" / "config.json").read_text())["scaling_factor"] != 1.0
+    assert load_file(str(second / "vae" / "diffusion_pytorch_model.safetensors"))["encoder.conv_in.conv.weight"].equal(
+        load_file(str(first / "vae" / "diffusion_pytorch_model.safetensors"))["encoder.conv_in.conv.weight"])
+
+    pipe = CogVideoXPipeline.from_pretrained(second)
+    prompt = "a handwritten digit seven moving left"
+    assert pipe.tokenizer.convert_ids_to_tokens(pipe.tokenizer(prompt).input_ids) == \
+        ["\u2581a", "\u2581handwritten", "\u2581digit", "\u2581seven", "\u2581moving", "\u2581left", "</s>"]
+    chars = CogVideoXPipeline.from_pretrained(first).tokenizer
+    assert pipe.tokenizer.convert_ids_to_tokens(pipe.tokenizer("sevens").input_ids) == ["\u2581seven", "s", "</s>"]
+    assert pipe.tokenizer.convert_tokens_to_ids(["s", "\u2581s"]) == chars.convert_tokens_to_ids(["s", "\u2581s"])
+    assert pipe.text_encoder.config.vocab_size == len(pipe.tokenizer) > chars.vocab_size
+    args = train_digits_teacher.parse_args(common + ["--text_vocabulary", "words"])
+    fresh = train_digits_teacher.build_pipeline(args).text_encoder.state_dict()
+    trained = pipe.text_encoder.state_dict()
+    assert fresh.keys() == trained.keys() and any(not fresh[k].equal(trained[k]) for k in fresh)
+    with pytest.raises(ValueError, match="cogvideox"):
+        train_digits_teacher.parse_args(["--architecture", "sd3", "--train_text_encoder"])

@@ -65,6 +65,19 @@ def parse_args(argv=None):
     parser.add_argument("--init_from", default=None,
                         help="A teacher folder this script wrote: continue from its VAE and denoiser (the VAE is kept "
                              "as it is, with its latent normalisation, when --vae_train_steps is 0).")
+    parser.add_argument("--vae_from", default=None,
+                        help="A teacher folder this script wrote: start from its VAE only (kept as it is, with its "
+                             "latent normalisation, when --vae_train_steps is 0); the denoiser and text encoder are "
+                             "built fresh. Compares denoiser recipes on one VAE.")
+    # text path (CogVideoX)
+    parser.add_argument("--text_vocabulary", default="characters", choices=["characters", "words"],
+                        help="CogVideoX's T5 tokenizer: 'characters' (one piece per character, as "
+                             "tiny_components builds it) or 'words' (the same pieces plus one piece per word of the "
+                             "training prompts, as a real T5 vocabulary has for common words; the T5 is rebuilt, "
+                             "seeded, for the larger vocabulary). See README.md in this folder.")
+    parser.add_argument("--train_text_encoder", action=argparse.BooleanOptionalAction, default=False,
+                        help="CogVideoX: train the T5 with the denoiser (same optimiser, EMA and lr) instead of "
+                             "keeping it at its random initialisation; it is saved with the pipeline.")
     # data
     parser.add_argument("--class_free_fraction", type=float, default=0.2,
                         help="Share of images captioned with the class-free prompt 'a handwritten digit'.")
@@ -117,6 +130,10 @@ def parse_args(argv=None):
                          f"got {args.resolution}.")
     if not 0 <= args.caption_dropout < 1:
         raise ValueError("--caption_dropout must lie in [0, 1).")
+    if args.architecture != "cogvideox" and (args.text_vocabulary != "characters" or args.train_text_encoder):
+        raise ValueError("--text_vocabulary words and --train_text_encoder are for --architecture cogvideox.")
+    if args.vae_from is not None and args.init_from is not None:
+        raise ValueError("--vae_from and --init_from both give a VAE; pass one.")
     if args.architecture == "cogvideox" and (args.num_frames < 3 or args.num_frames % 2 == 0 or args.num_frames > 9):
         raise ValueError(f"--num_frames {args.num_frames}: the VAE halves time, so it must be odd, and a digit "
                          f"moving a pixel per frame crosses the 16px frame in at most 9 frames: 3, 5, 7 or 9.")
@@ -136,6 +153,8 @@ def build_pipeline(args):
                                      attention_head_dim=args.cogvideox_attention_head_dim,
                                      num_attention_heads=args.cogvideox_num_attention_heads, seed=args.seed)
         pipe = CogVideoXPipeline(**comps)
+        if args.text_vocabulary == "words":
+            word_level_text_path(pipe, [prompt for prompt, _, _ in video_prompts()], args.seed)
     elif args.architecture == "sdxl":
         comps = sdxl_components(sample_size=latent_size, block_out_channels=tuple(args.block_out_channels),
                                 vae_block_out_channels=(32, 64), seed=args.seed)
@@ -149,6 +168,33 @@ def build_pipeline(args):
     return frozen_text_encoders(pipe)
 
 
+def word_level_text_path(pipe, prompts, seed):
+    """Give the T5 tokenizer one piece per word of ``prompts`` (scored above any spelling of the word, so the
+    unigram tokenizer picks it), keeping every character piece and its id, and rebuild the T5 (seeded, random, its
+    config otherwise unchanged) for the larger vocabulary.
+
+    Why: CogVideoX's transformer gives text tokens no position (its rotary embeddings cover the video tokens only),
+    and the random 1-layer T5 adds little context, so with one piece per character the denoiser reads a prompt
+    nearly as a bag of characters, in which "seven" and "six" (or "one", whose letters all occur in "handwritten
+    ... moving") differ by one or two of ~32 tokens. A word piece makes the digit one token of its own, as a real
+    T5 vocabulary does for common words."""
+    import json as _json
+
+    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+
+    tok = pipe.tokenizer
+    pieces = [tuple(p) for p in _json.loads(tok.backend_tokenizer.to_str())["model"]["vocab"]]
+    known = {p for p, _ in pieces}
+    words = sorted({w for prompt in prompts for w in prompt.split()})
+    pieces += [("\u2581" + w, 0.0) for w in words if "\u2581" + w not in known]
+    word_tok = T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=tok.model_max_length,
+                               pad_token=tok.pad_token, eos_token=tok.eos_token, unk_token=tok.unk_token)
+    config = T5Config(**{**pipe.text_encoder.config.to_dict(), "vocab_size": len(pieces)})
+    torch.manual_seed(seed)
+    pipe.register_modules(tokenizer=word_tok, text_encoder=T5EncoderModel(config).eval())
+    return pipe
+
+
 def load_pipeline(path: str):
     """A teacher folder of this script's (``--init_from``), text encoders frozen as ``build_pipeline`` leaves them."""
     from diffusers import DiffusionPipeline
@@ -157,7 +203,8 @@ def load_pipeline(path: str):
 
 
 def frozen_text_encoders(pipe):
-    """The text encoders stay at their seeded random initialisation (the denoiser learns to read them)."""
+    """The text encoders stay at their seeded random initialisation (the denoiser learns to read them), unless
+    ``--train_text_encoder`` (``train_denoiser`` then unfreezes CogVideoX's T5)."""
     for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
         if getattr(pipe, name, None) is not None:
             getattr(pipe, name).requires_grad_(False).eval()
@@ -169,9 +216,10 @@ def denoiser_of(pipe):
 
 
 # ---- 2. the VAE -------------------------------------------------------------------------------------------------
-def train_vae(args, vae, images):
+def train_vae(args, vae, images, known_mse=None):
     """``images`` (N, 3, H, W), or video clips (N, F, 3, H, W) (the 3-D VAE takes (B, 3, F, H, W); its latents come
-    back as the pipeline keeps them, (N, F', C, h, w))."""
+    back as the pipeline keeps them, (N, F', C, h, w)). ``known_mse``: the reconstruction MSE a kept VAE (0 steps)
+    was measured at on these images, reused rather than decoding them all again."""
     from tqdm.auto import tqdm
 
     video = images.ndim == 5
@@ -199,8 +247,11 @@ def train_vae(args, vae, images):
     vae.eval().requires_grad_(False)
     with torch.no_grad():
         latents = torch.cat([vae.encode(images[i:i + 256]).latent_dist.mode() for i in range(0, len(images), 256)])
-        recon = torch.cat([vae.decode(latents[i:i + 256]).sample for i in range(0, len(latents), 256)])
-    rec_mse = F.mse_loss(recon, images).item()
+        if known_mse is not None and args.vae_train_steps == 0:  # an unchanged VAE: skip the decoding pass
+            rec_mse = known_mse
+        else:
+            recon = torch.cat([vae.decode(latents[i:i + 256]).sample for i in range(0, len(latents), 256)])
+            rec_mse = F.mse_loss(recon, images).item()
     return (latents.transpose(1, 2) if video else latents), rec_mse
 
 
@@ -271,7 +322,14 @@ def sample_timesteps(args, schedule, batch_size, gen):
     return sigma * schedule.T
 
 
-def train_denoiser(args, pipe, latents, cond_index, conds, num_prompts):
+def text_encoder_inputs(args, pipe, prompts):
+    """Token ids of ``prompts`` and "" exactly as CogVideoXPipeline tokenizes them (``max_length`` padding, no
+    attention mask), for training the T5 with the denoiser."""
+    return pipe.tokenizer(list(prompts) + [""], padding="max_length", truncation=True, add_special_tokens=True,
+                          max_length=pipe.transformer.config.max_text_seq_length, return_tensors="pt").input_ids
+
+
+def train_denoiser(args, pipe, latents, cond_index, conds, num_prompts, text_ids=None):
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm
@@ -285,9 +343,14 @@ def train_denoiser(args, pipe, latents, cond_index, conds, num_prompts):
         # exactly the embeddings CogVideoXPipeline builds for this size and latent frame count
         rotary = pipe._prepare_rotary_positional_embeddings(args.resolution, args.resolution, latents.shape[1], "cpu")
     model.train().requires_grad_(True)
-    ema = EMAModel(model.parameters(), decay=args.ema_decay, model_cls=type(model), model_config=model.config) \
+    params = list(model.parameters())
+    text_encoder = pipe.text_encoder if text_ids is not None else None
+    if text_encoder is not None:  # --train_text_encoder: one optimiser and one EMA over both
+        text_encoder.train().requires_grad_(True)
+        params += list(text_encoder.parameters())
+    ema = EMAModel(params, decay=args.ema_decay, model_cls=type(model), model_config=model.config) \
         if args.use_ema else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=1e-2)
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=1e-2)
     lr_sched = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
                              num_training_steps=args.max_train_steps)
     gen = torch.Generator().manual_seed(args.seed + 1)
@@ -305,23 +368,29 @@ def train_denoiser(args, pipe, latents, cond_index, conds, num_prompts):
         t = sample_timesteps(args, schedule, len(x0), gen)
         x_t = schedule.add_noise(x0, noise, t)
         target = schedule.model_target(x0, noise, t)
-        pred = denoiser_forward(args, model, x_t, t, conds["prompt_embeds"][c], conds["pooled"][c], rotary)
+        prompt_embeds = conds["prompt_embeds"]
+        if text_encoder is not None:  # encoded now; the last row repeats "" (as in encode_conditionings)
+            encoded = text_encoder(text_ids)[0]
+            prompt_embeds = torch.cat([encoded, encoded[-1:]])
+        pred = denoiser_forward(args, model, x_t, t, prompt_embeds[c], conds["pooled"][c], rotary)
         loss = per_sample_mean((pred - target) ** 2).mean()
         if not torch.isfinite(loss):
             raise FloatingPointError(f"Non-finite denoising loss at step {step}.")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         lr_sched.step()
         if ema is not None:
-            ema.step(model.parameters())
+            ema.step(params)
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         if step % 25 == 0 or step == args.max_train_steps - 1:
             bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr_sched.get_last_lr()[0]:.2e}")
     if ema is not None:
-        ema.copy_to(model.parameters())
+        ema.copy_to(params)
     model.eval().requires_grad_(False)
+    if text_encoder is not None:
+        text_encoder.eval().requires_grad_(False)
     return running
 
 
@@ -379,6 +448,11 @@ def main(argv=None):
 
     # 1. components and data
     pipe = build_pipeline(args) if args.init_from is None else load_pipeline(args.init_from)
+    if args.init_from is not None and args.text_vocabulary == "words" and \
+            "\u2581digit" not in pipe.tokenizer.get_vocab():  # a character-level teacher moved to word pieces
+        word_level_text_path(pipe, [prompt for prompt, _, _ in video_prompts()], args.seed)
+    if args.vae_from is not None:
+        pipe.register_modules(vae=type(pipe.vae).from_pretrained(args.vae_from, subfolder="vae"))
     if args.architecture == "cogvideox":  # clips of the train digits moving, captioned with their direction
         images, labels, _, captions = load_moving_digits("train", args.num_frames, args.clips_per_digit, args.seed)
         prompts = [prompt for prompt, _, _ in video_prompts()]
@@ -391,8 +465,13 @@ def main(argv=None):
                 sum(c == CLASS_FREE_PROMPT for c in captions), args.architecture)
 
     # 2. VAE, then latent normalisation
-    raw_latents, rec_mse = train_vae(args, pipe.vae, images)
-    if args.init_from is not None and args.vae_train_steps == 0:  # the VAE as it was trained: its normalisation too
+    source = args.init_from or args.vae_from
+    known_mse = None
+    if source is not None and os.path.exists(os.path.join(source, INFO_NAME)):
+        with open(os.path.join(source, INFO_NAME)) as f:
+            known_mse = json.load(f).get("vae_reconstruction_mse")
+    raw_latents, rec_mse = train_vae(args, pipe.vae, images, known_mse)
+    if (args.init_from or args.vae_from) is not None and args.vae_train_steps == 0:  # kept with its normalisation
         latents = (raw_latents - (pipe.vae.config.get("shift_factor") or 0.0)) * pipe.vae.config.scaling_factor
     else:
         latents = set_latent_normalisation(args, pipe.vae, raw_latents)
@@ -402,7 +481,8 @@ def main(argv=None):
 
     # 3. denoiser with the teacher's own objective
     conds = encode_conditionings(args, pipe, prompts)
-    final_loss = train_denoiser(args, pipe, latents, cond_index, conds, len(prompts))
+    text_ids = text_encoder_inputs(args, pipe, prompts) if args.train_text_encoder else None
+    final_loss = train_denoiser(args, pipe, latents, cond_index, conds, len(prompts), text_ids)
     train_seconds = time.time() - start
     logger.info("trained in %.1f s (VAE %.1f s); final denoising loss %.4f", train_seconds, vae_seconds, final_loss)
 
