@@ -194,7 +194,8 @@ def finish_common_args(parser: argparse.ArgumentParser, args, needs_prompts: boo
         try:
             import bitsandbytes  # noqa: F401
         except ImportError:
-            parser.error("--use_8bit_adam needs bitsandbytes: `pip install -e .[train]` (docs/gpus.md).")
+            parser.error("--use_8bit_adam needs bitsandbytes: `pip install bitsandbytes`, or all that the recipes use: "
+                         "`pip install -e .[train]` (docs/gpus.md).")
     check_report_to(parser, args.report_to)
     return args
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 
 import torch
 
@@ -45,6 +46,12 @@ def finish_and_export(adapter, args, accelerator, models, *, method: str, genera
                        generator_checksum_per_rank=checksums)
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if accelerator.num_processes > 1:
+        # gloo's worker thread frees a finished barrier's (and the collectives' before it) tensors after the barrier
+        # has returned, and needs the GIL for that; if this thread meanwhile frees the DDP reducer, whose process
+        # group joins that worker while holding the GIL, the process never exits (seen in tests/test_fsdp.py's DDP
+        # run). Sleeping releases the GIL so the worker finishes first.
+        time.sleep(0.5)
 
 
 @torch.no_grad()
