@@ -220,6 +220,11 @@ class PipelineSpec:
     def nfe(self) -> int:
         return self.num_inference_steps * (2 if self.guidance_scale > 1.0 else 1)
 
+    def error_row(self, message: str) -> dict:
+        """The report's entry of a pipeline that failed: the error and what identifies the pipeline."""
+        return {"error": message, "path": self.path, "num_inference_steps": self.num_inference_steps,
+                "guidance_scale": self.guidance_scale, "nfe": self.nfe}
+
 
 def spec_from_dict(d: dict, where: str) -> PipelineSpec:
     """A ``--spec`` entry; unknown keys or a bad dtype are named."""
@@ -630,6 +635,13 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
+def record_failure(errors: dict, name: str, err: Exception) -> None:
+    """One pipeline's failure: printed with its traceback and kept (``{name: message}``) for the report."""
+    traceback.print_exc()
+    errors[name] = f"{type(err).__name__}: {err}"
+    print(f"{name}: FAILED ({errors[name]}); continuing with the others.", file=sys.stderr, flush=True)
+
+
 def run_pipelines(specs: list[PipelineSpec], evaluate_one) -> tuple[dict, dict]:
     """``evaluate_one(spec)`` for every spec; a failure is recorded (``{name: message}``) and the rest still run,
     so hours of finished evaluation are never lost to the last pipeline."""
@@ -638,10 +650,7 @@ def run_pipelines(specs: list[PipelineSpec], evaluate_one) -> tuple[dict, dict]:
         try:
             results[spec.name] = evaluate_one(spec)
         except Exception as err:  # any failure of one pipeline must not cost the others
-            traceback.print_exc()
-            errors[spec.name] = f"{type(err).__name__}: {err}"
-            print(f"{spec.name}: FAILED ({errors[spec.name]}); continuing with the others.", file=sys.stderr,
-                  flush=True)
+            record_failure(errors, spec.name, err)
     return results, errors
 
 
@@ -659,9 +668,7 @@ def build_report(specs: list[PipelineSpec], results: dict, errors: dict, referen
     report = {}
     for spec in specs:
         if spec.name in errors:
-            report[spec.name] = {"error": errors[spec.name], "path": spec.path,
-                                 "num_inference_steps": spec.num_inference_steps,
-                                 "guidance_scale": spec.guidance_scale, "nfe": spec.nfe}
+            report[spec.name] = spec.error_row(errors[spec.name])
             continue
         r = results[spec.name]
         m = dict(r["metrics"], reference_pipeline=reference,
@@ -1368,9 +1375,7 @@ def general_report(specs: list[PipelineSpec], results: dict, errors: dict, refer
     report = {}
     for spec in specs:
         if spec.name in errors:
-            report[spec.name] = {"error": errors[spec.name], "path": spec.path,
-                                 "num_inference_steps": spec.num_inference_steps,
-                                 "guidance_scale": spec.guidance_scale, "nfe": spec.nfe}
+            report[spec.name] = spec.error_row(errors[spec.name])
             continue
         r = results[spec.name]
         m = dict(r["metrics"], reference_pipeline=reference, prompt_set=prompt_set, dinov2_model=args.dinov2_model,
@@ -1498,10 +1503,7 @@ def main_general(args) -> dict | None:
         try:
             generate_samples(spec, prompts, args, state, video)
         except Exception as err:  # one pipeline's failure must not cost the others
-            traceback.print_exc()
-            errors[spec.name] = f"{type(err).__name__}: {err}"
-            print(f"{spec.name}: FAILED ({errors[spec.name]}); continuing with the others.", file=sys.stderr,
-                  flush=True)
+            record_failure(errors, spec.name, err)
     state.wait_for_everyone()
     if not state.is_main_process:
         return None
