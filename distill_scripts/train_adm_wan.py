@@ -14,7 +14,7 @@ Recipes: distill_scripts/recipes/wan_1_3b and wan_14b; docs/wan.md.
 """
 
 from dmdx.pipelines.teachers import WanTeacher
-from dmdx.training.cli import distillation_parser, finish_distillation_args
+from dmdx.training.cli import check_video_size_args, distillation_parser, finish_distillation_args
 from dmdx.training.loop import distill
 from dmdx.training.plumbing import exit_on_usage_error
 
@@ -36,11 +36,7 @@ def parse_args(input_args=None):
     parser.set_defaults(output_dir="wan-adm", resolution=None, num_student_steps=4, guidance_scale=5.0,
                         lora_rank=0, generator_lr=1e-6, discriminator_lr=1e-5, max_train_steps=8000)
     args = finish_distillation_args(parser, parser.parse_args(input_args))
-    if args.resolution is not None and (args.height or args.width):
-        parser.error("give --resolution (a square) or --height/--width, not both.")
-    for name in ("num_frames", "height", "width", "max_sequence_length", "resolution"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}.")
+    check_video_size_args(parser, args)
     return args
 
 

@@ -221,6 +221,16 @@ def check_report_to(parser: argparse.ArgumentParser, report_to: str) -> None:
                      "`pip install -e .[train]` brings tensorboard (docs/gpus.md).")
 
 
+def check_video_size_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The video scripts' size flags: ``--resolution`` (a square) or ``--height``/``--width``, every given size >= 1
+    (what the architecture can take is the adapter's check)."""
+    if args.resolution is not None and (args.height or args.width):
+        parser.error("give --resolution (a square) or --height/--width, not both.")
+    for name in ("num_frames", "height", "width", "max_sequence_length", "resolution"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}.")
+
+
 def finish_distillation_args(parser: argparse.ArgumentParser, args):
     """Defaults that depend on other flags, then every check of the ADM / DMD2 flags."""
     if args.fake_score_update_ratio is None:
