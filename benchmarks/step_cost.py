@@ -213,7 +213,7 @@ class Run:
                            variant=args.variant, cache_dir=args.cache_dir, **own)
         cache = None
         if args.text_embeddings_cache:  # read only: built by the driver, so no encoder load counts in the peak
-            cache, _ = open_text_cache(self.adapter, args, PROMPTS)
+            cache = open_text_cache(self.adapter, args, PROMPTS)
             if not cache.covers(PROMPTS):
                 raise RuntimeError(f"{args.text_embeddings_cache} does not hold the benchmark's prompts")
         m = self.models = build_models(self.adapter, args, accelerator, None)
@@ -555,7 +555,7 @@ def build_text_cache(spec: dict, tmp: str) -> None:
     own = {k: getattr(args, k) for k in inspect.signature(cls.__init__).parameters if k in RECIPES[spec["script"]]}
     adapter = cls(args.pretrained_model_name_or_path, resolution=args.resolution, **own)
     accelerator = Accelerator(mixed_precision=spec["mixed_precision"], cpu=not spec["device"].startswith("cuda"))
-    cache, _ = open_text_cache(adapter, args, PROMPTS)
+    cache = open_text_cache(adapter, args, PROMPTS)
     fill_text_cache(adapter, cache, PROMPTS, accelerator.device, weight_dtype_of(accelerator), rank=0, world=1,
                     barrier=lambda: None)
     from accelerate.state import AcceleratorState

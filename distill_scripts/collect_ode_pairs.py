@@ -226,7 +226,7 @@ def main(args=None):
                          "video students are distilled from the teacher directly (train_adm_cogvideox.py).")
     latent_shape = teacher.latent_shape(args.resolution)
     prompts = load_prompts(args)
-    cache, _ = open_text_cache(teacher, args, prompts)  # None without --text_embeddings_cache
+    cache = open_text_cache(teacher, args, prompts)  # None without --text_embeddings_cache
     timeout = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=args.process_group_timeout)).to_kwargs()
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"), **timeout)  # as AcceleratorState reads it
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)

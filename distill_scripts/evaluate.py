@@ -188,8 +188,9 @@ def pipeline_class_name(path: str) -> str:
     try:
         return DiffusionPipeline.load_config(path).get("_class_name", "")
     except Exception as err:  # noqa: BLE001 (offline, gated, missing: all mean the id cannot be loaded here)
-        offline = " HF_HUB_OFFLINE is set and it is not in the local Hub cache;" if os.environ.get(
-            "HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"} else ""
+        from dmdx.pipelines.model_card import hub_offline
+
+        offline = " HF_HUB_OFFLINE is set and it is not in the local Hub cache;" if hub_offline() else ""
         raise UsageError(f"Hub id {path!r}: its model_index.json could not be read ({offline} {type(err).__name__}: "
                          f"{err}). Download it first (`hf download {path}`) or log in for a gated model.") from err
 
@@ -1059,7 +1060,7 @@ def load_prompt_set(args) -> tuple[list[str], str]:
         except Exception as err:  # noqa: BLE001 (missing, offline, bad split: named with its flag)
             raise UsageError(f"--dataset_name {name!r} (split {args.split!r}) could not be streamed: "
                              f"{type(err).__name__}: {err}") from err
-        columns = list(dataset.features or {}) if dataset.features is not None else None
+        columns = dataset.column_names
         if columns is not None and args.caption_column not in columns:
             raise UsageError(f"--caption_column {args.caption_column!r} is not a column of {name} ({columns}).")
         rows = dataset.select_columns([args.caption_column])  # the other columns are never decoded
@@ -1174,7 +1175,7 @@ def generate_samples(spec: PipelineSpec, prompts: list[str], args, state, video:
         return 0
     settings = spec_settings(spec, args)
     device = torch.device(args.device) if args.device else state.device
-    kwargs = {k: v for k, v in spec.from_pretrained_kwargs.items()}
+    kwargs = dict(spec.from_pretrained_kwargs)
     if settings["variant"]:
         kwargs["variant"] = settings["variant"]
     pipe = DiffusionPipeline.from_pretrained(spec.path, torch_dtype=DTYPES[settings["torch_dtype"]], **kwargs)
@@ -1227,8 +1228,9 @@ def prepare_output(args, prompts: list[str], source: str, state) -> None:
         if os.path.isfile(settings_path):
             with open(settings_path, encoding="utf-8") as f:
                 old = json.load(f)
-            if old != spec_settings(spec, args):
-                diff = {k: (old.get(k), v) for k, v in spec_settings(spec, args).items() if old.get(k) != v}
+            new = spec_settings(spec, args)
+            if old != new:
+                diff = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
                 raise UsageError(f"--output_dir {args.output_dir!r} holds samples of {spec.name!r} made with other "
                                  f"settings {diff} (was, now); give another --output_dir or another name.")
     state.wait_for_everyone()
@@ -1528,8 +1530,7 @@ def main_general(args) -> dict | None:
             results[spec.name] = {"feats": feats,
                                   "metrics": general_metrics(spec, feats, records[spec.name], args, real, video)}
         except Exception as err:  # noqa: BLE001 (as above)
-            traceback.print_exc()
-            errors[spec.name] = f"{type(err).__name__}: {err}"
+            record_failure(errors, spec.name, err)
     report = general_report(args.specs, results, errors, args.reference, args, source, video)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     table = general_markdown(report, args.reference, device_name)

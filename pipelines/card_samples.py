@@ -114,7 +114,7 @@ def write_samples(output_dir: str, samples: Sequence, video: bool, fps: float) -
                 rel = f"{SAMPLES_DIR}/{i}{os.path.splitext(src)[1].lower() or '.' + ext}"
                 shutil.copyfile(src, os.path.join(output_dir, rel))
             files.append(rel)
-            loaded.append(_frames(src, output_dir) if video else _to_pil(_open_rgb(src)))
+            loaded.append(_frames(src, output_dir) if video else _open_rgb(src))
             continue
         rel = f"{SAMPLES_DIR}/{i}.{ext}"
         if video:

@@ -58,7 +58,7 @@ def card_references(readme_path: str) -> list[str]:
 def check_upload_folder(output_dir: str, ignore_patterns=DEFAULT_IGNORE_PATTERNS, allow_patterns=None) -> list[str]:
     """Raise ``FileNotFoundError`` unless ``output_dir`` is ready to publish; return the files to upload."""
     files = upload_file_list(output_dir, ignore_patterns, allow_patterns)
-    if "model_index.json" not in files and "pytorch_lora_weights.safetensors" not in files:
+    if "model_index.json" not in files and LORA_WEIGHT_NAME not in files:
         raise FileNotFoundError(f"{output_dir} holds no exported pipeline or LoRA weights to upload.")
     if "README.md" not in files:
         raise FileNotFoundError(f"{output_dir} holds no README.md model card (write_model_card writes it).")

@@ -114,7 +114,7 @@ def test_fp32_discriminator_sees_the_gap_bf16_rounds_away(tiny_sdxl, tmp_path):
     import dataclasses
 
     from dmdx.training import BackboneFeatures
-    from dmdx.training.loop import discriminator_features, discriminator_logits
+    from dmdx.training.steps import discriminator_features, discriminator_logits
 
     seen = {}
 

@@ -66,7 +66,6 @@ def test_captions_streamed_without_touching_images(tmp_path, monkeypatch):
             (folder / f"{i}.png").write_bytes(b"not a png")  # decoding any of these would raise
             f.write(json.dumps({"file_name": f"{i}.png", "caption": [caption, "another"]}) + "\n")
     args = _prompt_args(dataset_name="imagefolder", caption_column="caption", max_prompts=2)
-    monkeypatch.setattr(args, "dataset_name", "imagefolder")
     from datasets import load_dataset
 
     real = load_dataset

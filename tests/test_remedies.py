@@ -5,11 +5,10 @@ import pytest
 import torch
 
 from dmdx.training import NoiseSchedule, schedule_from_scheduler_config
+from dmdx.training.losses import ODE_STEP_MODES, ode_step_target
 from dmdx.training.remedies import (
     GENERATOR_GRADIENT_MODES,
-    ODE_STEP_MODES,
     approximate_r1_penalty,
-    ode_step_target,
     r1_penalty,
     sample_renoise_level,
     shape_generator_gradient,

@@ -318,7 +318,7 @@ def adp_prompt_source(adapter, args, accelerator, prompts: list[str]):
 
     device, dtype = accelerator.device, weight_dtype_of(accelerator)
     wanted = prompts + list(args.validation_prompts or [])
-    cache, _ = open_text_cache(adapter, args, wanted)
+    cache = open_text_cache(adapter, args, wanted)
     if cache is None:
         adapter.load_text_encoders(device, dtype)
     else:

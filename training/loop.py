@@ -54,12 +54,12 @@ from .plumbing import (
 from .steps import (
     Iteration,
     discriminator_features,
-    discriminator_logits,  # noqa: F401  (part of this module's interface: the ADM probe, the tests)
     discriminator_step,
     distribution_loss,
     fake_score_step,
     generator_step,
 )
+from .text_cache import DEFAULT_SHARD_SIZE
 
 if TYPE_CHECKING:
     from diffusers import SchedulerMixin
@@ -122,8 +122,8 @@ def text_cache_folder(args) -> str | None:
 
 
 def open_text_cache(adapter, args, prompts: list[str]):
-    """Before anything loads: the run's text-embedding cache (None without one; a fingerprint mismatch raises) and
-    the prompts it lacks. Where the text encoders will be needed (no cache, or one that lacks prompts) their
+    """Before anything loads: the run's text-embedding cache (None without one; a fingerprint mismatch raises).
+    Where the text encoders will be needed (no cache, or one that lacks prompts) their
     tokenizers are loaded now, so a missing package stops the run before any weights load."""
     from .text_cache import TextEmbeddingCache
 
@@ -138,11 +138,11 @@ def open_text_cache(adapter, args, prompts: list[str]):
     if absent:
         logger.warning("%s holds no %s: the student is exported with them as null components (load them from the "
                        "teacher, docs/gpus.md)", adapter.path, ", ".join(absent))
-    return cache, todo
+    return cache
 
 
 def fill_text_cache(adapter, cache, prompts: list[str], device, dtype, *, rank: int, world: int, barrier,
-                    shard_size: int = 256) -> None:
+                    shard_size: int = DEFAULT_SHARD_SIZE) -> None:
     """Encode what ``cache`` lacks of ``prompts`` (and the empty prompt) with the adapter's text encoders, each rank
     its own shards, then free the encoders; every rank calls it. No denoiser is loaded yet: the encoders have the
     device to themselves."""
@@ -380,7 +380,7 @@ def distill(adapter, args, tracker_project: str) -> None:
                          f"{adapter.pipeline_class}'s schedule is {adapter.teacher_schedule().kind}.")
     prompts = load_prompts(args)
     cache_prompts = prompts + list(args.validation_prompts or [])
-    cache, _ = open_text_cache(adapter, args, cache_prompts)
+    cache = open_text_cache(adapter, args, cache_prompts)
     if cache is None:
         adapter.check_prompts(prompts, "training prompts")
         if args.validation_prompts:

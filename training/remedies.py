@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import torch
 
-from .losses import ODE_STEP_MODES, ode_step_target  # noqa: F401  (ADM's s = t - dt lives with ADM's algebra)
 from .parametrization import NoiseSchedule
 
 GENERATOR_GRADIENT_MODES = ("none", "normalize", "remove_batch_mean")

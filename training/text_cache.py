@@ -34,6 +34,7 @@ from collections.abc import Callable
 import torch
 
 from .errors import UsageError
+from .plumbing import weights_fingerprint, write_atomic
 
 logger = logging.getLogger("dmdx")
 
@@ -48,8 +49,6 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", "
 def folder_fingerprint(path: str, subfolder: str, weights: bool) -> str:
     """A component folder's fingerprint: ``weights`` False hashes its small files (configs, tokenizer files) whole;
     True its weight files as the checkpoints' provenance does (names, sizes, first and last bytes)."""
-    from .plumbing import weights_fingerprint
-
     if weights:
         return weights_fingerprint(path, subfolder)
     folder = os.path.join(path, subfolder)
@@ -86,13 +85,6 @@ def _atomic_save(tensors: dict, path: str, metadata: dict) -> None:
 
     tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata)
-    os.replace(tmp, path)
-
-
-def _atomic_write_json(path: str, data: dict) -> None:
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
     os.replace(tmp, path)
 
 
@@ -216,7 +208,7 @@ class TextEmbeddingCache:
                      "dtype": str(STORE_DTYPE).removeprefix("torch."),
                      "keys": self.index["keys"] if self.index else keys, "negative": NEGATIVE_NAME,
                      "shards": shards, "info": {**(self.index or {}).get("info", {}), **(info or {})}}
-            _atomic_write_json(os.path.join(self.folder, INDEX_NAME), index)
+            write_atomic(os.path.join(self.folder, INDEX_NAME), json.dumps(index, indent=1))  # the main process only
             logger.info("text-embedding cache %s: %d prompts encoded (%d shards added), %d in all", self.folder,
                         len(todo), len(chunks), sum(s["num_prompts"] for s in shards))
         barrier()

@@ -105,7 +105,7 @@ class SD3Teacher(TeacherAdapter):
 
     def predict(self, model, x, t, cond):
         """The flow velocity at (x, t). The timestep stays fp32, as StableDiffusion3Pipeline passes its scheduler's
-        timesteps: in bf16 t = 700 would become 698.92 (bf16's grid spacing is 2-4 above t = 256)."""
+        timesteps: in bf16 the scheduler's t = 698.92 would arrive as 700 (bf16's grid spacing is 2-4 above t = 256)."""
         dtype = model_dtype(model)
         return model(hidden_states=x.to(dtype), timestep=t.float(),
                      encoder_hidden_states=cond["prompt_embeds"].to(dtype),
