@@ -3,11 +3,13 @@ seeds, judged against the teacher's own samples, with quality-against-compute cu
 
     python benchmarks/digits_fair.py --teacher sd3 --output_dir fair_sd3
     python benchmarks/digits_fair.py --teacher sdxl --generator demo_output/adp --output_dir fair_sdxl
+    python benchmarks/digits_fair.py --teacher cogvideox --guidance_scales 2 5 --output_dir fair_cogvideox
 
 1. Tuning: every cell of the grid (``--generator_lrs`` x ``--fake_score_ratios``, fake-score updates per generator
-   update) for both methods at the first of ``--seeds``. Each run is the real entry script (``train_adm_sd3.py`` /
-   ``train_adm_sdxl.py``), started from the same generator, and stopped by SIGTERM once its ``train_log.jsonl`` shows
-   ``--budget_s`` CPU seconds of training (one thread; CPU seconds, not wall time, so that other jobs on a shared
+   update, x ``--guidance_scales`` when given, the real score's guidance in training) for both methods at the first
+   of ``--seeds``. Each run is the real entry script (``train_adm_sd3.py`` / ``train_adm_sdxl.py`` /
+   ``train_adm_cogvideox.py``), started from the same generator, and stopped by SIGTERM once its ``train_log.jsonl``
+   shows ``--budget_s`` CPU seconds of training (one thread; CPU seconds, not wall time, so that other jobs on a shared
    machine do not tilt the budget). The loop checkpoints the step it is on and exits, as on a preemption; a
    checkpoint every ``--checkpointing_steps`` gives the curve.
 2. Seeds: the best cell of each method (lowest FID to the teacher at the end of its budget, seed 1 of stage 1) again
@@ -22,9 +24,10 @@ shared machine CPU seconds are not comparable with a grid measured on an idle on
 Writes ``<output_dir>/fair.json`` and ``fair.md`` (grid table, mean ± sd over seeds at the end of the budget, curve
 points), ``fair.png`` (FID to teacher against CPU seconds and against generator updates). Finished runs are reused.
 
-Fixed for ADM in every cell (the paper's method, not tuned here): ``--ode_step_dt`` 1/64, discriminator lr 1e-4,
-``--discriminator_warmup_steps`` 20 (counted in its budget), 64-channel heads. No EMA (the curve is the weights being
-trained). Diagnostics off (``--diagnostics_steps 0``: they would cost ADM budget).
+Fixed for ADM in every cell (not tuned here): for the image teachers the paper's method, ``--ode_step_dt`` 1/64,
+discriminator lr 1e-4, ``--discriminator_warmup_steps`` 20 (counted in its budget), 64-channel heads; for the video
+teacher the video demo's ADM settings (dt = T/8 from t >= T/8, D warm-up 50 steps, 16-channel heads). No EMA (the
+curve is the weights being trained). Diagnostics off (``--diagnostics_steps 0``: they would cost ADM budget).
 
 CPU seconds still grow with contention (shared caches and memory bandwidth; on this 2-core VM an ADM update of the
 SD3 demo recipe took 2.5-4.8 CPU s at load 5 against 0.9 s of wall time when idle), so ``budget.json`` keeps the
@@ -47,14 +50,22 @@ SCRIPTS = os.path.join(ROOT, "distill_scripts")
 DIGITS = os.path.join(SCRIPTS, "digits")
 sys.path.insert(0, DIGITS)
 from digits_data import CLASS_FREE_PROMPT, class_prompts  # noqa: E402
+from moving_digits import video_prompts  # noqa: E402
 
-TEACHERS = {
-    "sd3": {"script": "train_adm_sd3.py", "steps": 4, "guidance_scale": 5.0,
-            "flags": ["--lora_rank", "0", "--min_timestep_percent", "0.02"]},
-    "sdxl": {"script": "train_adm_sdxl.py", "steps": 1, "guidance_scale": 3.0, "flags": []},
-}
 ADM_FIXED = ["--ode_step_dt", str(1 / 64), "--discriminator_lr", "1e-4", "--discriminator_warmup_steps", "20",
              "--discriminator_head_channels", "64"]
+# Per teacher: the entry script, the student's steps, the teacher's sampling CFG (also the real score's guidance in
+# training unless --guidance_scales is given), extra flags, ADM's fixed flags, and the video judge's extra columns.
+TEACHERS = {
+    "sd3": {"script": "train_adm_sd3.py", "steps": 4, "guidance_scale": 5.0,
+            "flags": ["--lora_rank", "0", "--min_timestep_percent", "0.02"], "adm_fixed": ADM_FIXED, "video": False},
+    "sdxl": {"script": "train_adm_sdxl.py", "steps": 1, "guidance_scale": 3.0, "flags": [], "adm_fixed": ADM_FIXED,
+             "video": False},
+    "cogvideox": {"script": "train_adm_cogvideox.py", "steps": 8, "guidance_scale": 5.0, "flags": ["--lora_rank", "0"],
+                  "adm_fixed": ["--ode_step_dt", str(1 / 8), "--min_timestep_percent", str(1 / 8),
+                                "--discriminator_lr", "1e-4", "--discriminator_warmup_steps", "50",
+                                "--discriminator_head_channels", "16"], "video": True},
+}
 
 
 def parse_args(argv=None):
@@ -68,6 +79,9 @@ def parse_args(argv=None):
     p.add_argument("--output_dir", required=True)
     p.add_argument("--generator_lrs", type=float, nargs="+", default=[2e-6, 1e-5])
     p.add_argument("--fake_score_ratios", type=int, nargs="+", default=[1, 5])
+    p.add_argument("--guidance_scales", type=float, nargs="+", default=None,
+                   help="The real score's guidance scale in training as a grid axis (run names gain _g<scale>); "
+                        "default: the teacher's sampling CFG, not a grid axis.")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--budget_s", type=float, default=120.0, help="CPU seconds of training per run.")
     p.add_argument("--checkpointing_steps", type=int, default=25)
@@ -112,8 +126,13 @@ def update_limit(args, seed: int) -> int | None:
     return args.max_updates[0] if len(args.max_updates) == 1 else args.max_updates[args.seeds.index(seed)]
 
 
-def run_name(method: str, lr: float, ratio: int, seed: int) -> str:
-    return f"{method}_lr{lr:g}_r{ratio}_s{seed}"
+def cell_name(method: str, lr: float, ratio: int, guidance: float | None = None) -> str:
+    """A grid cell's name; the guidance scale only where it is a grid axis (older results keep their names)."""
+    return f"{method}_lr{lr:g}_r{ratio}" + ("" if guidance is None else f"_g{guidance:g}")
+
+
+def run_name(method: str, lr: float, ratio: int, seed: int, guidance: float | None = None) -> str:
+    return f"{cell_name(method, lr, ratio, guidance)}_s{seed}"
 
 
 def read_log(folder: str) -> list[dict]:
@@ -124,24 +143,32 @@ def read_log(folder: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def train(args, prompts_file: str, method: str, lr: float, ratio: int, seed: int) -> str:
-    """One budgeted run of the real script; returns its folder (reused when it already finished)."""
-    out = os.path.join(args.output_dir, "runs", run_name(method, lr, ratio, seed))
-    done = os.path.join(out, "budget.json")
-    if os.path.isfile(done):
-        return out
+def train_command(args, prompts_file: str, method: str, lr: float, ratio: int, guidance: float | None, seed: int,
+                  out: str) -> list[str]:
+    """The entry script's command line for one run of the grid."""
     teacher = TEACHERS[args.teacher]
     cmd = [sys.executable, os.path.join(SCRIPTS, teacher["script"]), "--pretrained_model_name_or_path",
            args.teacher_dir, "--prompts_file", prompts_file, "--output_dir", out, "--overwrite_output_dir",
            "--resolution", "16", "--seed", str(seed), "--num_student_steps", str(teacher["steps"]),
-           "--guidance_scale", str(teacher["guidance_scale"]), "--mixed_precision", "no", "--lr_scheduler",
-           "constant", "--train_batch_size", str(args.train_batch_size), "--generator_lr", str(lr),
-           "--fake_score_lr", str(args.fake_score_lr), "--fake_score_update_ratio", str(ratio),
-           "--distribution_loss", method, "--max_train_steps", str(update_limit(args, seed) or 100000),
+           "--guidance_scale", str(teacher["guidance_scale"] if guidance is None else guidance),
+           "--mixed_precision", "no", "--lr_scheduler", "constant", "--train_batch_size", str(args.train_batch_size),
+           "--generator_lr", str(lr), "--fake_score_lr", str(args.fake_score_lr), "--fake_score_update_ratio",
+           str(ratio), "--distribution_loss", method, "--max_train_steps", str(update_limit(args, seed) or 100000),
            "--checkpointing_steps", str(args.checkpointing_steps), "--diagnostics_steps", "0", *teacher["flags"],
-           *(ADM_FIXED + args.adm_flags if method == "adm" else [])]
+           *(teacher["adm_fixed"] + args.adm_flags if method == "adm" else [])]
     if os.path.abspath(args.generator) != os.path.abspath(args.teacher_dir):
         cmd += ["--pretrained_generator_name_or_path", args.generator]
+    return cmd
+
+
+def train(args, prompts_file: str, method: str, lr: float, ratio: int, guidance: float | None, seed: int) -> str:
+    """One budgeted run of the real script; returns its folder (reused when it already finished)."""
+    name = run_name(method, lr, ratio, seed, guidance)
+    out = os.path.join(args.output_dir, "runs", name)
+    done = os.path.join(out, "budget.json")
+    if os.path.isfile(done):
+        return out
+    cmd = train_command(args, prompts_file, method, lr, ratio, guidance, seed, out)
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                PYTHONWARNINGS="ignore")
     if os.path.isdir(out):
@@ -150,7 +177,7 @@ def train(args, prompts_file: str, method: str, lr: float, ratio: int, seed: int
         shutil.rmtree(out)
     os.makedirs(out)
     limit = update_limit(args, seed)
-    print(f"[fair] {run_name(method, lr, ratio, seed)}: "
+    print(f"[fair] {name}: "
           + (f"{limit} updates" if limit else f"{args.budget_s:.0f} CPU s"), flush=True)
     start = time.time()
     with open(os.path.join(out, "stderr.txt"), "w") as err:
@@ -221,7 +248,7 @@ def score(args, runs: list[str], stage: str) -> dict:
         return json.load(f)
 
 
-KEYS = ("fid_to_teacher", "class_hist_tv_to_teacher", "digit_fid", "prompt_accuracy")
+KEYS = ("fid_to_teacher", "class_hist_tv_to_teacher", "digit_fid", "prompt_accuracy", "direction_accuracy")
 
 
 def curve(report: dict, out: str) -> list[dict]:
@@ -236,7 +263,9 @@ def curve(report: dict, out: str) -> list[dict]:
     return rows
 
 
-def mean_sd(values: list[float]) -> tuple[float, float]:
+def mean_sd(values: list[float | None]) -> tuple[float | None, float | None]:
+    if None in values:  # a metric this teacher's judge does not have (direction for images)
+        return None, None
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
@@ -257,7 +286,9 @@ def summarise(args, report: dict, grid_runs: dict, seed_runs: dict) -> dict:
     ref = {name: {k: report.get(name, {}).get(k) for k in KEYS} for name in ("teacher", "start")}
     return {"teacher": args.teacher, "budget_cpu_s": None if args.max_updates else args.budget_s,
             "max_updates": args.max_updates, "adm_flags": args.adm_flags, "grid_lrs": args.generator_lrs,
-            "grid_ratios": args.fake_score_ratios, "seeds": args.seeds, "adm_fixed": ADM_FIXED,
+            "grid_ratios": args.fake_score_ratios, "grid_guidance_scales": args.guidance_scales,
+            "teacher_guidance_scale": TEACHERS[args.teacher]["guidance_scale"], "seeds": args.seeds,
+            "adm_fixed": TEACHERS[args.teacher]["adm_fixed"],
             "reference": ref, "grid": grid, "best": finals, "curves": curves}
 
 
@@ -284,24 +315,25 @@ def markdown(result: dict) -> str:
                   if result.get("budget_cpu_s") else f"Budget: {result['max_updates']} generator updates per run "
                   f"(per seed {result['seeds']}).") + " Grid: generator "
              f"lr {result['grid_lrs']} x fake-score updates per generator update {result['grid_ratios']}, "
+             + (f" x real-score guidance {result['grid_guidance_scales']}" if result.get("grid_guidance_scales")
+                else f" (real-score guidance {result.get('teacher_guidance_scale', 'the teacher CFG')})") + ", "
              f"{' and '.join(result['best'])}, seed {result['seeds'][0]}; then the best cell of each method at seeds "
              f"{result['seeds']}. "
              f"ADM fixed: `{' '.join(result['adm_fixed'] + result.get('adm_flags', []))}`.", "",
              "## Best cell per method, end of budget (mean ± sd over seeds)", "",
              "| method | cell | seeds | FID to teacher | class-hist TV to teacher | digit-FID (real) | prompt acc. | "
-             "generator updates |", "|---|---|---|---|---|---|---|---|"]
+             "direction acc. | generator updates |", "|---|---|---|---|---|---|---|---|---|"]
     for method, row in result["best"].items():
         lines.append(f"| {'DMDX (ADM)' if method == 'adm' else 'DMD2'} | `{row['cell']}` | {row['seeds']} | "
-                     + " | ".join(f"{f(row[k][0])} ± {f(row[k][1])}" for k in KEYS)
+                     + " | ".join(f"{f(row.get(k, (None,))[0])} ± {f(row.get(k, (None, None))[1])}" for k in KEYS)
                      + f" | {row['updates'][0]:.0f} |")
     for name, row in result["reference"].items():
-        lines.append(f"| {name} | | | {f(row['fid_to_teacher'])} | {f(row['class_hist_tv_to_teacher'])} | "
-                     f"{f(row['digit_fid'])} | {f(row['prompt_accuracy'])} | |")
+        lines.append(f"| {name} | | | " + " | ".join(f(row.get(k)) for k in KEYS) + " | |")
     if result.get("published"):
         lines += ["", f"## Against the published cells (`{result['published']['source']}`)", "",
                   "| method | cell | seeds | FID to teacher | class-hist TV to teacher | digit-FID (real) | "
-                  "prompt acc. | generator updates | FID to teacher per seed |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "prompt acc. | direction acc. | generator updates | FID to teacher per seed |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         rows = [(f"this run: {'DMDX (ADM)' if m == 'adm' else 'DMD2'}", r, {
             n: {"step": c[-1]["step"], "fid_to_teacher": c[-1]["fid_to_teacher"]}
             for n, c in sorted(result["curves"].items()) if n.rsplit("_s", 1)[0] == r["cell"]})
@@ -310,15 +342,17 @@ def markdown(result: dict) -> str:
                  for m, r in result["published"]["cells"].items()]
         for label, row, seeds in rows:
             lines.append(f"| {label} | `{row['cell']}` | {row['seeds']} | "
-                         + " | ".join(f"{f(row[k][0])} ± {f(row[k][1])}" for k in KEYS)
+                         + " | ".join(f"{f(row.get(k, (None,))[0])} ± {f(row.get(k, (None, None))[1])}"
+                                      for k in KEYS)
                          + f" | {row['updates'][0]:.0f} | "
                          + ", ".join(f"{f(v['fid_to_teacher'])} @{v['step']}" for v in seeds.values()) + " |")
     lines += ["", "## Tuning grid (first seed, end of budget)", "",
-              "| run | updates | CPU s | FID to teacher | class-hist TV | digit-FID | prompt acc. |",
-              "|---|---|---|---|---|---|---|"]
+              "| run | updates | CPU s | FID to teacher | class-hist TV | digit-FID | prompt acc. | direction acc. |",
+              "|---|---|---|---|---|---|---|---|"]
     for row in result["grid"]:
         lines.append(f"| `{row['run']}` | {row['step']} | {row['cpu_s']} | {f(row['fid_to_teacher'])} | "
-                     f"{f(row['class_hist_tv_to_teacher'])} | {f(row['digit_fid'])} | {f(row['prompt_accuracy'])} |")
+                     f"{f(row['class_hist_tv_to_teacher'])} | {f(row['digit_fid'])} | {f(row['prompt_accuracy'])} | "
+                     f"{f(row.get('direction_accuracy'))} |")
     return "\n".join(lines) + "\n"
 
 
@@ -355,27 +389,33 @@ def main(argv=None):
     args = parse_args(argv)
     os.makedirs(args.output_dir, exist_ok=True)
     prompts_file = os.path.join(args.output_dir, "prompts.txt")
-    with open(prompts_file, "w") as f:  # as the demo: the class-free prompt twice
-        f.write("\n".join(class_prompts() + [CLASS_FREE_PROMPT] * 2) + "\n")
+    with open(prompts_file, "w") as f:  # as the demo: every digit moving every way / the class-free prompt twice
+        prompts = ([prompt for prompt, _, _ in video_prompts()] if TEACHERS[args.teacher]["video"]
+                   else class_prompts() + [CLASS_FREE_PROMPT] * 2)
+        f.write("\n".join(prompts) + "\n")
     first, others = args.seeds[0], args.seeds[1:]
-    cells = [(m, lr, r) for m in args.methods for lr in args.generator_lrs for r in args.fake_score_ratios]
-    grid_runs = {run_name(*c, first): os.path.join(args.output_dir, "runs", run_name(*c, first)) for c in cells}
-    one_cell = len(args.generator_lrs) == len(args.fake_score_ratios) == 1  # no tuning: every seed, one scoring
+    guidances = args.guidance_scales or [None]
+    cells = {cell_name(*c): c for c in ((m, lr, r, g) for m in args.methods for lr in args.generator_lrs
+                                        for r in args.fake_score_ratios for g in guidances)}
+    grid_runs = {run_name(*c[:3], first, c[3]): os.path.join(args.output_dir, "runs", run_name(*c[:3], first, c[3]))
+                 for c in cells.values()}
+    one_cell = len(cells) == len(args.methods)  # no tuning: every seed, one scoring
     if not args.score_only:
-        for c in cells:
+        for c in cells.values():
             for seed in [first] + (others if one_cell else []):
                 train(args, prompts_file, *c, seed)
-    everything = [os.path.join(args.output_dir, "runs", run_name(*c, seed)) for c in cells for seed in args.seeds]
+    everything = [os.path.join(args.output_dir, "runs", run_name(*c[:3], seed, c[3])) for c in cells.values()
+                  for seed in args.seeds]
     report = score(args, everything if one_cell else list(grid_runs.values()), "grid")
     best = summarise(args, report, grid_runs, {})["best"]
     seed_runs = {}
     for method in args.methods:
-        _, lr, ratio = best[method]["cell"].split("_")
+        _, lr, ratio, guidance = cells[best[method]["cell"]]
         for seed in others:
-            name = run_name(method, float(lr[2:]), int(ratio[1:]), seed)
+            name = run_name(method, lr, ratio, seed, guidance)
             seed_runs[name] = os.path.join(args.output_dir, "runs", name)
             if not args.score_only:
-                train(args, prompts_file, method, float(lr[2:]), int(ratio[1:]), seed)
+                train(args, prompts_file, method, lr, ratio, guidance, seed)
     if seed_runs and not one_cell:  # the other seeds in their own evaluate.py call (the teacher's samples are the same)
         report = {**score(args, list(seed_runs.values()), "seeds"), **report}
     result = summarise(args, report, grid_runs, seed_runs)

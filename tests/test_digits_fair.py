@@ -38,3 +38,32 @@ def test_fair_benchmark_smoke(tmp_path):
         assert all(p["fid_to_teacher"] is not None for p in points)
     assert result["reference"]["start"]["fid_to_teacher"] > 0
     assert "| DMD2 |" in (out / "fair.md").read_text() and (out / "fair.png").stat().st_size > 0
+
+
+def test_fair_commands_parse_with_each_entry_script(tmp_path):
+    """Every teacher's grid command is one its real entry script accepts, with the cell's guidance scale (a grid axis
+    only when --guidance_scales is given, so older results keep their run names) and the teacher's ADM flags."""
+    import importlib.util
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import digits_fair
+
+    assert digits_fair.run_name("dmd", 2e-5, 1, 0) == "dmd_lr2e-05_r1_s0"
+    assert digits_fair.run_name("dmd", 2e-5, 1, 2, 2.5) == "dmd_lr2e-05_r1_g2.5_s2"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a handwritten digit seven moving left\n")
+    for teacher, guidance, expected_dt in (("sd3", None, 1 / 64), ("cogvideox", 2.0, 1 / 8)):
+        args = digits_fair.parse_args(["--teacher", teacher, "--output_dir", str(tmp_path)])
+        script = REPO / "distill_scripts" / digits_fair.TEACHERS[teacher]["script"]
+        spec = importlib.util.spec_from_file_location(f"fair_{teacher}", script)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        for method in ("adm", "dmd"):
+            cmd = digits_fair.train_command(args, str(prompts), method, 1e-5, 5, guidance, 1, str(tmp_path / "run"))
+            parsed = module.parse_args(cmd[2:])
+            assert parsed.guidance_scale == (5.0 if guidance is None else guidance)
+            assert parsed.num_student_steps == digits_fair.TEACHERS[teacher]["steps"]
+            assert (parsed.generator_lr, parsed.fake_score_update_ratio, parsed.seed) == (1e-5, 5, 1)
+            assert parsed.distribution_loss == method
+            if method == "adm":
+                assert parsed.ode_step_dt == pytest.approx(expected_dt)

@@ -35,6 +35,23 @@ def test_clips_move_one_pixel_per_frame_as_prompted(held_out):
     assert torch.allclose(ink, ink[:, :1].expand_as(ink), rtol=1e-5)
 
 
+def test_centred_clips_fix_the_path_given_the_prompt(held_out):
+    """offsets="centre": the same digits and directions as the random-offset clips, every clip on the frame's centre
+    line across its motion (pixels 4-11), so a prompt's direction fixes the digit's whole path."""
+    clips, labels, directions, prompts = md.load_moving_digits("held_out", num_frames=9, seed=0, offsets="centre")
+    assert torch.equal(labels, held_out[1]) and directions == held_out[2] and prompts == held_out[3]
+    outside = torch.ones(16, dtype=torch.bool)
+    outside[4:12] = False
+    for i, direction in enumerate(directions):
+        # left/right clips move along the columns, so their rows stay within 4-11; up/down: their columns
+        away = clips[i][:, :, outside, :] if md.DIRECTION_STEPS[direction][0] == 0 else clips[i][:, :, :, outside]
+        assert (away == -1).all(), (i, direction)
+    random_rows = [(held_out[0][i][:, :, outside, :] > -1).any() for i, d in enumerate(directions) if d == "left"]
+    assert sum(map(bool, random_rows)) > len(random_rows) / 2  # drawn offsets mostly leave the centre line
+    with pytest.raises(ValueError, match="Unknown offsets"):
+        md.load_moving_digits("held_out", offsets="middle")
+
+
 def test_the_classifier_reads_real_clips_frame_by_frame(held_out):
     from digit_classifier import load_classifier
 

@@ -64,9 +64,11 @@ def make_clips(digits_8x8: np.ndarray, directions: list[str], offsets, num_frame
     return clips.repeat(1, 1, 3, 1, 1).contiguous()
 
 
-def load_moving_digits(split: str = "train", num_frames: int = 9, clips_per_digit: int = 4, seed: int = 0):
+def load_moving_digits(split: str = "train", num_frames: int = 9, clips_per_digit: int = 4, seed: int = 0,
+                       offsets: str = "random"):
     """Clips of one split of the real digits: each digit in ``clips_per_digit`` clips, the directions cycling through
-    ``DIRECTIONS`` (so every digit moves every way when ``clips_per_digit`` is 4), offsets drawn with ``seed``.
+    ``DIRECTIONS`` (so every digit moves every way when ``clips_per_digit`` is 4), the position across the motion
+    drawn with ``seed`` (``offsets="random"``) or the frame's centre line for every clip (``"centre"``).
     Returns ``(clips (N, F, 3, 16, 16), labels (N,), directions (list of N), prompts (list of N))``."""
     from sklearn.datasets import load_digits
 
@@ -80,8 +82,12 @@ def load_moving_digits(split: str = "train", num_frames: int = 9, clips_per_digi
     rng = np.random.default_rng(seed)
     directions = [DIRECTIONS[(i + j) % len(DIRECTIONS)] for i in range(len(idx) // clips_per_digit)
                   for j in range(clips_per_digit)]
-    offsets = rng.integers(0, FRAME_SIZE - DIGIT_SIZE + 1, len(idx))
-    clips = make_clips(digits.images[idx], directions, offsets, num_frames)
+    if offsets not in ("random", "centre"):
+        raise ValueError(f"Unknown offsets {offsets!r}; expected 'random' or 'centre'.")
+    across = rng.integers(0, FRAME_SIZE - DIGIT_SIZE + 1, len(idx))
+    if offsets == "centre":
+        across = np.full(len(idx), (FRAME_SIZE - DIGIT_SIZE) // 2)
+    clips = make_clips(digits.images[idx], directions, across, num_frames)
     prompts = [video_prompt(k, d) for k, d in zip(labels[idx], directions)]
     return clips, torch.as_tensor(labels[idx]), directions, prompts
 

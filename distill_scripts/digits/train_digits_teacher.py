@@ -102,10 +102,16 @@ def parse_args(argv=None):
     parser.add_argument("--cogvideox_num_attention_heads", type=int, default=4)
     parser.add_argument("--cogvideox_attention_head_dim", type=int, default=16,
                         help="A multiple of 8 (rotary embeddings split it over time, height and width).")
+    parser.add_argument("--cogvideox_rotary", action=argparse.BooleanOptionalAction, default=True,
+                        help="Rotary position embeddings (CogVideoX-5b style); --no-cogvideox_rotary adds fixed 3-D "
+                             "sin-cos positions to the video tokens instead (CogVideoX-2b style).")
     parser.add_argument("--cogvideox_patch_size", type=int, default=1,
                         help="Spatial patch size (CogVideoX's own is 2; 1 keeps a token per latent pixel at 8x8).")
     parser.add_argument("--num_frames", type=int, default=9,
                         help="Video frames (CogVideoX); (num_frames - 1) must be even (the VAE halves time).")
+    parser.add_argument("--clip_offsets", default="random", choices=["random", "centre"],
+                        help="Position of each training clip's digit across its motion: drawn per clip, or the "
+                             "frame's centre line (the prompt then fixes the whole path; digits/README.md).")
     parser.add_argument("--clips_per_digit", type=int, default=4,
                         help="Video clips made of each train digit (directions cycle; offsets drawn per clip).")
     parser.add_argument("--max_train_steps", type=int, default=3000)
@@ -151,7 +157,8 @@ def build_pipeline(args):
         comps = cogvideox_components(sample_size=latent_size, sample_frames=args.num_frames,
                                      num_layers=args.cogvideox_num_layers, patch_size=args.cogvideox_patch_size,
                                      attention_head_dim=args.cogvideox_attention_head_dim,
-                                     num_attention_heads=args.cogvideox_num_attention_heads, seed=args.seed)
+                                     num_attention_heads=args.cogvideox_num_attention_heads,
+                                     use_rotary_positional_embeddings=args.cogvideox_rotary, seed=args.seed)
         pipe = CogVideoXPipeline(**comps)
         if args.text_vocabulary == "words":
             word_level_text_path(pipe, [prompt for prompt, _, _ in video_prompts()], args.seed)
@@ -454,7 +461,8 @@ def main(argv=None):
     if args.vae_from is not None:
         pipe.register_modules(vae=type(pipe.vae).from_pretrained(args.vae_from, subfolder="vae"))
     if args.architecture == "cogvideox":  # clips of the train digits moving, captioned with their direction
-        images, labels, _, captions = load_moving_digits("train", args.num_frames, args.clips_per_digit, args.seed)
+        images, labels, _, captions = load_moving_digits("train", args.num_frames, args.clips_per_digit, args.seed,
+                                                          offsets=args.clip_offsets)
         prompts = [prompt for prompt, _, _ in video_prompts()]
     else:
         images, labels = load_digits_split("train", args.resolution)
