@@ -99,6 +99,10 @@ def parse_args(argv=None):
     p.add_argument("--compare_to", default=None, metavar="FAIR_JSON",
                    help="A published fair.json (e.g. benchmarks/results/digits_fair_sd3.json): its best cells are "
                         "listed beside this run's, per seed.")
+    p.add_argument("--merge", nargs="+", default=None, metavar="FAIR_JSON",
+                   help="Combine finished fair.json files of one grid run per method (e.g. --methods adm and --methods "
+                        "dmd side by side, one per core) into --output_dir; their references must be the same "
+                        "samples (equal teacher and start scores). Trains and scores nothing.")
     p.add_argument("--adm_flags", default="",
                    help="Extra flags for every ADM run, e.g. \"--discriminator_head_output per_position "
                         "--discriminator_head_depth 1\".")
@@ -314,7 +318,7 @@ def markdown(result: dict) -> str:
              "", (f"Budget {result['budget_cpu_s']:.0f} CPU seconds of training per run (one thread)."
                   if result.get("budget_cpu_s") else f"Budget: {result['max_updates']} generator updates per run "
                   f"(per seed {result['seeds']}).") + " Grid: generator "
-             f"lr {result['grid_lrs']} x fake-score updates per generator update {result['grid_ratios']}, "
+             f"lr {result['grid_lrs']} x fake-score updates per generator update {result['grid_ratios']}"
              + (f" x real-score guidance {result['grid_guidance_scales']}" if result.get("grid_guidance_scales")
                 else f" (real-score guidance {result.get('teacher_guidance_scale', 'the teacher CFG')})") + ", "
              f"{' and '.join(result['best'])}, seed {result['seeds'][0]}; then the best cell of each method at seeds "
@@ -385,9 +389,40 @@ def plot(result: dict, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def merge_results(paths: list[str]) -> dict:
+    """One result from per-method results of the same grid, scored against the same reference samples."""
+    results = []
+    for path in paths:
+        with open(path) as f:
+            results.append(json.load(f))
+    merged = dict(results[0], best={}, grid=[], curves={})
+    for path, result in zip(paths, results):
+        if result["reference"] != results[0]["reference"]:
+            raise SystemExit(f"--merge: {path} was scored against other reference samples than {paths[0]} "
+                             f"({result['reference']} vs {results[0]['reference']}).")
+        if set(result["best"]) & set(merged["best"]):
+            raise SystemExit(f"--merge: {path} repeats a method of an earlier file ({sorted(result['best'])}).")
+        merged["best"].update(result["best"])
+        merged["grid"] += result["grid"]
+        merged["curves"].update(result["curves"])
+    return merged
+
+
+def write_result(args, result: dict) -> None:
+    with open(os.path.join(args.output_dir, "fair.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    with open(os.path.join(args.output_dir, "fair.md"), "w") as f:
+        f.write(markdown(result))
+    plot(result, os.path.join(args.output_dir, "fair.png"))
+    print(markdown(result))
+
+
 def main(argv=None):
     args = parse_args(argv)
     os.makedirs(args.output_dir, exist_ok=True)
+    if args.merge:
+        write_result(args, merge_results(args.merge))
+        return
     prompts_file = os.path.join(args.output_dir, "prompts.txt")
     with open(prompts_file, "w") as f:  # as the demo: every digit moving every way / the class-free prompt twice
         prompts = ([prompt for prompt, _, _ in video_prompts()] if TEACHERS[args.teacher]["video"]
@@ -421,12 +456,7 @@ def main(argv=None):
     result = summarise(args, report, grid_runs, seed_runs)
     if args.compare_to:
         result["published"] = published_cells(args.compare_to)
-    with open(os.path.join(args.output_dir, "fair.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    with open(os.path.join(args.output_dir, "fair.md"), "w") as f:
-        f.write(markdown(result))
-    plot(result, os.path.join(args.output_dir, "fair.png"))
-    print(markdown(result))
+    write_result(args, result)
 
 
 if __name__ == "__main__":

@@ -67,3 +67,26 @@ def test_fair_commands_parse_with_each_entry_script(tmp_path):
             assert parsed.distribution_loss == method
             if method == "adm":
                 assert parsed.ode_step_dt == pytest.approx(expected_dt)
+
+
+def test_merge_per_method_results(tmp_path):
+    """Per-method runs of one grid merge into one result; other reference samples or a repeated method are refused."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import digits_fair
+
+    reference = {"teacher": {"fid_to_teacher": None}, "start": {"fid_to_teacher": 18.25}}
+
+    def result(method, fid, ref=reference):
+        path = tmp_path / f"{method}_{fid}.json"
+        path.write_text(json.dumps({"teacher": "cogvideox", "reference": ref, "best": {method: {"cell": method}},
+                                    "grid": [{"run": f"{method}_s0"}], "curves": {f"{method}_s0": [{"step": 1}]}}))
+        return str(path)
+
+    merged = digits_fair.merge_results([result("adm", 30), result("dmd", 10)])
+    assert list(merged["best"]) == ["adm", "dmd"] and [r["run"] for r in merged["grid"]] == ["adm_s0", "dmd_s0"]
+    assert set(merged["curves"]) == {"adm_s0", "dmd_s0"} and merged["reference"] == reference
+    other = {"teacher": {"fid_to_teacher": None}, "start": {"fid_to_teacher": 19.0}}
+    with pytest.raises(SystemExit, match="other reference samples"):
+        digits_fair.merge_results([result("adm", 30), result("dmd", 11, other)])
+    with pytest.raises(SystemExit, match="repeats a method"):
+        digits_fair.merge_results([result("adm", 30), result("adm", 31)])
