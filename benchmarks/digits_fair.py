@@ -55,7 +55,7 @@ from moving_digits import video_prompts  # noqa: E402
 ADM_FIXED = ["--ode_step_dt", str(1 / 64), "--discriminator_lr", "1e-4", "--discriminator_warmup_steps", "20",
              "--discriminator_head_channels", "64"]
 # Per teacher: the entry script, the student's steps, the teacher's sampling CFG (also the real score's guidance in
-# training unless --guidance_scales is given), extra flags, ADM's fixed flags, and the video judge's extra columns.
+# training unless --guidance_scales is given), extra flags, ADM's fixed flags, and whether it takes video prompts.
 TEACHERS = {
     "sd3": {"script": "train_adm_sd3.py", "steps": 4, "guidance_scale": 5.0,
             "flags": ["--lora_rank", "0", "--min_timestep_percent", "0.02"], "adm_fixed": ADM_FIXED, "video": False},
@@ -314,6 +314,9 @@ def markdown(result: dict) -> str:
     def f(v, nd=2):
         return "n/a" if v is None else f"{v:.{nd}f}"
 
+    def mean_sd_cells(row: dict) -> str:  # results written before a key existed lack it
+        return " | ".join(f"{f(row.get(k, (None, None))[0])} ± {f(row.get(k, (None, None))[1])}" for k in KEYS)
+
     lines = [f"# ADM vs DMD2 like for like: {result['teacher']} digits teacher",
              "", (f"Budget {result['budget_cpu_s']:.0f} CPU seconds of training per run (one thread)."
                   if result.get("budget_cpu_s") else f"Budget: {result['max_updates']} generator updates per run "
@@ -329,8 +332,7 @@ def markdown(result: dict) -> str:
              "direction acc. | generator updates |", "|---|---|---|---|---|---|---|---|---|"]
     for method, row in result["best"].items():
         lines.append(f"| {'DMDX (ADM)' if method == 'adm' else 'DMD2'} | `{row['cell']}` | {row['seeds']} | "
-                     + " | ".join(f"{f(row.get(k, (None,))[0])} ± {f(row.get(k, (None, None))[1])}" for k in KEYS)
-                     + f" | {row['updates'][0]:.0f} |")
+                     + mean_sd_cells(row) + f" | {row['updates'][0]:.0f} |")
     for name, row in result["reference"].items():
         lines.append(f"| {name} | | | " + " | ".join(f(row.get(k)) for k in KEYS) + " | |")
     if result.get("published"):
@@ -346,9 +348,7 @@ def markdown(result: dict) -> str:
                  for m, r in result["published"]["cells"].items()]
         for label, row, seeds in rows:
             lines.append(f"| {label} | `{row['cell']}` | {row['seeds']} | "
-                         + " | ".join(f"{f(row.get(k, (None,))[0])} ± {f(row.get(k, (None, None))[1])}"
-                                      for k in KEYS)
-                         + f" | {row['updates'][0]:.0f} | "
+                         + mean_sd_cells(row) + f" | {row['updates'][0]:.0f} | "
                          + ", ".join(f"{f(v['fid_to_teacher'])} @{v['step']}" for v in seeds.values()) + " |")
     lines += ["", "## Tuning grid (first seed, end of budget)", "",
               "| run | updates | CPU s | FID to teacher | class-hist TV | digit-FID | prompt acc. | direction acc. |",

@@ -84,9 +84,8 @@ def load_moving_digits(split: str = "train", num_frames: int = 9, clips_per_digi
                   for j in range(clips_per_digit)]
     if offsets not in ("random", "centre"):
         raise ValueError(f"Unknown offsets {offsets!r}; expected 'random' or 'centre'.")
-    across = rng.integers(0, FRAME_SIZE - DIGIT_SIZE + 1, len(idx))
-    if offsets == "centre":
-        across = np.full(len(idx), (FRAME_SIZE - DIGIT_SIZE) // 2)
+    across = (np.full(len(idx), (FRAME_SIZE - DIGIT_SIZE) // 2) if offsets == "centre"
+              else rng.integers(0, FRAME_SIZE - DIGIT_SIZE + 1, len(idx)))
     clips = make_clips(digits.images[idx], directions, across, num_frames)
     prompts = [video_prompt(k, d) for k, d in zip(labels[idx], directions)]
     return clips, torch.as_tensor(labels[idx]), directions, prompts

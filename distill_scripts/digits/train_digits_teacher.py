@@ -113,7 +113,7 @@ def parse_args(argv=None):
                         help="Position of each training clip's digit across its motion: drawn per clip, or the "
                              "frame's centre line (the prompt then fixes the whole path; digits/README.md).")
     parser.add_argument("--clips_per_digit", type=int, default=4,
-                        help="Video clips made of each train digit (directions cycle; offsets drawn per clip).")
+                        help="Video clips made of each train digit (directions cycle; see --clip_offsets).")
     parser.add_argument("--max_train_steps", type=int, default=3000)
     parser.add_argument("--train_batch_size", type=int, default=64)
     parser.add_argument("--learning_rate", type=float, default=1e-3)
